@@ -1,0 +1,1 @@
+"""Configuration: the YAML schema (pydantic v2) and the example file."""
