@@ -50,7 +50,7 @@ def unpack_tensor(obj: Any) -> np.ndarray:
     n = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if n * dt.itemsize != len(data):
         raise TransportError(f"malformed tensor: {len(data)} bytes for shape {shape} {dtype}")
-    return np.frombuffer(data, dtype=dt).reshape(shape)
+    return np.frombuffer(data, dtype=dt).reshape(tuple(shape))
 
 
 def encode_frame(obj: Any) -> bytes:
