@@ -62,7 +62,7 @@ def test_unpack_tensor_rejects_anything_malformed(obj: object) -> None:
     st.lists(st.integers(min_value=0, max_value=5), max_size=4),
 )
 def test_tensor_roundtrip(dtype: str, shape: list[int]) -> None:
-    a = (np.arange(int(np.prod(shape)) if shape else 1) % 100).astype(dtype).reshape(shape)
+    a = (np.arange(int(np.prod(shape)) if shape else 1) % 100).astype(dtype).reshape(tuple(shape))
     b = unpack_tensor(msgpack.unpackb(msgpack.packb(pack_tensor(a), use_bin_type=True), raw=False))
     assert b.dtype == a.dtype and b.shape == a.shape and np.array_equal(a, b)
 
