@@ -25,10 +25,9 @@ _ALLOWED_DTYPES = frozenset(
 
 def pack_tensor(arr: np.ndarray) -> dict[str, Any]:
     """Encode an array as raw C-order bytes + dtype + shape (no pickle, ever)."""
-    a = np.ascontiguousarray(arr)
-    if a.dtype.name not in _ALLOWED_DTYPES:
-        raise TransportError(f"dtype {a.dtype.name} not allowed on the wire")
-    return {"dtype": a.dtype.name, "shape": list(a.shape), "data": a.tobytes()}
+    if arr.dtype.name not in _ALLOWED_DTYPES:
+        raise TransportError(f"dtype {arr.dtype.name} not allowed on the wire")
+    return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": arr.tobytes(order="C")}
 
 
 def unpack_tensor(obj: Any) -> np.ndarray:
