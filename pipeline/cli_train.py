@@ -1,10 +1,111 @@
-"""Subcommands for this area (filled in by its owner)."""
+"""`veilcam train`, `veilcam evaluate`, `veilcam realcheck`: the default action model's life cycle.
+
+Kept thin: argument parsing and reporting only; the work is in the `training` package (which is
+not part of the enclave's trusted file set).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from training.synth import CLASSES
+    from training.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        seed=args.seed, epochs=args.epochs, train_per_epoch=args.train_per_epoch, val_size=args.val_size,
+        batch_size=args.batch_size, lr=args.lr, T=args.T, fps=args.fps, M=args.M, stride=args.stride,
+        threads=args.threads, device=args.device, classes=CLASSES,
+    )
+    command = "veilcam " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.command_line is None else args.command_line
+    hist = train(cfg, args.out, resume=args.resume, package_dir=args.package, command=command,
+                 progress=not args.no_progress)
+    pkg = Path(args.package or args.out)
+    print(f"best val acc {hist['best_val_acc']:.3f} at epoch {hist['best_epoch'] + 1}; "
+          f"{hist['train_s'] / 60:.1f} min; package in {pkg}")
+    if args.test_size > 0:
+        from training.evaluate import evaluate_package
+
+        res = evaluate_package(pkg, n=args.test_size, seed=args.seed, report_dir=Path(args.out) / "eval",
+                               update_model_json=True, threads=args.threads)
+        print(f"held-out accuracy {res['accuracy']:.3f} (n={res['n']}); report in {Path(args.out) / 'eval'}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_package
+
+    res = evaluate_package(args.model, n=args.n, seed=args.seed, report_dir=args.out,
+                           update_model_json=args.update_model_json, threads=args.threads)
+    print(Path(args.out, "metrics.md").read_text(encoding="utf-8"))
+    print(f"held-out accuracy {res['accuracy']:.3f} (n={res['n']}); confusion matrix {Path(args.out) / 'confusion.png'}")
+    return 0
+
+
+def _cmd_realcheck(args: argparse.Namespace) -> int:
+    from training.realcheck import run_realcheck
+
+    report: dict[str, Any] = run_realcheck(args.model, args.clips, cache_dir=args.cache, threads=args.threads)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for clip in report["clips"]:
+            print(f"{clip['name']}: {clip['frames']} frames, {len(clip['windows'])} windows, "
+                  f"{clip['fall_windows']} falling; pose {clip['pose_s']:.1f} s")
+            for w in clip["windows"]:
+                top = ", ".join(f"{lab} {p:.2f}" for lab, p in w["top"])
+                print(f"  {w['t0']:6.1f}-{w['t1']:5.1f} s  track {w['track']:>3}  {top}")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    """Add this area's subcommands to the `veilcam` parser."""
+    """Add `train`, `evaluate` and `realcheck` to the `veilcam` parser."""
+    p = sub.add_parser("train", help="train the default action model on synthetic skeletons")
+    p.add_argument("--out", default="runs/default", help="run directory (checkpoint.pt, eval/)")
+    p.add_argument("--package", default=None, help="also write model.pt/labels.txt/model.json here")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--train-per-epoch", type=int, default=2700, help="fresh synthetic windows per epoch")
+    p.add_argument("--val-size", type=int, default=450)
+    p.add_argument("--test-size", type=int, default=900, help="held-out windows evaluated at the end (0: skip)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--T", type=int, default=30, help="window length in frames")
+    p.add_argument("--fps", type=float, default=10.0, help="frame rate windows are sampled at")
+    p.add_argument("--M", type=int, default=2, help="person slots per window")
+    p.add_argument("--stride", type=int, default=10, help="window stride in frames (recorded for the daemon)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0 …")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a model package on held-out synthetic windows")
+    e.add_argument("--model", default="samples/default_model", help="package dir (model.pt, labels.txt, model.json)")
+    e.add_argument("--n", type=int, default=900)
+    e.add_argument("--seed", type=int, default=1)
+    e.add_argument("--out", default="runs/eval", help="report dir: confusion.png, metrics.json, metrics.md")
+    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--update-model-json", action="store_true", help="store the metrics in model.json")
+    e.set_defaults(func=_cmd_evaluate)
+
+    r = sub.add_parser("realcheck", help="run pose + the model over real clips and print per-window labels")
+    r.add_argument("clips", nargs="*", help="video files (default: the fall and pedestrian samples)")
+    r.add_argument("--model", default="samples/default_model")
+    r.add_argument("--cache", default=None, help="skeleton cache dir (default: ~/.cache/veilcam/realcheck)")
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--json", action="store_true", help="print the report as JSON")
+    r.set_defaults(func=_cmd_realcheck)
+
+
+__all__ = ["register"]

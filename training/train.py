@@ -1,0 +1,236 @@
+"""Train the reference ST-GCN on synthetic windows; checkpoints every epoch, resumable.
+
+Outputs in `out_dir`:
+- `checkpoint.pt` — model + optimiser + scheduler + epoch + history (resume point, not shipped);
+- `model.pt` (best-so-far state_dict, reference keys), `labels.txt`, `model.json` — the model
+  package the daemon loads, rewritten whenever validation accuracy improves, so an interrupted
+  run still leaves a usable model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from enclave_bridge.errors import CheckpointError, ConfigError
+from enclave_bridge.stgcn import STGCN
+from training.dataset import SplitSpec, batches, epoch_spec, make_arrays
+from training.synth import CLASSES, SynthConfig
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(slots=True)
+class TrainConfig:
+    """Everything that determines a training run (recorded in `model.json`)."""
+
+    seed: int = 1
+    epochs: int = 10
+    train_per_epoch: int = 2700
+    val_size: int = 450
+    batch_size: int = 32
+    lr: float = 0.05
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    T: int = 30
+    fps: float = 10.0
+    M: int = 2
+    stride: int = 10
+    threads: int = 2
+    device: str = "auto"
+    classes: tuple[str, ...] = field(default=CLASSES)
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.train_per_epoch < 1 or self.batch_size < 1 or self.val_size < 1:
+            raise ConfigError("epochs, train_per_epoch, val_size and batch_size must be ≥ 1")
+        if self.lr <= 0 or self.stride < 1 or self.T < 4 or self.fps <= 0 or self.M < 1:
+            raise ConfigError("lr > 0, stride ≥ 1, T ≥ 4, fps > 0, M ≥ 1 are required")
+
+    @property
+    def synth(self) -> SynthConfig:
+        return SynthConfig(T=self.T, fps=self.fps, M=self.M)
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` → CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"bad device {name!r}: {e}") from e
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up then cosine decay to 1 % of the base rate."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    p = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+@torch.no_grad()
+def predict(model: STGCN, x: np.ndarray, device: torch.device, batch_size: int = 64) -> np.ndarray:
+    """Logits (n, num_class) for windows x (n, 3, T, 18, M)."""
+    model.eval()
+    outs = []
+    for i in range(0, len(x), batch_size):
+        xb = torch.from_numpy(x[i : i + batch_size]).to(device)
+        outs.append(model(xb).float().cpu().numpy())
+    return np.concatenate(outs) if outs else np.zeros((0, model.num_class), np.float32)
+
+
+def write_package(
+    out: Path, model: STGCN, cfg: TrainConfig, extra: dict[str, Any]
+) -> None:
+    """`model.pt` + `labels.txt` + `model.json` (window parameters, provenance, metrics)."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    torch.save(state, out / "model.pt.tmp")
+    (out / "model.pt.tmp").replace(out / "model.pt")
+    (out / "labels.txt").write_text("".join(f"{c}\n" for c in cfg.classes), encoding="utf-8")
+    meta = {
+        "num_class": len(cfg.classes),
+        "layout": "openpose",
+        "strategy": "spatial",
+        "T": cfg.T,
+        "stride": cfg.stride,
+        "fps": cfg.fps,
+        "M": cfg.M,
+        "seed": cfg.seed,
+        "normalisation": "x/W-0.5, y/H-0.5, score; zeros where a joint is missing",
+        "train_config": {k: v for k, v in asdict(cfg).items() if k != "classes"},
+        **extra,
+    }
+    (out / "model.json.tmp").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    (out / "model.json.tmp").replace(out / "model.json")
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    package_dir: str | Path | None = None,
+    command: str | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) training; returns the history dict. `max_steps` caps steps (tests)."""
+    cfg.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pkg = Path(package_dir) if package_dir else out
+    device = pick_device(cfg.device)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model = STGCN(len(cfg.classes), layout="openpose", strategy="spatial").to(device)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
+    )
+    steps_per_epoch = math.ceil(cfg.train_per_epoch / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    history: dict[str, Any] = {"epochs": [], "best_val_acc": -1.0, "best_epoch": -1, "train_s": 0.0}
+    start_epoch, step = 0, 0
+    ck_path = out / CHECKPOINT
+    if resume:
+        if not ck_path.exists():
+            raise CheckpointError(f"--resume given but {ck_path} does not exist")
+        try:
+            ck = torch.load(ck_path, map_location=device, weights_only=False)  # own file
+            saved = ck["config"]
+        except Exception as e:
+            raise CheckpointError(f"cannot read {ck_path}: {type(e).__name__}: {e}") from e
+        ignore = {"classes", "device", "threads", "epochs"}
+        if {k: v for k, v in saved.items() if k not in ignore} != {
+            k: v for k, v in asdict(cfg).items() if k not in ignore
+        }:
+            raise CheckpointError(f"{ck_path} was written with a different training configuration")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start_epoch, step, history = ck["epoch"] + 1, ck["step"], ck["history"]
+        log.info("resumed from %s at epoch %d (step %d)", ck_path, start_epoch, step)
+    vx, vy = make_arrays(SplitSpec(cfg.seed, "val", cfg.val_size), cfg.synth)
+    cmd = command or " ".join(shlex.quote(a) for a in sys.argv)
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.monotonic()
+        x, y = make_arrays(epoch_spec(cfg.seed, epoch, cfg.train_per_epoch), cfg.synth)
+        gen_s = time.monotonic() - t0
+        model.train()
+        rng = np.random.default_rng([cfg.seed, 7, epoch])
+        bl = batches(x, y, cfg.batch_size, rng)
+        losses, correct, seen = [], 0, 0
+        bar = tqdm(bl, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, mininterval=2.0,
+                   file=sys.stderr)
+        for xb, yb in bar:
+            if max_steps is not None and step >= max_steps:
+                break
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total_steps, cfg)
+            xb, yb = xb.to(device), yb.to(device)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            losses.append(float(loss))
+            correct += int((logits.argmax(1) == yb).sum())
+            seen += len(yb)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", acc=f"{correct / max(1, seen):.3f}")
+        bar.close()
+        train_s = time.monotonic() - t0
+        pred = predict(model, vx, device).argmax(1)
+        val_acc = float((pred == vy).mean())
+        rec = {
+            "epoch": epoch,
+            "step": step,
+            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "first_loss": losses[0] if losses else float("nan"),
+            "last_loss": losses[-1] if losses else float("nan"),
+            "train_acc": correct / max(1, seen),
+            "val_acc": val_acc,
+            "seconds": time.monotonic() - t0,
+            "gen_seconds": gen_s,
+            "samples_per_s": seen / max(1e-9, train_s - gen_s),
+        }
+        history["epochs"].append(rec)
+        history["train_s"] += rec["seconds"]
+        log.info(
+            "epoch %d/%d: loss %.4f train acc %.3f val acc %.3f (%.0f s, %.1f samples/s)",
+            epoch + 1, cfg.epochs, rec["loss"], rec["train_acc"], val_acc, rec["seconds"], rec["samples_per_s"],
+        )
+        if val_acc > history["best_val_acc"]:
+            history["best_val_acc"], history["best_epoch"] = val_acc, epoch
+            write_package(
+                pkg, model, cfg,
+                {"command": cmd, "best_epoch": epoch, "val_acc": val_acc, "epochs_done": epoch + 1,
+                 "train_seconds": history["train_s"], "device": str(device)},
+            )
+        ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step,
+              "history": history, "config": asdict(cfg)}
+        torch.save(ck, out / (CHECKPOINT + ".tmp"))
+        (out / (CHECKPOINT + ".tmp")).replace(ck_path)
+        if on_epoch is not None:
+            on_epoch(rec)
+        if max_steps is not None and step >= max_steps:
+            break
+    return history
+
+
+__all__ = ["CHECKPOINT", "TrainConfig", "lr_at", "pick_device", "predict", "train", "write_package"]
