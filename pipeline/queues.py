@@ -10,8 +10,9 @@ when the producer is faster than the consumer:
 - `block` — replay: the producer waits (up to `timeout_s`, forever when None), nothing is dropped,
   so runs are deterministic.
 
-An `EndOfStream` is never dropped or coalesced: it always gets in, evicting a data item if needed
-(counted), so consumers learn about the end even when the queue is full.
+An `EndOfStream` is never dropped or coalesced. Under `drop_oldest`/`latest_wins` it always gets
+in, evicting a data item if needed (counted), so consumers learn about the end even when the queue
+is full; under `block` it waits for space like any item (a replay loses nothing at its end).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class BoundedQueue(Generic[T]):
             if self._closed:
                 raise QueueClosed(f"queue {self.name} is closed")
             evicted = False
-            if isinstance(item, EndOfStream):
+            if isinstance(item, EndOfStream) and self.policy != "block":
                 if len(self._items) >= self.capacity:
                     self._evict_oldest_data()
                     evicted = True

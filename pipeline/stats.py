@@ -138,6 +138,8 @@ class CameraStats:
         "windows_submitted",
         "windows_rejected",
         "enclave_errors",
+        "windows_dropped",
+        "pose_errors",
         "alerts",
         "stage_restarts",
         "freivalds_failures",

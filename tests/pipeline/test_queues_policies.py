@@ -52,8 +52,8 @@ def test_latest_wins_without_matching_key_replaces_oldest() -> None:
     assert q.stats().coalesced == 1
 
 
-def test_end_of_stream_always_gets_in_even_when_full() -> None:
-    for policy in ("drop_oldest", "latest_wins", "block"):
+def test_end_of_stream_gets_in_when_full_under_dropping_policies() -> None:
+    for policy in ("drop_oldest", "latest_wins"):
         q: BoundedQueue[object] = BoundedQueue(2, policy)
         q.put(1)
         q.put(2)
@@ -61,6 +61,18 @@ def test_end_of_stream_always_gets_in_even_when_full() -> None:
         q.put(marker)  # never blocks, never dropped
         assert drain(q) == [2, marker]
         assert q.stats().dropped == 1
+
+
+def test_end_of_stream_waits_under_block_and_drops_nothing() -> None:
+    q: BoundedQueue[object] = BoundedQueue(1, "block", timeout_s=0.05)
+    q.put(1)
+    with pytest.raises(QueueTimeout):
+        q.put(eos())
+    assert drain(q) == [1]
+    marker = eos()
+    q.put(marker)
+    assert drain(q) == [marker]
+    assert q.stats().dropped == 0
 
 
 def test_block_waits_for_consumer_and_never_drops() -> None:

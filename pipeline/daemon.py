@@ -1,0 +1,821 @@
+"""The camera daemon: wiring, pose child processes, supervision, graceful shutdown (DESIGN §2).
+
+Per camera::
+
+    capture ─frames─▶ pose (child process) ─poses─▶ windowing+seal ─windows─▶ enclave ─▶ alert sink
+
+Every arrow is a `BoundedQueue` whose policy follows the source: live → `drop_oldest` frames and
+`latest_wins` windows (counted), replay → `block` everywhere (deterministic, nothing dropped).
+Each stage runs in a thread under a `Supervisor` that restarts it after a failure with backoff,
+within a Frigate-style budget (default 5 restarts / 60 s); past the budget the camera is marked
+failed and the rest of the daemon keeps running. Pose runs in a child process (CPU-heavy, and a
+crash in native code must not take the daemon down); it logs to the parent through a queue.
+
+Shutdown (SIGTERM/SIGINT) is a flush: capture stops and sends `EndOfStream`, which drains through
+pose, windowing and the enclave, so every window already captured is evaluated and every alert
+reaches the outbox; after `shutdown_timeout_s` the remaining stages are stopped hard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import logging.handlers
+import multiprocessing as mp
+import multiprocessing.connection
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from config.schema import (
+    DEFAULT_MODEL_DIR,
+    CameraConfig,
+    SupervisorConfig,
+    VeilcamConfig,
+    load_data_key_from_config,
+    model_window_defaults,
+)
+from enclave_bridge.keys import DataKey
+from pipeline.errors import ConfigError, StageError, VeilcamError
+from pipeline.messages import AlertEnvelope, EndOfStream, Frame, PoseFrame, SealedWindow
+from pipeline.queues import BoundedQueue, QueueClosed, QueueTimeout
+from pipeline.stats import CameraStats
+from stages.capture import CaptureStage
+from stages.enclave_client import EnclaveLink, EnclaveStage, LocalEnclave, RemoteEnclave, load_model_dir
+from stages.windowing import SeqCounter, Windower, WindowingStage
+
+log = logging.getLogger(__name__)
+
+DEFAULT_T = 300
+DEFAULT_STRIDE = 30
+POSE_TIMEOUT_S = 60.0
+
+
+# -- alert sinks -------------------------------------------------------------------------------------
+class AlertSink(Protocol):
+    """Where alerts go: the durable outbox in the daemon, a list in tests/replays."""
+
+    def put(self, envelope: AlertEnvelope) -> None: ...
+
+
+class ListSink:
+    """Keeps alert envelopes in memory (replay summaries, tests)."""
+
+    def __init__(self) -> None:
+        self.items: list[AlertEnvelope] = []
+        self._lock = threading.Lock()
+
+    def put(self, envelope: AlertEnvelope) -> None:
+        with self._lock:
+            self.items.append(envelope)
+
+
+class TeeSink:
+    """Sends every alert to several sinks in order (outbox first: it is the durable one)."""
+
+    def __init__(self, *sinks: AlertSink) -> None:
+        self.sinks = sinks
+
+    def put(self, envelope: AlertEnvelope) -> None:
+        for s in self.sinks:
+            s.put(envelope)
+
+
+# -- pose in a child process ----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _PoseFailure:
+    """The child's answer when one frame could not be processed (message without pixels)."""
+
+    seq: int
+    message: str
+    fatal: bool = False
+
+
+def _pose_child(
+    conn: multiprocessing.connection.Connection,
+    log_queue: Any,
+    camera_id: str,
+    backend: str,
+    options: dict[str, Any],
+    log_level: int,
+) -> None:
+    """Child-process main: build the backend, then answer one `PoseFrame` per `Frame`."""
+    root = logging.getLogger()
+    root.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
+    root.setLevel(log_level)
+    clog = logging.getLogger("pipeline.daemon.pose")
+    try:
+        from stages.pose import PoseEstimator, create_backend
+
+        estimator = PoseEstimator(create_backend(backend, **options), camera_id)
+    except Exception as e:
+        conn.send(
+            _PoseFailure(-1, f"pose backend {backend!r} failed to start: {type(e).__name__}: {e}", True)
+        )
+        return
+    conn.send("ready")
+    while True:
+        try:
+            item = conn.recv()
+        except (EOFError, OSError):
+            return
+        if item is None:
+            return
+        try:
+            conn.send(estimator.process(item))
+        except VeilcamError as e:
+            clog.warning("camera %s: pose failed on frame %d: %s", camera_id, item.seq, e)
+            conn.send(_PoseFailure(item.seq, str(e)))
+        except Exception as e:
+            clog.exception("camera %s: pose crashed on frame %d", camera_id, item.seq)
+            conn.send(_PoseFailure(item.seq, f"{type(e).__name__}: {e}"))
+
+
+class PoseProcess:
+    """A pose backend in a `spawn`ed child; `process(frame)` is a synchronous round trip."""
+
+    def __init__(self, camera_id: str, backend: str, options: dict[str, Any], start_timeout_s: float = 120.0):
+        self.camera_id = camera_id
+        self.backend = backend
+        self.options = dict(options)
+        self.start_timeout_s = start_timeout_s
+        self._proc: Any = None
+        self._conn: multiprocessing.connection.Connection | None = None
+        self._listener: logging.handlers.QueueListener | None = None
+
+    def start(self) -> None:
+        ctx = mp.get_context("spawn")
+        log_queue = ctx.Queue(-1)
+        self._listener = logging.handlers.QueueListener(
+            log_queue, _ForwardHandler(), respect_handler_level=False
+        )
+        self._listener.start()
+        parent, child = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=_pose_child,
+            args=(child, log_queue, self.camera_id, self.backend, self.options, logging.getLogger().level),
+            name=f"veilcam-pose-{self.camera_id}",
+            daemon=True,
+        )
+        self._proc.start()
+        child.close()
+        self._conn = parent
+        reply = self._recv(self.start_timeout_s)
+        if isinstance(reply, _PoseFailure):
+            self.close()
+            raise StageError(f"camera {self.camera_id}: {reply.message}")
+        log.info(
+            "camera %s: pose backend %s ready in child pid %d", self.camera_id, self.backend, self._proc.pid
+        )
+
+    def _recv(self, timeout_s: float) -> Any:
+        assert self._conn is not None
+        if not self._conn.poll(timeout_s):
+            alive = self._proc is not None and self._proc.is_alive()
+            self.close()
+            raise StageError(
+                f"camera {self.camera_id}: pose process "
+                + (f"did not answer within {timeout_s:.0f} s" if alive else "died")
+            )
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError) as e:
+            code = self._proc.exitcode if self._proc is not None else None
+            self.close()
+            raise StageError(f"camera {self.camera_id}: pose process died (exit code {code})") from e
+
+    def process(self, frame: Frame) -> PoseFrame | _PoseFailure:
+        if self._conn is None:
+            raise StageError(f"camera {self.camera_id}: pose process not started")
+        try:
+            self._conn.send(frame)
+        except (BrokenPipeError, OSError) as e:
+            self.close()
+            raise StageError(f"camera {self.camera_id}: pose process died") from e
+        reply = self._recv(POSE_TIMEOUT_S)
+        if isinstance(reply, _PoseFailure) and reply.fatal:
+            raise StageError(f"camera {self.camera_id}: {reply.message}")
+        return reply  # type: ignore[no-any-return]
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else int(self._proc.pid)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                self._conn.send(None)
+            self._conn.close()
+            self._conn = None
+        if self._proc is not None:
+            self._proc.join(5)
+            if self._proc.is_alive():
+                self._proc.terminate()
+                self._proc.join(5)
+            self._proc = None
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+
+
+class _ForwardHandler(logging.Handler):
+    """Re-emits child log records through the parent's logger of the same name."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
+
+
+class _InProcessPose:
+    """The same interface without a child process (`pose.in_process: true`, debugging)."""
+
+    def __init__(self, camera_id: str, backend: str, options: dict[str, Any]) -> None:
+        self.camera_id, self.backend, self.options = camera_id, backend, dict(options)
+        self._est: Any = None
+        self.pid = None
+
+    def start(self) -> None:
+        from stages.pose import PoseEstimator, create_backend
+
+        try:
+            self._est = PoseEstimator(create_backend(self.backend, **self.options), self.camera_id)
+        except VeilcamError:
+            raise
+        except Exception as e:
+            raise StageError(f"camera {self.camera_id}: pose backend {self.backend!r} failed: {e}") from e
+
+    def process(self, frame: Frame) -> PoseFrame | _PoseFailure:
+        try:
+            return self._est.process(frame)  # type: ignore[no-any-return]
+        except VeilcamError as e:
+            return _PoseFailure(frame.seq, str(e))
+
+    def close(self) -> None:
+        self._est = None
+
+
+class PoseStage:
+    """Frames in, `PoseFrame`s out through a pose worker (child process by default)."""
+
+    def __init__(
+        self,
+        camera_id: str,
+        cam: CameraConfig,
+        inq: BoundedQueue[Frame | EndOfStream],
+        out: BoundedQueue[PoseFrame | EndOfStream],
+        stats: CameraStats,
+        on_frame: Callable[[PoseFrame], None] | None = None,
+    ) -> None:
+        self.camera_id = camera_id
+        self.cam = cam
+        self.inq = inq
+        self.out = out
+        self.stats = stats
+        self.on_frame = on_frame
+        self._timing = stats.stage("pose")
+        self.worker: PoseProcess | _InProcessPose | None = None
+        self.finished = False
+
+    def _new_worker(self) -> PoseProcess | _InProcessPose:
+        p = self.cam.pose
+        if p.in_process:
+            return _InProcessPose(self.camera_id, p.backend, p.options)
+        return PoseProcess(self.camera_id, p.backend, p.options)
+
+    def run(self, stop: threading.Event) -> None:
+        if self.worker is None:
+            worker = self._new_worker()
+            worker.start()
+            self.worker = worker
+        try:
+            while not self.finished:
+                try:
+                    item = self.inq.get(timeout_s=0.2)
+                except QueueTimeout:
+                    if stop.is_set():
+                        return
+                    continue
+                except QueueClosed:
+                    return
+                if isinstance(item, EndOfStream):
+                    self.out.put(item)
+                    self.finished = True
+                    return
+                t = time.monotonic()
+                try:
+                    result = self.worker.process(item)
+                except StageError:
+                    self.worker = None  # the supervisor's restart starts a fresh child
+                    raise
+                if isinstance(result, _PoseFailure):
+                    self.stats.inc("pose_errors")
+                    self._timing.error()
+                    continue
+                self._timing.observe(time.monotonic() - t)
+                if not self.out.put(result):
+                    self.stats.inc("skipped_poses")
+                if self.on_frame is not None:
+                    self.on_frame(result)
+        finally:
+            if self.finished or stop.is_set():
+                self.close()
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+
+
+# -- supervisor -------------------------------------------------------------------------------------
+@dataclass
+class _Task:
+    name: str
+    target: Callable[[threading.Event], None]
+    stop: threading.Event
+    thread: threading.Thread | None = None
+    restarts: deque[float] = field(default_factory=deque)
+    state: str = "pending"  # running | done | failed
+    error: BaseException | None = None
+
+
+class Supervisor:
+    """Runs stage loops in threads; restarts a failed one with backoff within a budget.
+
+    A stage returning normally is done. A stage raising is restarted after `backoff_s` (doubling)
+    unless it already restarted `max_restarts` times within `window_s` — then it is failed and
+    `on_failed(task_name, error)` runs (the camera pipeline closes its queues).
+    """
+
+    def __init__(
+        self,
+        camera_id: str,
+        cfg: SupervisorConfig,
+        stats: CameraStats,
+        on_failed: Callable[[str, BaseException], None],
+        *,
+        max_restarts: int | None = None,
+    ) -> None:
+        self.camera_id = camera_id
+        self.cfg = cfg
+        self.stats = stats
+        self.on_failed = on_failed
+        self.max_restarts = cfg.max_restarts if max_restarts is None else max_restarts
+        self.tasks: list[_Task] = []
+
+    def add(self, name: str, target: Callable[[threading.Event], None], stop: threading.Event) -> None:
+        self.tasks.append(_Task(name, target, stop))
+
+    def start(self) -> None:
+        for task in self.tasks:
+            task.state = "running"
+            task.thread = threading.Thread(
+                target=self._loop, args=(task,), name=f"veilcam-{self.camera_id}-{task.name}", daemon=True
+            )
+            task.thread.start()
+
+    def _loop(self, task: _Task) -> None:
+        backoff = self.cfg.backoff_s
+        while True:
+            try:
+                task.target(task.stop)
+                task.state = "done"
+                return
+            except QueueClosed:
+                task.state = "done"
+                return
+            except Exception as e:
+                now = time.monotonic()
+                while task.restarts and task.restarts[0] < now - self.cfg.window_s:
+                    task.restarts.popleft()
+                if isinstance(e, VeilcamError):
+                    log.error("camera %s: stage %s failed: %s", self.camera_id, task.name, e)
+                else:
+                    log.exception("camera %s: stage %s crashed", self.camera_id, task.name)
+                if len(task.restarts) >= self.max_restarts or task.stop.is_set():
+                    task.state = "failed"
+                    task.error = e
+                    if not task.stop.is_set():
+                        log.error(
+                            "camera %s: stage %s gave up after %d restarts in %.0f s",
+                            self.camera_id,
+                            task.name,
+                            len(task.restarts),
+                            self.cfg.window_s,
+                        )
+                    self.on_failed(task.name, e)
+                    return
+                task.restarts.append(now)
+                self.stats.inc("stage_restarts")
+                log.warning(
+                    "camera %s: restarting stage %s in %.1f s (%d/%d in %.0f s)",
+                    self.camera_id,
+                    task.name,
+                    backoff,
+                    len(task.restarts),
+                    self.max_restarts,
+                    self.cfg.window_s,
+                )
+                if task.stop.wait(backoff):
+                    task.state = "done"
+                    return
+                backoff = min(backoff * 2, 30.0)
+
+    def join(self, timeout_s: float | None = None) -> bool:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for task in self.tasks:
+            if task.thread is None:
+                continue
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            task.thread.join(remaining)
+        return all(t.thread is None or not t.thread.is_alive() for t in self.tasks)
+
+    def alive(self) -> bool:
+        return any(t.thread is not None and t.thread.is_alive() for t in self.tasks)
+
+
+# -- one camera -------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class WindowParams:
+    length_frames: int
+    stride_frames: int
+    fps: float | None
+
+
+def window_params(cfg: VeilcamConfig, cam: CameraConfig) -> WindowParams:
+    """Window length/stride and target fps: config first, then the model's model.json, then defaults."""
+    model = model_window_defaults(cfg.enclave.model_dir or DEFAULT_MODEL_DIR)
+    T = cam.window.length_frames or int(model.get("T", DEFAULT_T))
+    stride = cam.window.stride_frames or int(model.get("stride", DEFAULT_STRIDE))
+    fps = cam.fps if cam.fps is not None else (float(model["fps"]) if "fps" in model else None)
+    return WindowParams(T, stride, fps)
+
+
+class CameraPipeline:
+    """Queues, stages and supervisor of one camera. `start()`, then `wait()` or `request_stop()`."""
+
+    def __init__(
+        self,
+        name: str,
+        cfg: VeilcamConfig,
+        key: DataKey,
+        link: EnclaveLink,
+        sink: AlertSink,
+        *,
+        on_pose: Callable[[PoseFrame], None] | None = None,
+        on_result: Callable[[SealedWindow, Any, float], None] | None = None,
+    ) -> None:
+        cam = cfg.cameras[name]
+        self.name = name
+        self.device = cfg.device_of(name)
+        self.live = cam.is_live
+        params = window_params(cfg, cam)
+        if params.fps is not None and cam.fps is None:
+            cam = cam.model_copy(update={"fps": params.fps})
+        self.cam = cam
+        self.params = params
+        self.stats = CameraStats(self.device)
+        q = cam.queues
+        frame_policy, window_policy = ("drop_oldest", "latest_wins") if self.live else ("block", "block")
+        self.frames: BoundedQueue[Frame | EndOfStream] = BoundedQueue(
+            q.frames, frame_policy, name="frames", timeout_s=q.put_timeout_s
+        )
+        self.poses: BoundedQueue[PoseFrame | EndOfStream] = BoundedQueue(
+            q.poses, "drop_oldest" if self.live else "block", name="poses", timeout_s=q.put_timeout_s
+        )
+        self.windows: BoundedQueue[SealedWindow | EndOfStream] = BoundedQueue(
+            q.windows, window_policy, name="windows", timeout_s=q.put_timeout_s, key=lambda w: w.camera_id
+        )
+        self.stats.queues.extend([self.frames, self.poses, self.windows])
+        self.capture = CaptureStage(self.device, cam, self.frames, self.stats)
+        self.pose = PoseStage(self.device, cam, self.frames, self.poses, self.stats, on_frame=on_pose)
+        counter = SeqCounter(cfg.state_dir / "windows" / f"{self.device}.seq")
+        windower = Windower(
+            self.device,
+            key,
+            counter,
+            length_frames=params.length_frames,
+            stride_frames=params.stride_frames,
+            persons=cam.window.persons,
+            tracker=cam.window.tracker,
+            stats=self.stats,
+            flush_partial=cam.window.flush_partial,
+        )
+        self.windowing = WindowingStage(windower, self.poses, self.windows, self.stats)
+        self.end: EndOfStream | None = None
+        self.enclave = EnclaveStage(
+            self.device,
+            link,
+            cfg.rules_of(name).as_dict(),
+            self.windows,
+            sink.put,
+            self.stats,
+            max_retries=cfg.enclave.max_retries,
+            retry_backoff_s=cfg.enclave.retry_backoff_s,
+            on_result=on_result,
+            on_end=self._on_end,
+        )
+        self.stop_capture = threading.Event()
+        self.halt = threading.Event()
+        self.done = threading.Event()
+        self.failure: BaseException | None = None
+        self.supervisor = Supervisor(
+            self.device,
+            cfg.supervisor,
+            self.stats,
+            self._on_failed,
+            max_restarts=None if self.live or cam.loop else 0,
+        )
+        self.supervisor.add("capture", self.capture.run, self.stop_capture)
+        self.supervisor.add("pose", self.pose.run, self.halt)
+        self.supervisor.add("windowing", self.windowing.run, self.halt)
+        self.supervisor.add("enclave", self.enclave.run, self.halt)
+
+    def _on_end(self, eos: EndOfStream) -> None:
+        self.end = eos
+        self.stats.status = "done"
+        self.done.set()
+
+    def _on_failed(self, stage: str, error: BaseException) -> None:
+        if self.failure is None:
+            self.failure = error
+        if self.halt.is_set() and self.stop_capture.is_set():
+            return  # shutting down anyway
+        self.stats.status = "failed"
+        self.stop_capture.set()
+        self.halt.set()
+        for q in (self.frames, self.poses, self.windows):
+            q.close()
+        self.pose.close()
+        self.done.set()
+
+    def start(self) -> None:
+        self.enclave.hello()
+        self.stats.status = "running"
+        self.supervisor.start()
+
+    def request_stop(self) -> None:
+        """Graceful: capture ends with `EndOfStream`, which drains through every stage."""
+        self.stop_capture.set()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        return self.done.wait(timeout_s)
+
+    def halt_now(self) -> None:
+        """Hard stop after the flush budget: stop every stage and close the queues."""
+        self.stop_capture.set()
+        self.halt.set()
+        for q in (self.frames, self.poses, self.windows):
+            q.close()
+        self.supervisor.join(10)
+        self.pose.close()
+        if self.stats.status == "running":
+            self.stats.status = "stopped"
+        self.done.set()
+
+    def close(self) -> None:
+        self.halt_now()
+
+
+# -- the daemon -------------------------------------------------------------------------------------
+class Notifier:
+    """sd_notify READY/WATCHDOG/STOPPING; silently nothing when not started by systemd."""
+
+    def __init__(self) -> None:
+        self._n: Any = None
+        try:
+            import os
+
+            if os.environ.get("NOTIFY_SOCKET"):
+                import sdnotify
+
+                self._n = sdnotify.SystemdNotifier()
+        except ImportError:  # pragma: no cover - sdnotify is a dependency
+            self._n = None
+
+    def notify(self, state: str) -> None:
+        if self._n is not None:
+            self._n.notify(state)
+
+
+def build_link(cfg: VeilcamConfig, key: DataKey, recipients_extra: list[Any] | None = None) -> EnclaveLink:
+    """The enclave link the config asks for: remote `veilcam enclave`, else the local stand-in."""
+    if cfg.enclave.address:
+        return RemoteEnclave(cfg.enclave.address, timeout_s=cfg.enclave.timeout_s)
+    log.warning(
+        "enclave.address is not set: windows are evaluated by the in-process local evaluator "
+        "(development/replay only — no enclave isolation)"
+    )
+    return make_local_enclave(cfg, key, recipients_extra or [])
+
+
+def make_local_enclave(cfg: VeilcamConfig, key: DataKey, extra_recipients: list[Any]) -> LocalEnclave:
+    """The in-process evaluator: model from `enclave.model_dir`, a persisted signing key, the
+    configured recipients (+ `extra_recipients`, e.g. a replay's throw-away consumer)."""
+    from enclave_bridge.keys import PartyKey, PartyPublic
+    from enclave_bridge.policy import ALERT_FIELDS, Recipient
+
+    model_dir = cfg.enclave.model_dir or DEFAULT_MODEL_DIR
+    model, labels, _meta = load_model_dir(model_dir)
+    sk_path = cfg.enclave.signing_key_path or cfg.state_dir / "local-evaluator.key"
+    if sk_path.exists():
+        try:
+            signer = PartyKey.load(sk_path)
+        except VeilcamError as e:
+            raise ConfigError(f"enclave.signing_key_path: {e}") from e
+    else:
+        signer = PartyKey.generate("data-owner", "local-evaluator")
+        signer.save(sk_path)
+        log.info("local evaluator: new alert-signing key %s", sk_path)
+    pubs = []
+    for i, path in enumerate(cfg.enclave.recipients):
+        try:
+            pubs.append(PartyPublic.load(path))
+        except VeilcamError as e:
+            raise ConfigError(f"enclave.recipients.{i}: {e}") from e
+    pubs.extend(extra_recipients)
+    recipients = [Recipient(p.name, p.rid, p.kx_pub, tuple(ALERT_FIELDS)) for p in pubs]
+    counters: dict[str, SeqCounter] = {}
+    lock = threading.Lock()
+
+    def next_seq(device: str) -> int:
+        with lock:
+            if device not in counters:
+                counters[device] = SeqCounter(cfg.state_dir / "alerts" / f"{device}.seq")
+            return counters[device].next()
+
+    return LocalEnclave({key.kid: key}, model, labels, signer, recipients, next_seq)
+
+
+class Daemon:
+    """All cameras of one config, the alert outbox/publisher, metrics and systemd integration."""
+
+    def __init__(
+        self,
+        cfg: VeilcamConfig,
+        *,
+        link: EnclaveLink | None = None,
+        sink: AlertSink | None = None,
+        key: DataKey | None = None,
+        metrics: bool | None = None,
+        publisher: Any = None,
+        on_pose: Callable[[PoseFrame], None] | None = None,
+        on_result: Callable[[SealedWindow, Any, float], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.key = key or load_data_key_from_config(cfg)
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.link = link or build_link(cfg, self.key)
+        self.publisher = publisher
+        self.sink: AlertSink = sink or ListSink()
+        self.cameras = {
+            name: CameraPipeline(
+                name, cfg, self.key, self.link, self.sink, on_pose=on_pose, on_result=on_result
+            )
+            for name in cfg.cameras
+        }
+        self.metrics_enabled = cfg.metrics.enabled if metrics is None else metrics
+        self.metrics_server: Any = None
+        self.notifier = Notifier()
+        self._shutdown = threading.Event()
+        self._enclave_stats_at = 0.0
+
+    @property
+    def camera_stats(self) -> list[CameraStats]:
+        return [c.stats for c in self.cameras.values()]
+
+    def healthy(self) -> tuple[bool, dict[str, Any]]:
+        cams = {c.device: c.stats.status for c in self.cameras.values()}
+        ok = all(s in ("running", "done", "starting") for s in cams.values())
+        info: dict[str, Any] = {"status": "ok" if ok else "degraded", "cameras": cams}
+        if self.publisher is not None and hasattr(self.publisher, "connected"):
+            info["broker_connected"] = bool(self.publisher.connected)
+        return ok, info
+
+    def start(self) -> None:
+        if self.metrics_enabled:
+            from pipeline.metrics import MetricsServer
+
+            self.metrics_server = MetricsServer(self.cfg.metrics.listen, self)
+            self.metrics_server.start()
+        if self.publisher is not None and hasattr(self.publisher, "start"):
+            self.publisher.start()
+        for cam in self.cameras.values():
+            cam.start()
+        self.notifier.notify("READY=1")
+        log.info("veilcam daemon running: %d camera(s)", len(self.cameras))
+
+    def poll_enclave_stats(self) -> None:
+        """Copy non-sensitive enclave counters (Freivalds failures) into every camera's stats."""
+        try:
+            st = self.link.stats()
+        except VeilcamError as e:
+            log.debug("enclave stats unavailable: %s", e)
+            return
+        failures = st.get("freivalds_failures")
+        if isinstance(failures, int):
+            for c in self.cameras.values():
+                c.stats.set_counter("freivalds_failures", failures)
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, _frame: Any) -> None:
+            log.info("signal %d: graceful shutdown", signum)
+            self._shutdown.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def request_shutdown(self) -> None:
+        self._shutdown.set()
+
+    def run_until_done(self, tick_s: float = 1.0) -> int:
+        """Block until every camera ended (files) or a shutdown was requested; returns an exit code."""
+        last_stats = 0.0
+        while not self._shutdown.is_set():
+            if all(c.done.is_set() for c in self.cameras.values()):
+                break
+            self.notifier.notify("WATCHDOG=1")
+            now = time.monotonic()
+            if now - last_stats >= self.cfg.supervisor.stats_interval_s:
+                last_stats = now
+                self.poll_enclave_stats()
+                self._publish_stats()
+            self._shutdown.wait(tick_s)
+        return self.stop()
+
+    def _publish_stats(self) -> None:
+        if self.publisher is None or not hasattr(self.publisher, "publish_stats"):
+            return
+        for c in self.cameras.values():
+            try:
+                self.publisher.publish_stats(c.device, c.stats.to_json())
+            except VeilcamError as e:
+                log.debug("stats publish failed: %s", e)
+
+    def stop(self) -> int:
+        """Flush every camera (bounded by `shutdown_timeout_s`), stop publisher and metrics."""
+        self.notifier.notify("STOPPING=1")
+        for c in self.cameras.values():
+            c.request_stop()
+        deadline = time.monotonic() + self.cfg.supervisor.shutdown_timeout_s
+        for c in self.cameras.values():
+            if not c.wait(max(0.0, deadline - time.monotonic())):
+                log.warning("camera %s: flush did not finish in time; stopping hard", c.device)
+        for c in self.cameras.values():
+            c.halt_now()
+        self.poll_enclave_stats()
+        self._publish_stats()
+        if self.publisher is not None and hasattr(self.publisher, "stop"):
+            self.publisher.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        try:
+            self.link.close()
+        except VeilcamError as e:
+            log.debug("enclave link close: %s", e)
+        failed = [c for c in self.cameras.values() if c.stats.status == "failed"]
+        truncated = [c for c in self.cameras.values() if c.end is not None and c.end.reason == "truncated"]
+        return 1 if failed or truncated else 0
+
+
+def camera_error(cam: CameraPipeline) -> VeilcamError | None:
+    """The error that ended a camera, as a typed error with a plain message (or None)."""
+    if cam.failure is not None:
+        if isinstance(cam.failure, VeilcamError):
+            return cam.failure
+        return StageError(f"camera {cam.device}: {type(cam.failure).__name__}: {cam.failure}")
+    if cam.end is not None and cam.end.reason == "truncated":
+        meta = cam.end.meta
+        return StageError(
+            f"camera {cam.device}: video ended after {meta.get('decoded')} of {meta.get('expected_frames')} "
+            "frames (truncated or corrupt file)"
+        )
+    return None
+
+
+def ensure_state_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"state_dir: cannot create {path}: {e.strerror}") from e
+
+
+__all__ = [
+    "AlertSink",
+    "CameraPipeline",
+    "Daemon",
+    "ListSink",
+    "PoseProcess",
+    "PoseStage",
+    "Supervisor",
+    "TeeSink",
+    "WindowParams",
+    "build_link",
+    "camera_error",
+    "window_params",
+]

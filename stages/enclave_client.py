@@ -1,0 +1,391 @@
+"""Sending sealed windows to the enclave and collecting its encrypted, signed alerts (DESIGN §2, §7).
+
+`EnclaveLink` is the seam: the daemon only needs `hello`, `submit`, `stats` and `close`.
+- `RemoteEnclave` talks to a `veilcam enclave` process through `enclave_bridge.client.EnclaveClient`
+  (the deployment path: attested, separate process, secure evaluation).
+- `LocalEnclave` is the in-process stand-in used when no enclave address is configured (replays,
+  development): it opens windows with the data key, evaluates an ST-GCN from
+  `enclave_bridge.stgcn`, applies the same alert rules and seals alerts with
+  `enclave_bridge.alerts` — so the rest of the pipeline, the outbox and MQTT see exactly the same
+  bytes. It is *not* an enclave: the model and the data key live in the daemon's memory.
+
+`EnclaveStage` is the thread between the windows queue and the outbox. Rejections are counted and
+logged by reason without payload; transport errors are retried with backoff, then the window is
+dropped (counted) — alerts, once produced, are never dropped: they go to the outbox first.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import msgpack
+import numpy as np
+
+from pipeline.errors import ConfigError, EnclaveError, IntegrityError, TransportError
+from pipeline.messages import AlertEnvelope, EndOfStream, SealedWindow
+from pipeline.queues import BoundedQueue, QueueClosed, QueueTimeout
+from pipeline.stats import CameraStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitResult:
+    """The enclave's answer to one window (same fields as `enclave_bridge.client.SubmitResult`)."""
+
+    status: str  # "ok" | "rejected"
+    reason: str | None
+    alerts: list[bytes]
+    window_seq: int
+
+
+@runtime_checkable
+class EnclaveLink(Protocol):
+    """What the daemon needs from an enclave, local or remote."""
+
+    def hello(self, device: str, rules: dict[str, Any]) -> dict[str, Any]: ...
+
+    def submit(self, blob: bytes) -> Any: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+# -- remote ----------------------------------------------------------------------------------------
+class RemoteEnclave:
+    """`EnclaveLink` over `enclave_bridge.client.EnclaveClient` (a `veilcam enclave` process)."""
+
+    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
+        try:
+            client_mod = importlib.import_module("enclave_bridge.client")
+        except ImportError as e:  # pragma: no cover - the module ships with the package
+            raise ConfigError(f"enclave.address: no enclave client available ({e})") from e
+        self.address = address
+        self._client = client_mod.EnclaveClient(address, timeout_s=timeout_s)
+
+    def hello(self, device: str, rules: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._client.hello(device, rules))
+
+    def submit(self, blob: bytes) -> Any:
+        return self._client.submit(blob)
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._client.stats())
+
+    def evidence(self, nonce: bytes) -> dict[str, Any]:
+        return dict(self._client.evidence(nonce))
+
+    def close(self) -> None:
+        close = getattr(self._client, "close", None)
+        if close is not None:
+            close()
+
+
+# -- local stand-in --------------------------------------------------------------------------------
+def load_model_dir(model_dir: Path) -> tuple[Any, list[str], dict[str, Any]]:
+    """(STGCN in eval mode, labels, model.json) from a directory like `samples/default_model`."""
+    from enclave_bridge.stgcn import STGCN, load_label_map
+
+    weights, labels_path, meta_path = (
+        model_dir / "model.pt",
+        model_dir / "labels.txt",
+        model_dir / "model.json",
+    )
+    for p, what in ((weights, "weights"), (labels_path, "label map")):
+        if not p.is_file():
+            raise ConfigError(f"enclave.model_dir: {what} {p} not found")
+    meta: dict[str, Any] = {}
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as e:
+            raise ConfigError(f"enclave.model_dir: {meta_path} is not valid JSON: {e}") from e
+    labels = load_label_map(labels_path)
+    graph_kw = {k: meta[k] for k in ("layout", "strategy") if isinstance(meta.get(k), str)}
+    model = STGCN.from_checkpoint(weights, num_class=len(labels), **graph_kw)
+    model.eval()
+    return model, labels, meta
+
+
+class LocalEnclave:
+    """In-process evaluator behind `EnclaveLink` (see module docstring: a stand-in, not an enclave).
+
+    Alerts are built exactly as the enclave builds them (`enclave_bridge.alerts.build_alert`,
+    rules and debounce from `enclave_bridge.rules`), signed by `signer` and encrypted to
+    `recipients`; `next_alert_seq(device)` hands out the persisted per-device alert numbers.
+    """
+
+    def __init__(
+        self,
+        keys: Mapping[str, Any],
+        model: Any,
+        labels: Sequence[str],
+        signer: Any,
+        recipients: Sequence[Any],
+        next_alert_seq: Callable[[str], int],
+        *,
+        topk: int = 5,
+    ) -> None:
+        from enclave_bridge.rules import RuleEngine
+        from enclave_bridge.windows import ReplayGuard
+
+        if not recipients:
+            raise ConfigError("enclave.recipients: the local evaluator needs at least one alert recipient")
+        self._keys = dict(keys)
+        self._model = model
+        self._labels = list(labels)
+        self._signer = signer
+        self._recipients = list(recipients)
+        self._next_seq = next_alert_seq
+        self._topk = max(1, min(topk, len(self._labels)))
+        self._guard = ReplayGuard()
+        self._engine = RuleEngine()
+        self._rules: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._stats: dict[str, int] = {
+            "windows_ok": 0,
+            "windows_rejected": 0,
+            "alerts": 0,
+            "freivalds_failures": 0,
+        }
+
+    @property
+    def verify_key(self) -> bytes:
+        """The Ed25519 public key consumers pin to check alert signatures."""
+        return bytes(self._signer.public.sign_pub)
+
+    def hello(self, device: str, rules: dict[str, Any]) -> dict[str, Any]:
+        from enclave_bridge.rules import ANY_LABEL, AlertRules
+
+        parsed = AlertRules.from_dict(rules, where="rules")
+        unknown = sorted(set(parsed.labels) - set(self._labels) - {ANY_LABEL})
+        if unknown:
+            raise ConfigError(f"rules.labels: not labels of the model: {', '.join(unknown)}")
+        with self._lock:
+            self._rules[device] = parsed
+        return {"device": device, "labels": len(self._labels), "backend": "local-insecure"}
+
+    def evidence(self, nonce: bytes) -> dict[str, Any]:
+        """No attestation is possible in-process; says so and gives the alert verify key."""
+        return {"backend": "local-insecure", "sign_pub": self.verify_key, "nonce": bytes(nonce)}
+
+    def submit(self, blob: bytes) -> SubmitResult:
+        import torch
+
+        from enclave_bridge.alerts import build_alert
+        from enclave_bridge.keys import fingerprint
+        from enclave_bridge.windows import open_window, parse_header
+
+        try:
+            hdr = parse_header(blob)[0]
+        except IntegrityError as e:
+            return self._reject(-1, str(e))
+        rules = self._rules.get(hdr.device)
+        if rules is None:
+            return self._reject(hdr.seq, f"device {hdr.device!r} has not said hello")
+        try:
+            win = open_window(blob, self._keys, self._guard)
+        except IntegrityError as e:
+            return self._reject(hdr.seq, str(e))
+        with torch.inference_mode():
+            logits = self._model(torch.from_numpy(win.data[None]))
+            probs = torch.softmax(logits.double(), dim=1)[0].numpy()
+        order = np.argsort(-probs)[: self._topk]
+        topk = [[self._labels[i], float(probs[i])] for i in order]
+        label, score = topk[0]
+        track_id = int(win.track_ids[0]) if win.track_ids else -1
+        alerts: list[bytes] = []
+        if self._engine.decide(win.device, rules, track_id, label, score, win.t1):
+            fields = {
+                "window_seq": win.seq,
+                "t0": win.t0,
+                "t1": win.t1,
+                "track_id": track_id,
+                "label": label,
+                "score": score,
+                "topk": topk,
+            }
+            alerts.append(
+                build_alert(
+                    win.device,
+                    self._next_seq(win.device),
+                    time.time(),
+                    fields,
+                    self._recipients,
+                    self._signer.sign,
+                    fingerprint(self.verify_key),
+                )
+            )
+        with self._lock:
+            self._stats["windows_ok"] += 1
+            self._stats["alerts"] += len(alerts)
+        return SubmitResult("ok", None, alerts, win.seq)
+
+    def _reject(self, seq: int, reason: str) -> SubmitResult:
+        with self._lock:
+            self._stats["windows_rejected"] += 1
+        return SubmitResult("rejected", reason, [], seq)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._stats)
+
+    def close(self) -> None:
+        return None
+
+
+# -- the stage -------------------------------------------------------------------------------------
+def alert_header(payload: bytes) -> tuple[int, str | None]:
+    """(seq, device) from an alert envelope's cleartext header (no decryption)."""
+    try:
+        env = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.exceptions.UnpackException) as e:
+        raise IntegrityError(f"malformed alert envelope from the enclave: {type(e).__name__}") from e
+    if not isinstance(env, dict) or not isinstance(env.get("seq"), int):
+        raise IntegrityError("malformed alert envelope from the enclave: no seq")
+    dev = env.get("device")
+    return int(env["seq"]), dev if isinstance(dev, str) else None
+
+
+class EnclaveStage:
+    """The thread feeding sealed windows to an `EnclaveLink` and alerts to the outbox `sink`."""
+
+    def __init__(
+        self,
+        device: str,
+        link: EnclaveLink,
+        rules: dict[str, Any],
+        inq: BoundedQueue[SealedWindow | EndOfStream],
+        sink: Callable[[AlertEnvelope], None],
+        stats: CameraStats,
+        *,
+        max_retries: int = 3,
+        retry_backoff_s: float = 1.0,
+        on_result: Callable[[SealedWindow, Any, float], None] | None = None,
+        on_end: Callable[[EndOfStream], None] | None = None,
+    ) -> None:
+        self.device = device
+        self.link = link
+        self.rules = rules
+        self.inq = inq
+        self.sink = sink
+        self.stats = stats
+        self.max_retries = max_retries
+        self.retry_backoff_s = retry_backoff_s
+        self.on_result = on_result
+        self.on_end = on_end
+        self._timing = stats.stage("enclave")
+        self._e2e = stats.stage("end_to_end")
+        self._said_hello = False
+        self._seen_reasons: set[str] = set()
+        self.finished = False
+
+    def hello(self) -> dict[str, Any]:
+        info = self.link.hello(self.device, self.rules)
+        self._said_hello = True
+        log.info("camera %s: registered with the enclave (%s)", self.device, info.get("backend", "remote"))
+        return info
+
+    def run(self, stop: threading.Event) -> None:
+        if not self._said_hello:
+            self.hello()
+        while not self.finished:
+            try:
+                item = self.inq.get(timeout_s=0.2)
+            except QueueTimeout:
+                if stop.is_set():
+                    return
+                continue
+            except QueueClosed:
+                return
+            if isinstance(item, EndOfStream):
+                self.finished = True
+                if self.on_end is not None:
+                    self.on_end(item)
+                return
+            self._submit(item, stop)
+
+    def _submit(self, w: SealedWindow, stop: threading.Event) -> None:
+        delay = self.retry_backoff_s
+        t = time.monotonic()
+        for attempt in range(self.max_retries + 1):
+            try:
+                result = self.link.submit(w.blob)
+                break
+            except TransportError as e:
+                self.stats.inc("enclave_errors")
+                if attempt >= self.max_retries:
+                    log.error(
+                        "camera %s: window seq %d dropped after %d attempts: %s",
+                        self.device,
+                        w.seq,
+                        attempt + 1,
+                        e,
+                    )
+                    self.stats.inc("windows_dropped")
+                    return
+                log.warning("camera %s: enclave unreachable (%s); retry in %.1f s", self.device, e, delay)
+                if stop.wait(delay):
+                    return
+                delay *= 2
+                # The enclave may have restarted and forgotten us.
+                try:
+                    self.hello()
+                except (TransportError, EnclaveError) as he:
+                    log.warning("camera %s: hello after reconnect failed: %s", self.device, he)
+        latency = time.monotonic() - t
+        self._timing.observe(latency)
+        self.stats.inc("windows_submitted")
+        if result.status != "ok":
+            self.stats.inc("windows_rejected")
+            self._log_rejection(w, result.reason or "unspecified")
+        else:
+            for payload in result.alerts:
+                seq, _ = alert_header(payload)
+                self.sink(
+                    AlertEnvelope(
+                        camera_id=self.device,
+                        seq=seq,
+                        capture_ts=w.capture_ts,
+                        payload=payload,
+                        window_seq=w.seq,
+                    )
+                )
+                self.stats.inc("alerts")
+            self._e2e.observe(max(0.0, time.time() - w.capture_ts))
+        if self.on_result is not None:
+            self.on_result(w, result, latency)
+
+    def _log_rejection(self, w: SealedWindow, reason: str) -> None:
+        kind = reason.split(":", 1)[0][:60]
+        hint = ""
+        if "kid" in reason or "authentication" in reason:
+            hint = (
+                " — the camera's data key (data_key_path) is not a key the enclave holds; "
+                "provision it with `veilcam provision data-key` or fix data_key_path"
+            )
+        if kind not in self._seen_reasons:
+            self._seen_reasons.add(kind)
+            log.error("camera %s: enclave rejected window seq %d: %s%s", self.device, w.seq, reason, hint)
+        else:
+            log.debug("camera %s: enclave rejected window seq %d: %s", self.device, w.seq, reason)
+
+
+__all__ = [
+    "EnclaveLink",
+    "EnclaveStage",
+    "LocalEnclave",
+    "RemoteEnclave",
+    "SubmitResult",
+    "alert_header",
+    "load_model_dir",
+]
