@@ -241,11 +241,11 @@ def load_model_key(path: str | os.PathLike[str], passphrase: str | None = None) 
 # ---------------------------------------------------------------------------------------------
 
 
-def _raw_pub(k: Ed25519PublicKey | X25519PublicKey) -> bytes:
+def raw_public_bytes(k: Ed25519PublicKey | X25519PublicKey) -> bytes:
     return k.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def _raw_priv(k: Ed25519PrivateKey | X25519PrivateKey) -> bytes:
+def raw_private_bytes(k: Ed25519PrivateKey | X25519PrivateKey) -> bytes:
     return k.private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
     )
@@ -330,7 +330,10 @@ class PartyKey:
     @property
     def public(self) -> PartyPublic:
         return PartyPublic(
-            self.role, self.name, _raw_pub(self._sign.public_key()), _raw_pub(self._kx.public_key())
+            self.role,
+            self.name,
+            raw_public_bytes(self._sign.public_key()),
+            raw_public_bytes(self._kx.public_key()),
         )
 
     def sign(self, message: bytes) -> bytes:
@@ -351,7 +354,7 @@ class PartyKey:
             "name": self.name,
             "created": int(time.time()),
         }
-        doc.update(_protect(_raw_priv(self._sign) + _raw_priv(self._kx), passphrase))
+        doc.update(_protect(raw_private_bytes(self._sign) + raw_private_bytes(self._kx), passphrase))
         return write_private_json(path, doc)
 
     @classmethod

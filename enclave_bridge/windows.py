@@ -33,6 +33,14 @@ MAX_DEVICE_LEN = 128
 _FIELDS = frozenset({"v", "device", "seq", "t0", "t1", "kid", "nonce", "ct"})
 
 
+class WindowRejected(IntegrityError):
+    """A window failed a check; `reason` is a short counter name (malformed, unknown_kid, replay, auth)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def window_aad(device: str, seq: int, t0: float, t1: float, kid: str) -> bytes:
     """`device|seq|t0|t1|kid`; floats as `repr` (shortest exact round-trip form)."""
     return f"{device}|{seq}|{float(t0)!r}|{float(t1)!r}|{kid}".encode()
@@ -40,7 +48,7 @@ def window_aad(device: str, seq: int, t0: float, t1: float, kid: str) -> bytes:
 
 def _check_device(device: Any) -> str:
     if not isinstance(device, str) or not device or len(device) > MAX_DEVICE_LEN or "|" in device:
-        raise IntegrityError("malformed window: bad device id")
+        raise WindowRejected("malformed", "malformed window: bad device id")
     return device
 
 
@@ -130,14 +138,18 @@ class ReplayGuard:
         with self._lock:
             last = self._last.get(device)
         if last is not None and seq <= last:
-            raise IntegrityError(f"replayed or reordered window: device {device!r} seq {seq} <= {last}")
+            raise WindowRejected(
+                "replay", f"replayed or reordered window: device {device!r} seq {seq} <= {last}"
+            )
 
     def accept(self, device: str, seq: int) -> None:
         """Check and advance atomically."""
         with self._lock:
             last = self._last.get(device)
             if last is not None and seq <= last:
-                raise IntegrityError(f"replayed or reordered window: device {device!r} seq {seq} <= {last}")
+                raise WindowRejected(
+                    "replay", f"replayed or reordered window: device {device!r} seq {seq} <= {last}"
+                )
             self._last[device] = seq
 
     def state(self) -> dict[str, int]:
@@ -148,25 +160,25 @@ class ReplayGuard:
 def parse_header(blob: bytes) -> tuple[WindowHeader, bytes, bytes]:
     """Validate the envelope structure; returns (header, nonce, ct). Raises `IntegrityError`."""
     if not isinstance(blob, bytes | bytearray) or len(blob) > MAX_WINDOW_BYTES:
-        raise IntegrityError("malformed window: not bytes or too large")
+        raise WindowRejected("malformed", "malformed window: not bytes or too large")
     try:
         env = msgpack.unpackb(blob, raw=False, strict_map_key=True)
     except (ValueError, TypeError, msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException) as e:
-        raise IntegrityError(f"malformed window: {type(e).__name__}") from e
+        raise WindowRejected("malformed", f"malformed window: {type(e).__name__}") from e
     if not isinstance(env, dict) or set(env) != _FIELDS:
-        raise IntegrityError("malformed window: wrong fields")
+        raise WindowRejected("malformed", "malformed window: wrong fields")
     if env["v"] != WINDOW_VERSION:
-        raise IntegrityError(f"malformed window: unsupported version {env['v']!r}")
+        raise WindowRejected("malformed", f"malformed window: unsupported version {env['v']!r}")
     device = _check_device(env["device"])
     seq, t0, t1, kid, nonce, ct = env["seq"], env["t0"], env["t1"], env["kid"], env["nonce"], env["ct"]
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-        raise IntegrityError("malformed window: bad seq")
+        raise WindowRejected("malformed", "malformed window: bad seq")
     if not (isinstance(t0, float) and isinstance(t1, float) and math.isfinite(t0) and math.isfinite(t1)):
-        raise IntegrityError("malformed window: bad t0/t1")
+        raise WindowRejected("malformed", "malformed window: bad t0/t1")
     if not isinstance(kid, str) or not kid or len(kid) > 64:
-        raise IntegrityError("malformed window: bad kid")
+        raise WindowRejected("malformed", "malformed window: bad kid")
     if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES or not isinstance(ct, bytes) or len(ct) < 16:
-        raise IntegrityError("malformed window: bad nonce/ct")
+        raise WindowRejected("malformed", "malformed window: bad nonce/ct")
     return WindowHeader(device, seq, t0, t1, kid), nonce, ct
 
 
@@ -179,21 +191,26 @@ def open_window(blob: bytes, keys: Mapping[str, DataKey], guard: ReplayGuard) ->
     hdr, nonce, ct = parse_header(blob)
     key = keys.get(hdr.kid)
     if key is None:
-        raise IntegrityError(f"unknown or expired kid {hdr.kid!r} (device {hdr.device!r} seq {hdr.seq})")
+        raise WindowRejected(
+            "unknown_kid", f"unknown or expired kid {hdr.kid!r} (device {hdr.device!r} seq {hdr.seq})"
+        )
     guard.check(hdr.device, hdr.seq)  # cheap early refusal; re-checked atomically below
-    plaintext = key.decrypt(nonce, ct, window_aad(hdr.device, hdr.seq, hdr.t0, hdr.t1, hdr.kid))
+    try:
+        plaintext = key.decrypt(nonce, ct, window_aad(hdr.device, hdr.seq, hdr.t0, hdr.t1, hdr.kid))
+    except IntegrityError as e:
+        raise WindowRejected("auth", f"{e} (device {hdr.device!r} seq {hdr.seq})") from e
     try:
         body = msgpack.unpackb(plaintext, raw=False, strict_map_key=True)
         if not isinstance(body, dict) or set(body) != {"data", "track_ids"}:
-            raise IntegrityError("malformed window body")
+            raise WindowRejected("malformed", "malformed window body")
         data = unpack_tensor(body["data"])
         tids = body["track_ids"]
         if not isinstance(tids, list) or not all(isinstance(t, int) for t in tids):
-            raise IntegrityError("malformed window body: track_ids")
+            raise WindowRejected("malformed", "malformed window body: track_ids")
     except (ValueError, TypeError, TransportError, msgpack.exceptions.UnpackException) as e:
-        raise IntegrityError(f"malformed window body: {type(e).__name__}") from e
+        raise WindowRejected("malformed", f"malformed window body: {type(e).__name__}") from e
     if data.ndim != 4 or data.shape[0] != 3 or data.dtype != np.float32:
-        raise IntegrityError(f"malformed window body: tensor {data.dtype} {data.shape}")
+        raise WindowRejected("malformed", f"malformed window body: tensor {data.dtype} {data.shape}")
     guard.accept(hdr.device, hdr.seq)
     return OpenedWindow(hdr.device, hdr.seq, hdr.t0, hdr.t1, hdr.kid, data.copy(), tuple(tids))
 
@@ -202,6 +219,7 @@ __all__ = [
     "OpenedWindow",
     "ReplayGuard",
     "WindowHeader",
+    "WindowRejected",
     "open_window",
     "parse_header",
     "seal_window",

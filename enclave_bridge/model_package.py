@@ -1,0 +1,159 @@
+"""Encrypted model packages (DESIGN §6): the model owner's ST-GCN weights + label map + metadata.
+
+`veilcam model package` validates the checkpoint against the architecture, then writes
+msgpack `{type, v, kid, created, nonce, ct}` where `ct` = AES-256-GCM(model key, msgpack
+`{tensors: {name: tensor}, labels: [...], meta: {...}}`, AAD = `veilcam-model-v1|<kid>`).
+Weights travel as raw tensors (no pickle), so the enclave never unpickles owner-supplied data.
+Only an attested enclave receives the model key (`veilcam provision model`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from enclave_bridge.errors import CheckpointError, ConfigError, IntegrityError, TransportError
+from enclave_bridge.keys import ModelKey
+from enclave_bridge.wire import pack_tensor, unpack_tensor
+
+log = logging.getLogger(__name__)
+
+PACKAGE_TYPE = "veilcam-model-package"
+MAX_PACKAGE_BYTES = 512 * 1024 * 1024
+
+
+def _aad(kid: str) -> bytes:
+    return f"veilcam-model-v1|{kid}".encode()
+
+
+@dataclass(slots=True)
+class ModelBundle:
+    """Decrypted package contents (inside the enclave only). `repr` hides the weights."""
+
+    tensors: dict[str, np.ndarray]
+    labels: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"ModelBundle({len(self.tensors)} tensors, {len(self.labels)} labels)"
+
+    def build_model(self) -> Any:
+        """An eval-mode `STGCN` with these weights (strict reference key/shape check)."""
+        import torch
+
+        from enclave_bridge.stgcn import STGCN
+
+        kw = {k: self.meta[k] for k in ("layout", "strategy") if k in self.meta}
+        model = STGCN(int(self.meta["num_class"]), **kw)
+        state = {k: torch.from_numpy(np.array(v)) for k, v in self.tensors.items()}
+        model.load_reference_state_dict(state, source="model package")
+        return model.eval()
+
+
+def validate_meta(meta: Mapping[str, Any], num_labels: int) -> dict[str, Any]:
+    m = dict(meta)
+    if not isinstance(m.get("num_class"), int) or m["num_class"] <= 0:
+        raise ConfigError("model metadata: num_class must be a positive integer")
+    if m["num_class"] != num_labels:
+        raise ConfigError(f"model metadata: num_class {m['num_class']} but label map has {num_labels} labels")
+    return m
+
+
+def package_model(
+    checkpoint: str | os.PathLike[str],
+    labels_path: str | os.PathLike[str],
+    meta: Mapping[str, Any],
+    key: ModelKey,
+    out: str | os.PathLike[str],
+) -> Path:
+    """Validate and encrypt a checkpoint + label map + metadata into `out`."""
+    from enclave_bridge.stgcn import STGCN, load_label_map
+
+    labels = load_label_map(labels_path)
+    m = validate_meta(meta, len(labels))
+    kw = {k: m[k] for k in ("layout", "strategy") if k in m}
+    model = STGCN.from_checkpoint(checkpoint, num_class=m["num_class"], **kw)
+    tensors = {k: pack_tensor(v.detach().cpu().numpy()) for k, v in model.state_dict().items()}
+    plaintext = msgpack.packb({"tensors": tensors, "labels": labels, "meta": m}, use_bin_type=True)
+    nonce = os.urandom(12)
+    doc = {
+        "type": PACKAGE_TYPE,
+        "v": 1,
+        "kid": key.kid,
+        "created": int(time.time()),
+        "nonce": nonce,
+        "ct": key.encrypt(nonce, plaintext, _aad(key.kid)),
+    }
+    p = Path(out)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(msgpack.packb(doc, use_bin_type=True))
+    log.info(
+        "model package %s written (kid %s, %d classes, %d tensors)", p, key.kid, m["num_class"], len(tensors)
+    )
+    return p
+
+
+def package_kid(blob: bytes) -> str:
+    """The kid a package is encrypted under (public header)."""
+    return _parse(blob)["kid"]
+
+
+def _parse(blob: bytes) -> dict[str, Any]:
+    if len(blob) > MAX_PACKAGE_BYTES:
+        raise IntegrityError("model package too large")
+    try:
+        doc = msgpack.unpackb(blob, raw=False, max_bin_len=MAX_PACKAGE_BYTES)
+    except (ValueError, TypeError, msgpack.exceptions.UnpackException, msgpack.exceptions.ExtraData) as e:
+        raise IntegrityError(f"malformed model package ({type(e).__name__})") from e
+    if not isinstance(doc, dict) or doc.get("type") != PACKAGE_TYPE or doc.get("v") != 1:
+        raise IntegrityError("not a veilcam model package")
+    if (
+        not isinstance(doc.get("kid"), str)
+        or not isinstance(doc.get("nonce"), bytes)
+        or not isinstance(doc.get("ct"), bytes)
+    ):
+        raise IntegrityError("malformed model package header")
+    return doc
+
+
+def open_package(blob: bytes, key: ModelKey) -> ModelBundle:
+    """Decrypt and validate a package (inside the enclave)."""
+    doc = _parse(blob)
+    if doc["kid"] != key.kid:
+        raise IntegrityError(f"package is for model key {doc['kid']!r}, not {key.kid!r}")
+    plaintext = key.decrypt(doc["nonce"], doc["ct"], _aad(key.kid))
+    try:
+        body = msgpack.unpackb(plaintext, raw=False, max_bin_len=MAX_PACKAGE_BYTES)
+        tensors = {str(k): unpack_tensor(v) for k, v in body["tensors"].items()}
+        labels = [str(x) for x in body["labels"]]
+        meta = validate_meta(body["meta"], len(labels))
+    except (KeyError, TypeError, ValueError, AttributeError, TransportError, ConfigError) as e:
+        raise IntegrityError(f"malformed model package content ({type(e).__name__})") from e
+    return ModelBundle(tensors, labels, meta)
+
+
+def build_model_checked(bundle: ModelBundle) -> Any:
+    try:
+        return bundle.build_model()
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"model package does not fit the ST-GCN architecture: {e}") from e
+
+
+__all__ = [
+    "ModelBundle",
+    "build_model_checked",
+    "open_package",
+    "package_kid",
+    "package_model",
+    "validate_meta",
+]
