@@ -1,10 +1,154 @@
-"""Subcommands for this area (filled in by its owner)."""
+"""`veilcam run`, `veilcam replay`, `veilcam check-config` (the camera daemon's commands)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import sys
+from pathlib import Path
 from typing import Any
+
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = "/etc/veilcam/veilcam.yaml"
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add this area's subcommands to the `veilcam` parser."""
+    p = sub.add_parser("run", help="run the camera daemon (all cameras of a config)")
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("replay", help="replay a clip through the pipeline and print a summary")
+    p.add_argument("clip", help="video file (avi, mp4, …)")
+    p.add_argument("--config", "-c", help="YAML config (default: throw-away key, shipped model, defaults)")
+    p.add_argument("--camera", help="which camera of the config provides the settings (default: first)")
+    p.add_argument("--plot", metavar="PNG", help="write a timeline of alert labels/scores")
+    p.add_argument("--max-frames", type=int, help="stop after this many frames")
+    p.add_argument("--fps", type=float, help="target fps (surplus frames dropped by timestamp)")
+    p.add_argument("--crop", type=int, nargs=4, metavar=("X", "Y", "W", "H"), help="region of interest")
+    p.add_argument("--pose-backend", help="pose backend (default from config or opencv-openpose)")
+    p.add_argument("--window-frames", type=int, help="window length T in frames")
+    p.add_argument("--stride-frames", type=int, help="window stride in frames")
+    p.add_argument("--state-dir", type=Path, help="where window counters live (default: config or temp dir)")
+    p.add_argument("--consumer-key", type=Path, help="consumer key file used to open alerts for the summary")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("check-config", help="validate a config file and the files it names")
+    p.add_argument(
+        "config", nargs="?", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})"
+    )
+    p.set_defaults(func=cmd_check_config)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from config.schema import load_config
+    from pipeline.daemon import Daemon, build_daemon_sink, camera_error
+
+    cfg = load_config(args.config)
+    sink, publisher = build_daemon_sink(cfg)
+    daemon = Daemon(cfg, sink=sink, publisher=publisher)
+    daemon.install_signal_handlers()
+    daemon.start()
+    code = daemon.run_until_done()
+    for cam in daemon.cameras.values():
+        err = camera_error(cam)
+        if err is not None:
+            print(f"veilcam: error: {err}", file=sys.stderr)
+    return code
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from config.schema import load_config
+    from pipeline.replay import format_summary, plot_timeline, replay_config, run_replay
+
+    base = load_config(args.config) if args.config else None
+    overrides = {
+        "max_frames": args.max_frames,
+        "fps": args.fps,
+        "crop": tuple(args.crop) if args.crop else None,
+        "backend": args.pose_backend,
+        "length_frames": args.window_frames,
+        "stride_frames": args.stride_frames,
+    }
+    try:
+        cfg = replay_config(
+            args.clip, base, camera=args.camera, state_dir=args.state_dir, overrides=overrides
+        )
+    except ValueError as e:  # pydantic ValidationError from an override
+        raise ConfigError(f"replay options: {e}") from e
+    consumer = None
+    if args.consumer_key:
+        from enclave_bridge.keys import PartyKey
+
+        consumer = PartyKey.load(args.consumer_key)
+    report = run_replay(args.clip, cfg, progress=not args.no_progress, consumer_key=consumer)
+    if args.json:
+        print(json.dumps(_report_json(report), indent=2, sort_keys=True))
+    else:
+        print(format_summary(report))
+    if args.plot:
+        out = plot_timeline(report, args.plot)
+        print(f"timeline written to {out}", file=sys.stderr)
+    if report.error:
+        print(f"veilcam: error: {report.error}", file=sys.stderr)
+    return report.exit_code
+
+
+def _report_json(r: Any) -> dict[str, Any]:
+    return {
+        "clip": r.clip,
+        "device": r.device,
+        "frames": r.frames,
+        "windows": r.windows,
+        "windows_rejected": r.windows_rejected,
+        "alert_envelopes": r.alert_envelopes,
+        "alerts": r.alerts,
+        "wall_s": r.wall_s,
+        "window": {
+            "length_frames": r.window_length_frames,
+            "stride_frames": r.window_stride_frames,
+            "fps": r.fps,
+        },
+        "stages": {
+            n: {
+                "count": s.count,
+                "p50_s": s.latency_p50_s,
+                "p95_s": s.latency_p95_s,
+                "max_s": s.latency_max_s,
+                "mean_s": (s.latency_sum_s / s.count) if s.count else None,
+            }
+            for n, s in r.stages.items()
+        },
+        "counters": r.counters,
+        "error": r.error,
+    }
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from config.schema import check_files, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"{args.config}: invalid\n{e}", file=sys.stderr)
+        return 1
+    problems = check_files(cfg)
+    if problems:
+        print(f"{args.config}: valid YAML, but:", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+    cams = ", ".join(
+        f"{name} ({'live' if c.is_live else 'replay'} {c.source_kind})" for name, c in cfg.cameras.items()
+    )
+    print(f"{args.config}: ok — {len(cfg.cameras)} camera(s): {cams}")
+    return 0
+
+
+__all__ = ["register"]

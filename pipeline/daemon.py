@@ -783,6 +783,21 @@ class Daemon:
         return 1 if failed or truncated else 0
 
 
+def build_daemon_sink(cfg: VeilcamConfig) -> tuple[AlertSink, Any]:
+    """The durable outbox (`<state_dir>/outbox.sqlite`) and, with a broker configured, its MQTT
+    publisher. Alerts are written to the outbox before anything tries to publish them."""
+    from pipeline.outbox import Outbox
+
+    ensure_state_dir(cfg.state_dir)
+    outbox = Outbox(cfg.state_dir / "outbox.sqlite")
+    publisher = None
+    if cfg.broker is not None:
+        from stages.alerts import AlertPublisher
+
+        publisher = AlertPublisher(cfg.broker, outbox, devices=[cfg.device_of(n) for n in cfg.cameras])
+    return outbox, publisher
+
+
 def camera_error(cam: CameraPipeline) -> VeilcamError | None:
     """The error that ended a camera, as a typed error with a plain message (or None)."""
     if cam.failure is not None:
@@ -815,6 +830,7 @@ __all__ = [
     "Supervisor",
     "TeeSink",
     "WindowParams",
+    "build_daemon_sink",
     "build_link",
     "camera_error",
     "window_params",

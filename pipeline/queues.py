@@ -11,8 +11,9 @@ when the producer is faster than the consumer:
   so runs are deterministic.
 
 An `EndOfStream` is never dropped or coalesced. Under `drop_oldest`/`latest_wins` it always gets
-in, evicting a data item if needed (counted), so consumers learn about the end even when the queue
-is full; under `block` it waits for space like any item (a replay loses nothing at its end).
+in at once, even into a full queue (which then holds capacity + 1 items, never more, since nothing
+follows the marker), so consumers learn about the end without losing the newest item; under
+`block` it waits for space like any item.
 """
 
 from __future__ import annotations
@@ -101,9 +102,7 @@ class BoundedQueue(Generic[T]):
                 raise QueueClosed(f"queue {self.name} is closed")
             evicted = False
             if isinstance(item, EndOfStream) and self.policy != "block":
-                if len(self._items) >= self.capacity:
-                    self._evict_oldest_data()
-                    evicted = True
+                pass  # the marker may exceed capacity by one: it must not cost the newest item
             elif len(self._items) >= self.capacity:
                 if self.policy == "drop_oldest":
                     self._evict_oldest_data()

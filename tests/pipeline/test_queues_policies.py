@@ -58,9 +58,9 @@ def test_end_of_stream_gets_in_when_full_under_dropping_policies() -> None:
         q.put(1)
         q.put(2)
         marker = eos()
-        q.put(marker)  # never blocks, never dropped
-        assert drain(q) == [2, marker]
-        assert q.stats().dropped == 1
+        assert q.put(marker) is True  # never blocks, never dropped, evicts nothing
+        assert drain(q) == [1, 2, marker]
+        assert q.stats().dropped == 0 and q.stats().max_depth == 3
 
 
 def test_end_of_stream_waits_under_block_and_drops_nothing() -> None:
