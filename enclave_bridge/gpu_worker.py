@@ -1,0 +1,266 @@
+"""The untrusted GPU worker: exact ring GEMMs on masked operands, over a socket or in-process.
+
+The worker only ever sees elements of F_p: the (masked or plain-quantised) weights once per model
+load and masked inputs x̄ per stage. It computes ȳ = x̄·W mod p exactly (float64 limb GEMMs, see
+`ring.exact_linear`) with torch on CUDA when present, else CPU. It is not trusted: every reply
+is checked by the enclave (Freivalds), and `tamper` injects faults to show that.
+
+Wire protocol (msgpack frames from `enclave_bridge.wire`), one request → one reply:
+- `{op: "hello"}` → `{ok, device, modulus, version}`
+- `{op: "load", model_id, ops: [{name, meta: {kind, stride, v, k}, weight: tensor uint32}]}` → `{ok}`
+- `{op: "compute", model_id, input: tensor uint32, names: [..]}` →
+  `{ok, outputs: [tensor uint32], compute_s}`; `{ok: false, error, code}` on failure
+  (`code: "unknown_model"` tells the client to re-upload after a worker restart).
+- `{op: "unload", model_id}`, `{op: "ping"}`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from enclave_bridge.errors import TransportError
+from enclave_bridge.ring import HALF, P, centred, exact_linear
+from enclave_bridge.secure_layers import OpMeta, linear_fn
+from enclave_bridge.wire import listen, pack_tensor, recv_frame, send_frame, unpack_tensor
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+TAMPER_MODES = ("flip", "scale", "replace")
+MAX_MODELS = 8
+
+
+def best_device(requested: str | None = None) -> torch.device:
+    """`cuda` when available (or requested), else `cpu`."""
+    if requested in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(requested)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TransportError("CUDA requested but not available")
+    return dev
+
+
+@dataclass
+class _Op:
+    meta: OpMeta
+    w: torch.Tensor  # float64 centred on the device, (D, C_out)
+    l1: int
+
+
+class WorkerError(Exception):
+    """A request the worker refuses (reported to the client as `{ok: false}`)."""
+
+    def __init__(self, message: str, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class WorkerCore:
+    """State and arithmetic of a worker; shared by the socket server and `LocalWorker`."""
+
+    def __init__(
+        self, device: str | None = None, tamper: str | None = None, tamper_rate: float = 0.0
+    ) -> None:
+        if tamper is not None and tamper not in TAMPER_MODES:
+            raise ValueError(f"tamper must be one of {TAMPER_MODES}")
+        if not 0.0 <= tamper_rate <= 1.0:
+            raise ValueError("tamper_rate must be in [0, 1]")
+        self.device = best_device(device)
+        self.tamper, self.tamper_rate = tamper, tamper_rate
+        self._rand = random.Random()  # fault injection only, not a secret
+        self.models: dict[str, dict[str, _Op]] = {}
+        self.tampered = 0
+        self._lock = threading.Lock()
+
+    # -- requests ---------------------------------------------------------------------------
+    def load(self, model_id: str, ops: list[dict[str, Any]]) -> None:
+        """Keep the ring weights of one model (uploaded once per model load)."""
+        if not isinstance(model_id, str) or not 0 < len(model_id) <= 128:
+            raise WorkerError("bad model_id")
+        table: dict[str, _Op] = {}
+        for d in ops:
+            try:
+                meta = OpMeta.from_wire(d["meta"])
+                w = d["weight"] if isinstance(d["weight"], np.ndarray) else unpack_tensor(d["weight"])
+            except (KeyError, TypeError, ValueError, TransportError) as e:
+                raise WorkerError(f"bad op description: {e}") from e
+            if w.dtype != np.uint32 or w.ndim != 2 or bool((w >= P).any()):
+                raise WorkerError("weights must be (D, C_out) uint32 ring elements")
+            wc = centred(torch.from_numpy(w.astype(np.int64))).to(torch.float64)
+            l1 = int(wc.abs().sum(dim=0).max().item()) if wc.numel() else 0
+            table[str(d["name"])] = _Op(meta, wc.to(self.device), max(l1, 1))
+        with self._lock:
+            if model_id not in self.models and len(self.models) >= MAX_MODELS:
+                self.models.pop(next(iter(self.models)))
+            self.models[model_id] = table
+        log.info("loaded model %s: %d ops on %s", model_id, len(table), self.device)
+
+    def compute(self, model_id: str, x: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        """ȳ = x̄·W mod p for each named op; x̄ uint32 ring elements."""
+        table = self.models.get(model_id)
+        if table is None:
+            raise WorkerError(f"unknown model {model_id!r}", code="unknown_model")
+        if x.dtype != np.uint32 or bool((x >= P).any()):
+            raise WorkerError("input must be uint32 ring elements")
+        xt = torch.from_numpy(x.astype(np.int64)).to(self.device)
+        outs = []
+        for name in names:
+            op = table.get(name)
+            if op is None:
+                raise WorkerError(f"unknown op {name!r}")
+            expect_d = op.w.shape[0]
+            try:
+                y = exact_linear(linear_fn(op.meta, op.w), xt, P - 1, op.l1)
+            except (RuntimeError, ValueError) as e:
+                raise WorkerError(
+                    f"op {name}: input shape {x.shape} does not fit weights ({expect_d}, …)"
+                ) from e
+            outs.append(self._maybe_tamper(y.cpu().numpy().astype(np.uint32)))
+        return outs
+
+    def _maybe_tamper(self, y: np.ndarray) -> np.ndarray:
+        if self.tamper is None or self._rand.random() >= self.tamper_rate or y.size == 0:
+            return y
+        y = y.copy()
+        flat = y.reshape(-1)
+        i = self._rand.randrange(flat.size)
+        if self.tamper == "flip":
+            flat[i] = (int(flat[i]) ^ (1 << self._rand.randrange(31))) % P
+        elif self.tamper == "scale":
+            flat[:] = ((flat.astype(np.uint64) * np.uint64(self._rand.randrange(2, HALF))) % P).astype(
+                np.uint32
+            )
+        else:
+            old = int(flat[i])
+            flat[i] = (old + self._rand.randrange(1, P)) % P
+        self.tampered += 1
+        return y
+
+    def handle(self, msg: Any) -> dict[str, Any]:
+        """Dispatch one decoded request to a reply dict (never raises for bad requests)."""
+        if not isinstance(msg, dict):
+            return {"ok": False, "error": "request must be a map", "code": "bad_request"}
+        op = msg.get("op")
+        try:
+            if op == "hello":
+                return {"ok": True, "device": str(self.device), "modulus": P, "version": PROTOCOL_VERSION}
+            if op == "ping":
+                return {"ok": True}
+            if op == "load":
+                self.load(msg.get("model_id"), msg.get("ops") or [])  # type: ignore[arg-type]
+                return {"ok": True}
+            if op == "unload":
+                with self._lock:
+                    self.models.pop(str(msg.get("model_id")), None)
+                return {"ok": True}
+            if op == "compute":
+                names = msg.get("names")
+                if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                    raise WorkerError("names must be a list of strings")
+                x = unpack_tensor(msg.get("input"))
+                t0 = time.perf_counter()
+                outs = self.compute(str(msg.get("model_id")), x, names)
+                dt = time.perf_counter() - t0
+                return {"ok": True, "outputs": [pack_tensor(o) for o in outs], "compute_s": dt}
+            raise WorkerError(f"unknown op {op!r}")
+        except WorkerError as e:
+            return {"ok": False, "error": str(e), "code": e.code}
+        except TransportError as e:
+            return {"ok": False, "error": str(e), "code": "bad_request"}
+
+
+class LocalWorker:
+    """In-process worker with the client's interface (tests, `worker=None`)."""
+
+    def __init__(
+        self, device: str | None = None, tamper: str | None = None, tamper_rate: float = 0.0
+    ) -> None:
+        self.core = WorkerCore(device, tamper, tamper_rate)
+        self.bytes_sent = self.bytes_received = 0
+        self.address = f"in-process:{self.core.device}"
+
+    def load(self, model_id: str, ops: list[dict[str, Any]]) -> None:
+        self.bytes_sent += sum(int(o["weight"].nbytes) for o in ops)
+        self.core.load(model_id, ops)
+
+    def compute(self, model_id: str, x: np.ndarray, names: list[str]) -> tuple[list[np.ndarray], float]:
+        t0 = time.perf_counter()
+        self.bytes_sent += x.nbytes
+        try:
+            outs = self.core.compute(model_id, x, names)
+        except WorkerError as e:
+            raise TransportError(f"worker refused: {e}") from e
+        self.bytes_received += sum(o.nbytes for o in outs)
+        return outs, time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.core.models.clear()
+
+
+def _serve_conn(core: WorkerCore, conn: socket.socket, peer: str) -> None:
+    conn.settimeout(None)
+    with conn:
+        while True:
+            try:
+                msg = recv_frame(conn)
+            except TransportError as e:
+                log.info("connection %s closed: %s", peer, e)
+                return
+            reply = core.handle(msg)
+            try:
+                send_frame(conn, reply)
+            except TransportError as e:
+                log.info("connection %s lost while replying: %s", peer, e)
+                return
+
+
+def serve(
+    addr: str,
+    core: WorkerCore,
+    ready: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Accept connections on `addr` forever (or until `stop`), one thread per connection."""
+    sock = listen(addr)
+    sock.settimeout(0.5)
+    bound = sock.getsockname()
+    shown = f"{bound[0]}:{bound[1]}" if isinstance(bound, tuple) else f"unix:{bound}"
+    log.info(
+        "gpu worker listening on %s (device %s, tamper %s@%s)",
+        shown,
+        core.device,
+        core.tamper,
+        core.tamper_rate,
+    )
+    if ready is not None:
+        ready(shown)
+    try:
+        while stop is None or not stop.is_set():
+            try:
+                conn, peer = sock.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=_serve_conn, args=(core, conn, str(peer)), daemon=True).start()
+    finally:
+        sock.close()
+
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "TAMPER_MODES",
+    "LocalWorker",
+    "WorkerCore",
+    "WorkerError",
+    "best_device",
+    "serve",
+]

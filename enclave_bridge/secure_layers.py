@@ -1,0 +1,304 @@
+"""The folded ST-GCN's linear ops as ring operations, and the quantised forward pass around them.
+
+Every linear op is one GEMM after a fixed re-indexing of its input ("rows"):
+
+| kind    | input (B, C, T, V) rows             | weight (D, C_out)                 | output         |
+|---------|-------------------------------------|-----------------------------------|----------------|
+| joint   | (B·T, C·V)                          | Σ_k W[k,o,c,v]·A[k,v,w]  (C·V, C_out·V) | (B, C_out, T, V) |
+| agg     | (B·C·T, V)                          | A[k,v,w] as (V, K·V)              | (B, K·C, T, V) |
+| conv1x1 | (B·T'·V, C), T' = T[::stride]       | Wᵀ (C, C_out)                     | (B, C_out, T', V) |
+| tconv   | (B·T'·V, C·9) (9×1 taps, pad 4)     | W (C_out, C·9)ᵀ                   | (B, C_out, T', V) |
+| dense   | (B, D)                              | W (D, C_out)                      | (B, C_out)     |
+
+The graph conv of blocks 1–9 is delegated as two ops — `agg` (aggregate joints with the K
+adjacency partitions) then a `conv1x1` over K·C channels — which is the same linear map as the
+reference's "1×1 conv then aggregate" with the factors in the cheaper order; block 0's per-joint
+graph conv (it absorbed `data_bn`) is one `joint` op (54 × 1152). The same functions serve the
+enclave (exact ring results), the Freivalds check and the worker, so all agree by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from enclave_bridge.quant import BX, QuantWeight, quantise_act, quantise_weight
+from enclave_bridge.stgcn.fold import FoldedSTGCN, fold_batchnorm
+from enclave_bridge.stgcn.model import STGCN, TEMPORAL_KERNEL
+
+KINDS = ("joint", "agg", "conv1x1", "tconv", "dense")
+_PAD = (TEMPORAL_KERNEL - 1) // 2
+
+
+@dataclass(frozen=True, slots=True)
+class OpMeta:
+    """Shape parameters of a linear op (public: the worker gets them too)."""
+
+    kind: str
+    stride: int = 1
+    v: int = 0  # joints (joint/agg)
+    k: int = 0  # adjacency partitions (agg)
+
+    def to_wire(self) -> dict[str, object]:
+        return {"kind": self.kind, "stride": self.stride, "v": self.v, "k": self.k}
+
+    @staticmethod
+    def from_wire(d: dict[str, object]) -> OpMeta:
+        kind = d.get("kind")
+        if kind not in KINDS:
+            raise ValueError(f"unknown op kind {kind!r}")
+        stride, v, k = d.get("stride", 1), d.get("v", 0), d.get("k", 0)
+        if not all(isinstance(a, int) and 0 <= a < 1 << 16 for a in (stride, v, k)) or stride == 0:
+            raise ValueError("bad op parameters")
+        return OpMeta(str(kind), int(stride), int(v), int(k))  # type: ignore[call-overload]
+
+
+def x_rows(meta: OpMeta, x: torch.Tensor) -> torch.Tensor:
+    """Input tensor → GEMM rows (see the module table)."""
+    kind = meta.kind
+    if kind == "dense":
+        return x
+    b, c, t, v = x.shape
+    if kind == "joint":
+        return x.permute(0, 2, 1, 3).reshape(b * t, c * v)
+    if kind == "agg":
+        return x.reshape(b * c * t, v)
+    if kind == "conv1x1":
+        return x[:, :, :: meta.stride].permute(0, 2, 3, 1).reshape(-1, c)
+    if kind == "tconv":
+        xp = F.pad(x, (0, 0, _PAD, _PAD))
+        cols = xp.unfold(2, TEMPORAL_KERNEL, meta.stride)  # (B, C, T', V, 9)
+        return cols.permute(0, 2, 3, 1, 4).reshape(-1, c * TEMPORAL_KERNEL)
+    raise ValueError(f"unknown op kind {kind!r}")
+
+
+def out_shape(meta: OpMeta, in_shape: tuple[int, ...], c_out: int) -> tuple[int, ...]:
+    """Output shape for an input shape and the weight's output width."""
+    if meta.kind == "dense":
+        return (in_shape[0], c_out)
+    b, c, t, v = in_shape
+    if meta.kind == "joint":
+        return (b, c_out // v, t, v)
+    if meta.kind == "agg":
+        return (b, meta.k * c, t, v)
+    t_out = (t - 1) // meta.stride + 1
+    return (b, c_out, t_out, v)
+
+
+def y_from_rows(meta: OpMeta, rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """GEMM result rows → output tensor of `shape`."""
+    kind = meta.kind
+    if kind == "dense":
+        return rows
+    if kind == "joint":
+        b, co, t, v = shape
+        return rows.reshape(b, t, co, v).permute(0, 2, 1, 3).contiguous()
+    if kind == "agg":
+        b, kc, t, v = shape
+        c = kc // meta.k
+        return rows.reshape(b, c, t, meta.k, v).permute(0, 3, 1, 2, 4).reshape(shape)
+    b, co, t, v = shape
+    return rows.reshape(b, t, v, co).permute(0, 3, 1, 2).contiguous()
+
+
+def y_rows(meta: OpMeta, y: torch.Tensor) -> torch.Tensor:
+    """Output tensor → GEMM rows (inverse of `y_from_rows`), used by Freivalds."""
+    kind = meta.kind
+    if kind == "dense":
+        return y
+    if kind == "joint":
+        b, co, t, v = y.shape
+        return y.permute(0, 2, 1, 3).reshape(b * t, co * v)
+    if kind == "agg":
+        b, kc, t, v = y.shape
+        c = kc // meta.k
+        return y.reshape(b, meta.k, c, t, v).permute(0, 2, 3, 1, 4).reshape(b * c * t, meta.k * v)
+    b, co, t, v = y.shape
+    return y.permute(0, 2, 3, 1).reshape(-1, co)
+
+
+def apply_linear(meta: OpMeta, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Float linear map: x (input layout) with GEMM weight w (D, C_out) → output layout."""
+    shape = out_shape(meta, tuple(x.shape), int(w.shape[1]))
+    return y_from_rows(meta, x_rows(meta, x) @ w, shape)
+
+
+def linear_fn(meta: OpMeta, w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Closure for `ring.exact_linear`."""
+    return lambda t: apply_linear(meta, t, w)
+
+
+@dataclass
+class LinearOp:
+    """One delegated linear op: public meta + float weights + their quantisation."""
+
+    name: str
+    meta: OpMeta
+    weight: torch.Tensor  # float64 (D, C_out)
+    q: QuantWeight = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.q = quantise_weight(self.weight)
+
+    @property
+    def c_out(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def macs_per_row(self) -> int:
+        return int(self.weight.shape[0] * self.weight.shape[1])
+
+
+@dataclass
+class QBlock:
+    """One st-gcn block as ring ops + the enclave-side constants (biases)."""
+
+    gcn_joint: LinearOp | None  # block 0
+    agg: LinearOp | None  # blocks 1..9
+    gcn: LinearOp | None  # blocks 1..9 (1×1 conv over K·C channels)
+    tcn: LinearOp
+    res: LinearOp | None  # residual == "conv"
+    residual: str
+    stride: int
+    gcn_bias: torch.Tensor  # (C_out, V)
+    tcn_bias: torch.Tensor  # (C_out,)
+    res_bias: torch.Tensor | None
+
+
+class QuantModel:
+    """The folded ST-GCN re-expressed as ring ops (weights quantised with the proven bound)."""
+
+    def __init__(self, model: STGCN | FoldedSTGCN) -> None:
+        folded = fold_batchnorm(model.eval()) if isinstance(model, STGCN) else model
+        self.folded = folded.double()
+        self.num_class = folded.num_class
+        self.blocks: list[QBlock] = []
+        for i, b in enumerate(folded.blocks):
+            k, c_out = int(b.gcn_weight.shape[0]), b.out_channels
+            v = int(b.A.shape[1])
+            gj = agg = gcn = None
+            if b.gcn_per_joint:
+                m = torch.einsum("kocv,kvw->cvow", b.gcn_weight, b.A).reshape(-1, c_out * v)
+                gj = LinearOp(f"b{i}.gcn", OpMeta("joint", 1, v, k), m)
+            else:
+                a_mat = b.A.permute(1, 0, 2).reshape(v, k * v)
+                agg = LinearOp(f"b{i}.agg", OpMeta("agg", 1, v, k), a_mat)
+                w = b.gcn_weight.permute(1, 0, 2).reshape(c_out, -1)  # (o, k·C + c)
+                gcn = LinearOp(f"b{i}.gcn", OpMeta("conv1x1", 1), w.T.contiguous())
+            tw = b.tcn_weight.reshape(c_out, -1).T.contiguous()
+            tcn = LinearOp(f"b{i}.tcn", OpMeta("tconv", b.stride), tw)
+            res = None
+            if b.residual == "conv":
+                assert b.res_weight is not None
+                res = LinearOp(f"b{i}.res", OpMeta("conv1x1", b.stride), b.res_weight.T.contiguous())
+            self.blocks.append(
+                QBlock(gj, agg, gcn, tcn, res, b.residual, b.stride, b.gcn_bias, b.tcn_bias, b.res_bias)
+            )
+        self.fc = LinearOp("fc", OpMeta("dense"), folded.fcn_weight.T.contiguous())
+        self.fc_bias = folded.fcn_bias
+        self.ops: dict[str, LinearOp] = {}
+        for blk in self.blocks:
+            for op in (blk.gcn_joint, blk.agg, blk.gcn, blk.tcn, blk.res):
+                if op is not None:
+                    self.ops[op.name] = op
+        self.ops[self.fc.name] = self.fc
+
+    def stage_plan(self, n: int, t: int, m: int) -> list[tuple[tuple[int, ...], tuple[str, ...]]]:
+        """(input shape, op names) of every ring stage of one window, in forward order."""
+        plan: list[tuple[tuple[int, ...], tuple[str, ...]]] = []
+        b_ = n * m
+        c = int(self.folded.blocks[0].in_channels)
+        v = self.folded.num_joints
+        for blk in self.blocks:
+            if blk.gcn_joint is not None:
+                plan.append(((b_, c, t, v), (blk.gcn_joint.name,)))
+            else:
+                assert blk.agg is not None and blk.gcn is not None
+                plan.append(((b_, c, t, v), (blk.agg.name,) + ((blk.res.name,) if blk.res else ())))
+                plan.append(((b_, blk.agg.meta.k * c, t, v), (blk.gcn.name,)))
+            c = blk.tcn.c_out
+            plan.append(((b_, c, t, v), (blk.tcn.name,)))
+            t = (t - 1) // blk.stride + 1
+        plan.append(((n, c), (self.fc.name,)))
+        return plan
+
+    def macs(self, n: int, t: int, m: int) -> int:
+        """Multiply-accumulates of all ring ops for one window."""
+        total = 0
+        for shape, names in self.stage_plan(n, t, m):
+            for name in names:
+                op = self.ops[name]
+                rows = x_rows(op.meta, torch.empty(shape, dtype=torch.float32, device="meta")).shape[0]
+                total += int(rows) * op.macs_per_row
+        return total
+
+
+class RingBackend(Protocol):
+    """Computes exact integer results of a stage: y = x̂·Ŵ for each op (centred int64)."""
+
+    def run(self, xq: torch.Tensor, ops: list[LinearOp]) -> list[torch.Tensor]: ...
+
+
+def _deq(y: torch.Tensor, e_x: int, op: LinearOp) -> torch.Tensor:
+    return y.to(torch.float64) * 2.0 ** (-(e_x + op.q.exp))
+
+
+def quantised_forward(qm: QuantModel, x: np.ndarray, backend: RingBackend) -> np.ndarray:
+    """Forward pass: linear ops through `backend`, ReLU/add/bias/pooling here. (N,3,T,V,M) → (N, classes)."""
+    if x.ndim != 5:
+        raise ValueError(f"expected (N, C, T, V, M), got shape {x.shape}")
+    n, m = x.shape[0], x.shape[4]
+    h = FoldedSTGCN.to_blocks_input(torch.from_numpy(np.ascontiguousarray(x)).to(torch.float64))
+    for blk in qm.blocks:
+        xq, e_x = quantise_act(h)
+        res_out = None
+        if blk.gcn_joint is not None:
+            (g,) = backend.run(xq, [blk.gcn_joint])
+            g_real = _deq(g, e_x, blk.gcn_joint)
+        else:
+            assert blk.agg is not None and blk.gcn is not None
+            outs = backend.run(xq, [blk.agg] + ([blk.res] if blk.res is not None else []))
+            z = _deq(outs[0], e_x, blk.agg)
+            if blk.res is not None:
+                res_out = _deq(outs[1], e_x, blk.res)
+            zq, e_z = quantise_act(z)
+            (g,) = backend.run(zq, [blk.gcn])
+            g_real = _deq(g, e_z, blk.gcn)
+        hh = torch.relu_(g_real + blk.gcn_bias[None, :, None, :])
+        hq, e_h = quantise_act(hh)
+        (tc,) = backend.run(hq, [blk.tcn])
+        out = _deq(tc, e_h, blk.tcn) + blk.tcn_bias[None, :, None, None]
+        if blk.residual == "identity":
+            out += h
+        elif blk.residual == "conv":
+            assert res_out is not None and blk.res_bias is not None
+            out += res_out + blk.res_bias[None, :, None, None]
+        h = torch.relu_(out)
+    pooled = h.mean(dim=(2, 3)).view(n, m, -1).mean(dim=1)
+    pq, e_p = quantise_act(pooled)
+    (lg,) = backend.run(pq, [qm.fc])
+    logits = _deq(lg, e_p, qm.fc) + qm.fc_bias
+    return logits.numpy()
+
+
+__all__ = [
+    "BX",
+    "KINDS",
+    "LinearOp",
+    "OpMeta",
+    "QBlock",
+    "QuantModel",
+    "RingBackend",
+    "apply_linear",
+    "linear_fn",
+    "out_shape",
+    "quantised_forward",
+    "x_rows",
+    "y_from_rows",
+    "y_rows",
+]

@@ -1,0 +1,151 @@
+"""Enclave-side client of a `veilcam gpu-worker` process.
+
+Reconnects lazily: after a transport failure the current request raises `TransportError` (the
+evaluator then finishes that window on the enclave path); the next request reconnects and, if
+the worker restarted and lost its state, re-uploads the model weights it was given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import time
+from typing import Any
+
+import numpy as np
+
+from enclave_bridge.errors import TransportError
+from enclave_bridge.ring import P
+from enclave_bridge.wire import connect, pack_tensor, recv_frame, send_frame, unpack_tensor
+
+log = logging.getLogger(__name__)
+
+
+class WorkerClient:
+    """Talks to one worker at `addr` (`host:port` or `unix:/path`)."""
+
+    def __init__(self, addr: str, timeout_s: float = 120.0) -> None:
+        self.address = addr
+        self.timeout_s = timeout_s
+        self._sock: socket.socket | None = None
+        self._models: dict[str, list[dict[str, Any]]] = {}
+        self.bytes_sent = self.bytes_received = 0
+        self.reconnects = 0
+        self.device: str | None = None
+
+    # -- connection --------------------------------------------------------------------------
+    def _connection(self) -> socket.socket:
+        if self._sock is not None:
+            return self._sock
+        sock = connect(self.address, self.timeout_s)
+        self._sock = sock
+        try:
+            hello = self._call_raw({"op": "hello"})
+            if hello.get("modulus") != P:
+                raise TransportError(f"worker uses modulus {hello.get('modulus')}, expected {P}")
+            self.device = str(hello.get("device"))
+            for model_id, ops in self._models.items():
+                self._load_raw(model_id, ops)
+        except TransportError:
+            self._drop()
+            raise
+        self.reconnects += 1
+        log.info("connected to gpu worker %s (device %s)", self.address, self.device)
+        return sock
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+        self._sock = None
+
+    def _call_raw(self, msg: dict[str, Any]) -> dict[str, Any]:
+        sock = self._sock
+        if sock is None:
+            raise TransportError("not connected")
+        try:
+            self.bytes_sent += send_frame(sock, msg)
+            reply = recv_frame(sock)
+        except TransportError:
+            self._drop()
+            raise
+        if not isinstance(reply, dict):
+            self._drop()
+            raise TransportError("worker sent a malformed reply")
+        self.bytes_received += _reply_bytes(reply)
+        return reply
+
+    def _load_raw(self, model_id: str, ops: list[dict[str, Any]]) -> None:
+        wire_ops = [{"name": o["name"], "meta": o["meta"], "weight": pack_tensor(o["weight"])} for o in ops]
+        reply = self._call_raw({"op": "load", "model_id": model_id, "ops": wire_ops})
+        if not reply.get("ok"):
+            raise TransportError(f"worker refused the model: {reply.get('error')}")
+
+    # -- API (same as LocalWorker) -----------------------------------------------------------
+    def load(self, model_id: str, ops: list[dict[str, Any]]) -> None:
+        """Upload ring weights once; remembered for re-upload after a worker restart."""
+        self._models[model_id] = ops
+        if self._sock is not None:
+            try:
+                self._load_raw(model_id, ops)
+            except TransportError:
+                log.warning("model upload to %s failed; will retry on the next request", self.address)
+        else:
+            try:
+                self._connection()
+            except TransportError as e:
+                log.warning("gpu worker %s not reachable yet: %s", self.address, e)
+
+    def compute(self, model_id: str, x: np.ndarray, names: list[str]) -> tuple[list[np.ndarray], float]:
+        """Masked ring elements in, ring results out (+ the worker's own compute seconds)."""
+        self._connection()
+        msg = {"op": "compute", "model_id": model_id, "input": pack_tensor(x), "names": names}
+        reply = self._call_raw(msg)
+        if not reply.get("ok") and reply.get("code") == "unknown_model" and model_id in self._models:
+            self._load_raw(model_id, self._models[model_id])
+            reply = self._call_raw(msg)
+        if not reply.get("ok"):
+            raise TransportError(f"worker error: {reply.get('error')}")
+        outs = reply.get("outputs")
+        if not isinstance(outs, list) or len(outs) != len(names):
+            raise TransportError("worker reply has the wrong number of outputs")
+        compute_s = reply.get("compute_s", 0.0)
+        return [unpack_tensor(o) for o in outs], float(compute_s) if isinstance(compute_s, float) else 0.0
+
+    def unload(self, model_id: str) -> None:
+        self._models.pop(model_id, None)
+        if self._sock is not None:
+            with contextlib.suppress(TransportError):
+                self._call_raw({"op": "unload", "model_id": model_id})
+
+    def close(self) -> None:
+        self._drop()
+
+
+def _reply_bytes(reply: dict[str, Any]) -> int:
+    """Approximate frame size of a reply (exact tensor bytes + a small header allowance)."""
+    outs = reply.get("outputs")
+    if not isinstance(outs, list):
+        return 64
+    return sum(len(o["data"]) for o in outs if isinstance(o, dict) and isinstance(o.get("data"), bytes)) + 64
+
+
+def wait_for_worker(addr: str, timeout_s: float = 30.0) -> None:
+    """Block until a worker answers `hello` on `addr` (process start-up in tests/benchmarks)."""
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            sock = connect(addr, 5.0)
+            with sock:
+                send_frame(sock, {"op": "hello"})
+                if recv_frame(sock).get("ok"):
+                    return
+        except (TransportError, AttributeError) as e:
+            last = e
+        time.sleep(0.1)
+    raise TransportError(f"gpu worker at {addr} did not come up: {last}")
+
+
+__all__ = ["WorkerClient", "wait_for_worker"]
