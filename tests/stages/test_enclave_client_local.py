@@ -115,9 +115,10 @@ def test_load_model_dir(tmp_path: Path, model: STGCN) -> None:
     torch.save(model.state_dict(), tmp_path / "model.pt")
     (tmp_path / "labels.txt").write_text("\n".join(LABELS) + "\n")
     m, labels, meta = load_model_dir(tmp_path)
+    assert isinstance(m, STGCN) and not m.training
     assert labels == LABELS and meta == {}
     (tmp_path / "model.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="model.json"):
+    with pytest.raises(ConfigError, match=r"model\.json"):
         load_model_dir(tmp_path)
 
 
