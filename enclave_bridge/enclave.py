@@ -71,6 +71,7 @@ MODEL_KEY_INFO = b"veilcam-model-key"
 DATA_KEYS_INFO = b"veilcam-data-keys"
 DATA_KEYS_SIG_DOMAIN = b"veilcam-data-keys-v1\0"
 EVALUATOR_MODES = ("paper", "slalom", "enclave", "plaintext")
+KEY_REFRESH_S = 60.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,7 +526,10 @@ class EvaluationEnclave:
                 hdr.device, "no_policy", "no valid access policy: refusing to publish", hdr.seq
             )
         keys = self._active_keys()
-        if hdr.kid not in keys and time.monotonic() - self._last_key_fetch > 1.0:
+        since = time.monotonic() - self._last_key_fetch
+        # unknown kid: maybe rotated (at most one fetch per second); otherwise refresh periodically so
+        # a rotation's grace period ends even if the capture host keeps using the old key
+        if (hdr.kid not in keys and since > 1.0) or since > KEY_REFRESH_S:
             try:
                 self.fetch_data_keys()
             except VeilcamError as e:
