@@ -23,7 +23,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(
         seed=args.seed, epochs=args.epochs, train_per_epoch=args.train_per_epoch, val_size=args.val_size,
-        batch_size=args.batch_size, lr=args.lr, T=args.T, fps=args.fps, M=args.M, stride=args.stride,
+        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, T=args.T, fps=args.fps, M=args.M, stride=args.stride,
         threads=args.threads, device=args.device, classes=CLASSES,
     )
     command = "veilcam " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.command_line is None else args.command_line
@@ -78,7 +78,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--val-size", type=int, default=450)
     p.add_argument("--test-size", type=int, default=900, help="held-out windows evaluated at the end (0: skip)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warm-up, then cosine decay)")
     p.add_argument("--T", type=int, default=30, help="window length in frames")
     p.add_argument("--fps", type=float, default=10.0, help="frame rate windows are sampled at")
     p.add_argument("--M", type=int, default=2, help="person slots per window")

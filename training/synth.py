@@ -147,6 +147,7 @@ def _mv(r: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 _DOWN = np.array([0.0, 0.0, -1.0])
+_SUPPORT = [v for v in range(NUM_JOINTS) if v not in (3, 4, 6, 7)]  # joints that carry the body
 
 
 def forward_kinematics(body: Body, m: Motion) -> np.ndarray:
@@ -195,7 +196,9 @@ def forward_kinematics(body: Body, m: Motion) -> np.ndarray:
         w[:, :, :2] += shift[:, None, :]
     w[:, :, 0] += m.x[:, None]
     w[:, :, 1] += m.y[:, None]
-    w[:, :, 2] += (-w[:, :, 2].min(axis=1) + 0.06 + m.lift)[:, None]
+    # the lowest trunk/leg joint rests on the ground; hands cannot go through the floor
+    w[:, :, 2] += (-w[:, _SUPPORT, 2].min(axis=1) + 0.06 + m.lift)[:, None]
+    w[:, :, 2] = np.maximum(w[:, :, 2], 0.03)
     return w
 
 
@@ -332,8 +335,10 @@ def _sitting_down(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
 def _lying_pose(rng: np.random.Generator, m: Motion, s: np.ndarray) -> None:
     """Limb configuration on the ground (blended in with s)."""
     for side in ("r", "l"):
-        m.set(f"hip_flex_{side}", m.a(f"hip_flex_{side}") + rng.uniform(-10, 60) * _DEG * s)
-        m.set(f"knee_{side}", m.a(f"knee_{side}") + rng.uniform(0, 90) * _DEG * s)
+        hip = rng.uniform(-10, 60)
+        m.set(f"hip_flex_{side}", m.a(f"hip_flex_{side}") + hip * _DEG * s)
+        # knees bend only as far as the hips allow the feet to stay on the floor
+        m.set(f"knee_{side}", m.a(f"knee_{side}") + rng.uniform(0, min(90, 1.3 * max(hip, 0) + 15)) * _DEG * s)
         m.set(f"hip_abd_{side}", m.a(f"hip_abd_{side}") + rng.uniform(0, 25) * _DEG * s)
         m.set(f"sho_abd_{side}", m.a(f"sho_abd_{side}") + rng.uniform(0, 100) * _DEG * s)
         m.set(f"sho_flex_{side}", m.a(f"sho_flex_{side}") + rng.uniform(-30, 150) * _DEG * s)

@@ -44,7 +44,8 @@ class TrainConfig:
     train_per_epoch: int = 2700
     val_size: int = 450
     batch_size: int = 32
-    lr: float = 0.05
+    optimizer: str = "adamw"
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 50
     T: int = 30
@@ -58,6 +59,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.epochs < 1 or self.train_per_epoch < 1 or self.batch_size < 1 or self.val_size < 1:
             raise ConfigError("epochs, train_per_epoch, val_size and batch_size must be ≥ 1")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.lr <= 0 or self.stride < 1 or self.T < 4 or self.fps <= 0 or self.M < 1:
             raise ConfigError("lr > 0, stride ≥ 1, T ≥ 4, fps > 0, M ≥ 1 are required")
 
@@ -140,9 +143,13 @@ def train(
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = STGCN(len(cfg.classes), layout="openpose", strategy="spatial").to(device)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
-    )
+    opt: torch.optim.Optimizer
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
+        )
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(cfg.train_per_epoch / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     history: dict[str, Any] = {"epochs": [], "best_val_acc": -1.0, "best_epoch": -1, "train_s": 0.0}
@@ -189,7 +196,7 @@ def train(
             loss.backward()
             opt.step()
             step += 1
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(yb)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", acc=f"{correct / max(1, seen):.3f}")

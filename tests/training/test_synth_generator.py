@@ -1,0 +1,145 @@
+"""The synthetic skeleton generator: determinism, shapes/normalisation, per-class motion statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from enclave_bridge.errors import ConfigError
+from training.synth import (
+    CLASSES,
+    Body,
+    Motion,
+    SynthConfig,
+    forward_kinematics,
+    generate,
+    make_sample,
+    sample_rng,
+)
+from training.synth import _MOTIONS, _fighting_pair  # noqa: PLC2701 - motion internals under test
+
+CFG = SynthConfig(T=30, fps=10.0, M=2)
+
+
+def test_same_seed_same_arrays_and_order_independent() -> None:
+    x1, y1 = generate(18, seed=7, cfg=CFG)
+    x2, y2 = generate(18, seed=7, cfg=CFG)
+    assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    # any slice regenerates on its own (resume / parallel generation rely on it)
+    x3, y3 = generate(4, seed=7, cfg=CFG, start=10)
+    assert np.array_equal(x3, x1[10:14]) and np.array_equal(y3, y1[10:14])
+    x4, _ = generate(18, seed=8, cfg=CFG)
+    assert not np.array_equal(x1, x4)
+    xv, _ = generate(18, seed=7, split="test", cfg=CFG)
+    assert not np.array_equal(x1, xv)
+
+
+def test_shapes_ranges_and_missing_joints_are_zero() -> None:
+    x, y = generate(45, seed=1, cfg=CFG)
+    assert x.shape == (45, 3, 30, 18, 2) and x.dtype == np.float32
+    assert y.dtype == np.int64 and set(y.tolist()) == set(range(len(CLASSES)))
+    score = x[:, 2]
+    present = score > 0
+    assert present.mean() > 0.25  # people are mostly visible
+    assert (score >= 0).all() and (score <= 1).all()
+    assert (x[:, 0][present] >= -0.5).all() and (x[:, 0][present] < 0.5).all()
+    assert (x[:, 1][present] >= -0.5).all() and (x[:, 1][present] < 0.5).all()
+    # a missing joint is an all-zero triple (DESIGN §3)
+    assert (x[:, 0][~present] == 0).all() and (x[:, 1][~present] == 0).all()
+    # noise: some joints are missing in most windows
+    assert (~present[:, :, :, 0]).any(axis=(1, 2)).mean() > 0.5
+
+
+def test_bad_arguments_raise_typed_errors() -> None:
+    with pytest.raises(ConfigError):
+        make_sample("dancing", np.random.default_rng(0), CFG)
+    with pytest.raises(ConfigError):
+        sample_rng(1, "holdout", 0)
+    with pytest.raises(ConfigError):
+        SynthConfig(T=2)
+
+
+def _clean(label: str, seed: int, n: int = 12) -> list[tuple[Body, np.ndarray]]:
+    """World joints (T, 18, 3) of `n` people doing `label`, without camera or detector noise."""
+    t = np.arange(30) / 10.0
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        body = Body.sample(rng)
+        if label == "fighting":
+            a, b = _fighting_pair(rng, t)
+            out.append((body, forward_kinematics(body, a)))
+            out.append((body, forward_kinematics(Body.sample(rng), b)))
+            continue
+        m = Motion(30)
+        _MOTIONS[label](rng, m, t)
+        out.append((body, forward_kinematics(body, m)))
+    return out
+
+
+def _hip_z(w: np.ndarray) -> np.ndarray:
+    return w[:, (8, 11), 2].mean(1)
+
+
+def _ground_speed(w: np.ndarray) -> float:
+    hip = w[:, (8, 11), :2].mean(1)
+    return float(np.linalg.norm(hip[-1] - hip[0]) / 2.9)
+
+
+def test_each_class_has_its_motion_signature() -> None:
+    # standing: hips stay at standing height, little displacement
+    for body, w in _clean("standing", 1):
+        assert _hip_z(w).min() > 0.4 * body.height
+        assert _ground_speed(w) < 0.4
+    # walking vs running: ground speed
+    walk = [_ground_speed(w) for _, w in _clean("walking", 2)]
+    run = [_ground_speed(w) for _, w in _clean("running", 3)]
+    assert 0.4 < np.median(walk) < 2.0 and np.median(run) > 2.2 and min(run) > max(walk) * 0.9
+    # falling: the hips drop from standing height to near the ground
+    for body, w in _clean("falling", 4):
+        hz = _hip_z(w)
+        assert hz[0] > 0.4 * body.height and hz[-1] < 0.3 * body.height
+    # lying: low the whole time, head near hip height
+    for body, w in _clean("lying", 5):
+        assert _hip_z(w).max() < 0.35 * body.height
+        assert np.median(np.abs(w[:, 0, 2] - _hip_z(w))) < 0.45 * body.height
+    # sitting down: hips drop but the trunk ends upright (neck well above hips), unlike a fall
+    for body, w in _clean("sitting_down", 6):
+        hz = _hip_z(w)
+        assert hz[0] > 0.45 * body.height and hz[-1] < hz[0] - 0.1 * body.height
+        assert w[-1, 1, 2] - hz[-1] > 0.2 * body.height
+    # sitting: hips low-ish and steady, trunk upright
+    for body, w in _clean("sitting", 7):
+        hz = _hip_z(w)
+        assert np.ptp(hz) < 0.15 * body.height and hz.max() < 0.42 * body.height
+        assert (w[:, 1, 2] - hz).min() > 0.2 * body.height
+    # waving: a wrist above its shoulder for most of the window, moving back and forth
+    for _, w in _clean("waving", 8):
+        above = np.maximum(w[:, 4, 2] - w[:, 2, 2], w[:, 7, 2] - w[:, 5, 2])
+        assert (above > 0).mean() > 0.4
+    # fighting: two people within reach; fast wrists
+    pairs = _clean("fighting", 9, n=6)
+    for (_, a), (_, b) in zip(pairs[::2], pairs[1::2], strict=True):
+        d = np.linalg.norm(a[:, 1, :2] - b[:, 1, :2], axis=1)
+        assert np.median(d) < 1.6
+    wrist_speed = [np.abs(np.diff(w[:, (4, 7)], axis=0)).max() for _, w in pairs]
+    stand_speed = [np.abs(np.diff(w[:, (4, 7)], axis=0)).max() for _, w in _clean("standing", 1)]
+    assert np.median(wrist_speed) > 2 * np.median(stand_speed)
+
+
+def test_projected_fall_flattens_the_skeleton() -> None:
+    """In image space (with camera + noise) a fall makes the skeleton wider than tall at the end."""
+    fall_idx = CLASSES.index("falling")
+    stand_idx = CLASSES.index("standing")
+    ratios: dict[int, list[float]] = {fall_idx: [], stand_idx: []}
+    for k, cls in enumerate((fall_idx, stand_idx)):
+        for i in range(20):
+            x = make_sample(CLASSES[cls], sample_rng(11, "test", 100 * k + i), CFG)
+            person = int(np.argmax((x[2] > 0).sum(axis=(0, 1))))
+            def aspect(frames: slice) -> float:
+                xs, ys, sc = x[0, frames, :, person], x[1, frames, :, person], x[2, frames, :, person]
+                vals = [np.ptp(ys[f][sc[f] > 0]) / max(1e-3, np.ptp(xs[f][sc[f] > 0]))
+                        for f in range(xs.shape[0]) if (sc[f] > 0).sum() >= 4]
+                return float(np.median(vals)) if vals else np.nan
+            ratios[cls].append(aspect(slice(-4, None)) / aspect(slice(0, 4)))
+    assert np.nanmedian(ratios[fall_idx]) < 0.75 * np.nanmedian(ratios[stand_idx])

@@ -1,0 +1,116 @@
+"""Training: the loss decreases on generator data, checkpoints resume exactly, packages load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from enclave_bridge.errors import CheckpointError, ConfigError
+from enclave_bridge.stgcn import STGCN
+from training.dataset import SplitSpec, batches, epoch_spec, make_arrays
+from training.evaluate import confusion, evaluate_package, load_package, per_class
+from training.synth import CLASSES, SynthConfig
+from training.train import CHECKPOINT, TrainConfig, lr_at, train
+
+TINY = {"T": 12, "train_per_epoch": 18, "val_size": 9, "batch_size": 9, "threads": 1, "device": "cpu",
+        "warmup_steps": 1}
+
+
+def test_loss_decreases_on_generated_windows() -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    x, y = make_arrays(SplitSpec(3, "train", 18), SynthConfig(T=12))
+    model = STGCN(len(CLASSES))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    xb, yb = torch.from_numpy(x), torch.from_numpy(y)
+    losses = []
+    for _ in range(12):
+        loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_epochs_draw_fresh_disjoint_samples() -> None:
+    a = epoch_spec(1, 0, 18)
+    b = epoch_spec(1, 1, 18)
+    assert (a.start, b.start) == (0, 18)
+    xa, _ = make_arrays(a, SynthConfig(T=8))
+    xb, _ = make_arrays(b, SynthConfig(T=8))
+    assert not np.array_equal(xa, xb)
+    bl = batches(xa, np.arange(18), 8, np.random.default_rng(0))
+    assert [len(t[1]) for t in bl] == [8, 8, 2]
+    assert sorted(torch.cat([t[1] for t in bl]).tolist()) == list(range(18))
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    cfg = TrainConfig(lr=1.0, warmup_steps=10)
+    assert lr_at(0, 100, cfg) == pytest.approx(0.1)
+    assert lr_at(9, 100, cfg) == pytest.approx(1.0)
+    assert lr_at(99, 100, cfg) < 0.05
+    with pytest.raises(ConfigError):
+        TrainConfig(optimizer="lbfgs").validate()
+
+
+def test_resume_continues_exactly_and_package_loads(tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    train(TrainConfig(epochs=2, **TINY), straight, progress=False, command="test")
+    split = tmp_path / "split"
+    train(TrainConfig(epochs=1, **TINY), split, progress=False, command="test")
+    hist = train(TrainConfig(epochs=2, **TINY), split, resume=True, progress=False, command="test")
+    assert [e["epoch"] for e in hist["epochs"]] == [0, 1]
+    a = torch.load(straight / CHECKPOINT, weights_only=False)["model"]
+    b = torch.load(split / CHECKPOINT, weights_only=False)["model"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+    # the package (best epoch so far) is a reference-format state_dict + labels + window parameters
+    model, labels, meta = load_package(split)
+    assert labels == list(CLASSES) and meta["T"] == 12 and meta["stride"] >= 1 and meta["fps"] == 10.0
+    assert meta["command"] == "test" and meta["seed"] == 1
+    assert model(torch.zeros(1, 3, 12, 18, 2)).shape == (1, len(CLASSES))
+    # resuming with another data/optimiser configuration is refused, as is a missing checkpoint
+    with pytest.raises(CheckpointError):
+        train(TrainConfig(epochs=3, **{**TINY, "T": 16}), split, resume=True, progress=False)
+    with pytest.raises(CheckpointError):
+        train(TrainConfig(epochs=1, **TINY), tmp_path / "none", resume=True, progress=False)
+
+
+def test_evaluate_writes_report_and_updates_model_json(tmp_path: Path) -> None:
+    train(TrainConfig(epochs=1, **TINY), tmp_path / "run", progress=False, command="test")
+    res = evaluate_package(tmp_path / "run", n=18, seed=1, report_dir=tmp_path / "eval",
+                           update_model_json=True, threads=1)
+    assert (tmp_path / "eval" / "confusion.png").stat().st_size > 1000
+    on_disk = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert on_disk["n"] == 18 and set(on_disk["per_class"]) == set(CLASSES)
+    assert np.array(on_disk["confusion"]).sum() == 18
+    assert "| falling |" in (tmp_path / "eval" / "metrics.md").read_text()
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["metrics"]["accuracy"] == pytest.approx(res["accuracy"])
+
+
+def test_confusion_and_per_class_metrics() -> None:
+    cm = confusion(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 0]), 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    pc = per_class(cm, ["a", "b", "c"])
+    assert pc["a"]["precision"] == pytest.approx(0.5) and pc["a"]["recall"] == pytest.approx(0.5)
+    assert pc["b"]["precision"] == pytest.approx(2 / 3) and pc["b"]["recall"] == 1.0
+    assert pc["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+
+
+def test_bad_package_is_a_checkpoint_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError):
+        load_package(tmp_path)
+    (tmp_path / "model.json").write_text("{not json")
+    with pytest.raises(CheckpointError):
+        load_package(tmp_path)
+    (tmp_path / "model.json").write_text(json.dumps({"num_class": 3, "T": 4, "fps": 10, "stride": 2}))
+    (tmp_path / "labels.txt").write_text("a\nb\n")
+    with pytest.raises(CheckpointError, match="num_class"):
+        load_package(tmp_path)
