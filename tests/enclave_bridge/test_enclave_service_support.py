@@ -111,7 +111,7 @@ class Deployment:
         )
 
     def start(
-        self, role: str, code: Path | None = None, extra: list[str] | None = None
+        self, role: str, code: Path | None = None, state: str | None = None, extra: list[str] | None = None
     ) -> subprocess.Popen[bytes]:
         name = "key-enclave" if role == "key" else "enclave"
         addr = self.ke_addr if role == "key" else self.ev_addr
@@ -126,7 +126,7 @@ class Deployment:
             "--listen",
             addr,
             "--state-dir",
-            str(self.root / f"{role}-state"),
+            str(self.root / (state or f"{role}-state")),
             "--config",
             str(self.cfg_path(role)),
             "--platform-key",
