@@ -22,21 +22,50 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from training.train import TrainConfig, train
 
     cfg = TrainConfig(
-        seed=args.seed, epochs=args.epochs, train_per_epoch=args.train_per_epoch, val_size=args.val_size,
-        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, T=args.T, fps=args.fps, M=args.M, stride=args.stride,
-        threads=args.threads, device=args.device, classes=CLASSES,
+        seed=args.seed,
+        epochs=args.epochs,
+        train_per_epoch=args.train_per_epoch,
+        val_size=args.val_size,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        T=args.T,
+        fps=args.fps,
+        M=args.M,
+        stride=args.stride,
+        threads=args.threads,
+        device=args.device,
+        classes=CLASSES,
     )
-    command = "veilcam " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.command_line is None else args.command_line
-    hist = train(cfg, args.out, resume=args.resume, package_dir=args.package, command=command,
-                 progress=not args.no_progress)
+    command = (
+        "veilcam " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        if args.command_line is None
+        else args.command_line
+    )
+    hist = train(
+        cfg,
+        args.out,
+        resume=args.resume,
+        package_dir=args.package,
+        command=command,
+        progress=not args.no_progress,
+    )
     pkg = Path(args.package or args.out)
-    print(f"best val acc {hist['best_val_acc']:.3f} at epoch {hist['best_epoch'] + 1}; "
-          f"{hist['train_s'] / 60:.1f} min; package in {pkg}")
+    print(
+        f"best val acc {hist['best_val_acc']:.3f} at epoch {hist['best_epoch'] + 1}; "
+        f"{hist['train_s'] / 60:.1f} min; package in {pkg}"
+    )
     if args.test_size > 0:
         from training.evaluate import evaluate_package
 
-        res = evaluate_package(pkg, n=args.test_size, seed=args.seed, report_dir=Path(args.out) / "eval",
-                               update_model_json=True, threads=args.threads)
+        res = evaluate_package(
+            pkg,
+            n=args.test_size,
+            seed=args.seed,
+            report_dir=Path(args.out) / "eval",
+            update_model_json=True,
+            threads=args.threads,
+        )
         print(f"held-out accuracy {res['accuracy']:.3f} (n={res['n']}); report in {Path(args.out) / 'eval'}")
     return 0
 
@@ -44,10 +73,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate_package
 
-    res = evaluate_package(args.model, n=args.n, seed=args.seed, report_dir=args.out,
-                           update_model_json=args.update_model_json, threads=args.threads)
+    res = evaluate_package(
+        args.model,
+        n=args.n,
+        seed=args.seed,
+        report_dir=args.out,
+        update_model_json=args.update_model_json,
+        threads=args.threads,
+    )
     print(Path(args.out, "metrics.md").read_text(encoding="utf-8"))
-    print(f"held-out accuracy {res['accuracy']:.3f} (n={res['n']}); confusion matrix {Path(args.out) / 'confusion.png'}")
+    print(
+        f"held-out accuracy {res['accuracy']:.3f} (n={res['n']}); "
+        f"confusion matrix {Path(args.out) / 'confusion.png'}"
+    )
     return 0
 
 
@@ -59,8 +97,10 @@ def _cmd_realcheck(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         for clip in report["clips"]:
-            print(f"{clip['name']}: {clip['frames']} frames, {len(clip['windows'])} windows, "
-                  f"{clip['fall_windows']} falling; pose {clip['pose_s']:.1f} s")
+            print(
+                f"{clip['name']}: {clip['frames']} frames, {len(clip['windows'])} windows, "
+                f"{clip['fall_windows']} falling; pose {clip['pose_s']:.1f} s"
+            )
             for w in clip["windows"]:
                 top = ", ".join(f"{lab} {p:.2f}" for lab, p in w["top"])
                 print(f"  {w['t0']:6.1f}-{w['t1']:5.1f} s  track {w['track']:>3}  {top}")
@@ -76,7 +116,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--train-per-epoch", type=int, default=2700, help="fresh synthetic windows per epoch")
     p.add_argument("--val-size", type=int, default=450)
-    p.add_argument("--test-size", type=int, default=900, help="held-out windows evaluated at the end (0: skip)")
+    p.add_argument(
+        "--test-size", type=int, default=900, help="held-out windows evaluated at the end (0: skip)"
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warm-up, then cosine decay)")
@@ -92,7 +134,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="evaluate a model package on held-out synthetic windows")
-    e.add_argument("--model", default="samples/default_model", help="package dir (model.pt, labels.txt, model.json)")
+    e.add_argument(
+        "--model", default="samples/default_model", help="package dir (model.pt, labels.txt, model.json)"
+    )
     e.add_argument("--n", type=int, default=900)
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--out", default="runs/eval", help="report dir: confusion.png, metrics.json, metrics.md")

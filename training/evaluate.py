@@ -40,7 +40,9 @@ def load_package(path: str | Path) -> tuple[STGCN, list[str], dict[str, Any]]:
     if int(meta["num_class"]) != len(labels):
         raise CheckpointError(f"{meta_path}: num_class {meta['num_class']} but {len(labels)} labels")
     model = STGCN.from_checkpoint(
-        d / "model.pt", num_class=len(labels), layout=meta.get("layout", "openpose"),
+        d / "model.pt",
+        num_class=len(labels),
+        layout=meta.get("layout", "openpose"),
         strategy=meta.get("strategy", "spatial"),
     )
     return model.eval(), labels, meta
@@ -61,8 +63,12 @@ def per_class(cm: np.ndarray, labels: list[str]) -> dict[str, dict[str, float]]:
         pred, true = float(cm[:, i].sum()), float(cm[i].sum())
         p = tp / pred if pred else 0.0
         r = tp / true if true else 0.0
-        out[lab] = {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0,
-                    "support": int(true)}
+        out[lab] = {
+            "precision": p,
+            "recall": r,
+            "f1": 2 * p * r / (p + r) if p + r else 0.0,
+            "support": int(true),
+        }
     return out
 
 
@@ -84,8 +90,15 @@ def plot_confusion(cm: np.ndarray, labels: list[str], path: Path, title: str) ->
     for i in range(len(labels)):
         for j in range(len(labels)):
             if cm[i, j]:
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                        color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+                ax.text(
+                    j,
+                    i,
+                    str(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    color="white" if norm[i, j] > 0.5 else "black",
+                    fontsize=8,
+                )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -128,14 +141,20 @@ def evaluate_package(
     cm = confusion(y, pred, len(labels))
     pc = per_class(cm, labels)
     res: dict[str, Any] = {
-        "n": int(n), "seed": int(seed), "split": "test", "accuracy": float((pred == y).mean()),
-        "macro_f1": float(np.mean([m["f1"] for m in pc.values()])), "per_class": pc,
-        "confusion": cm.tolist(), "labels": labels,
+        "n": int(n),
+        "seed": int(seed),
+        "split": "test",
+        "accuracy": float((pred == y).mean()),
+        "macro_f1": float(np.mean([m["f1"] for m in pc.values()])),
+        "per_class": pc,
+        "confusion": cm.tolist(),
+        "labels": labels,
     }
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plot_confusion(cm, labels, out / "confusion.png",
-                   f"held-out synthetic test (n={n}), accuracy {res['accuracy']:.3f}")
+    plot_confusion(
+        cm, labels, out / "confusion.png", f"held-out synthetic test (n={n}), accuracy {res['accuracy']:.3f}"
+    )
     (out / "metrics.json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
     (out / "metrics.md").write_text(metrics_markdown(res), encoding="utf-8")
     if update_model_json:

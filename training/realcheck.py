@@ -58,7 +58,9 @@ def _centre_and_scale(kp: np.ndarray) -> tuple[np.ndarray, float]:
     return pts.mean(0), max(span, 20.0)
 
 
-def associate(frames: list[np.ndarray], max_missed: int = 5, max_dist: float = 0.8) -> list[dict[int, np.ndarray]]:
+def associate(
+    frames: list[np.ndarray], max_missed: int = 5, max_dist: float = 0.8
+) -> list[dict[int, np.ndarray]]:
     """Greedy nearest-neighbour tracking over frames of (P, 18, 3) skeletons.
 
     Two skeletons match when the mean distance of their jointly visible joints (or of their
@@ -83,7 +85,9 @@ def associate(frames: list[np.ndarray], max_missed: int = 5, max_dist: float = 0
                 d /= max(s1, s2)
                 if d < max_dist * (1 + 0.3 * tr.missed):
                     pairs.append((d, ti, pi))
-        used_t, used_p, current: set[int], set[int], dict[int, np.ndarray] = set(), set(), {}
+        used_t: set[int] = set()
+        used_p: set[int] = set()
+        current: dict[int, np.ndarray] = {}
         for _, ti, pi in sorted(pairs):
             if ti in used_t or pi in used_p:
                 continue
@@ -151,7 +155,8 @@ def extract_skeletons(
     path = Path(path)
     if not path.exists():
         raise StageError(f"clip {path} not found")
-    cache = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "veilcam" / "realcheck"
+    default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "veilcam" / "realcheck"
+    cache = Path(cache_dir) if cache_dir else default_cache
     cfile = cache / f"{path.stem}-{_cache_key(path, crop, fps, backend_name)}.npz"
     if cfile.exists():
         with np.load(cfile) as z:
@@ -200,8 +205,12 @@ def extract_skeletons(
 
 
 def classify_clip(
-    model: Any, labels: list[str], meta: dict[str, Any], path: str | Path,
-    crop: tuple[int, int, int, int] | None = None, cache_dir: str | Path | None = None,
+    model: Any,
+    labels: list[str],
+    meta: dict[str, Any],
+    path: str | Path,
+    crop: tuple[int, int, int, int] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Per-window top-3 labels for one clip."""
     T, stride, fps, M = int(meta["T"]), int(meta["stride"]), float(meta["fps"]), int(meta.get("M", 2))
@@ -214,28 +223,54 @@ def classify_clip(
     windows = []
     for (t0, t1, tids, _), p in zip(wins, prob, strict=True):
         order = np.argsort(-p)[:3]
-        windows.append({
-            "t0": round(t0, 2), "t1": round(t1, 2), "track": tids[0] if tids else -1,
-            "label": labels[int(order[0])], "top": [(labels[int(i)], round(float(p[i]), 3)) for i in order],
-        })
+        windows.append(
+            {
+                "t0": round(t0, 2),
+                "t1": round(t1, 2),
+                "track": tids[0] if tids else -1,
+                "label": labels[int(order[0])],
+                "top": [(labels[int(i)], round(float(p[i]), 3)) for i in order],
+            }
+        )
     fall = sum(1 for wi in windows if wi["label"] == FALL_LABEL)
-    return {"name": Path(path).name, "frames": len(frames), "width": w, "height": h, "pose_s": pose_s,
-            "windows": windows, "fall_windows": fall,
-            "fall_times": [(wi["t0"], wi["t1"]) for wi in windows if wi["label"] == FALL_LABEL]}
+    return {
+        "name": Path(path).name,
+        "frames": len(frames),
+        "width": w,
+        "height": h,
+        "pose_s": pose_s,
+        "windows": windows,
+        "fall_windows": fall,
+        "fall_times": [(wi["t0"], wi["t1"]) for wi in windows if wi["label"] == FALL_LABEL],
+    }
 
 
 def run_realcheck(
-    model_dir: str | Path, clips: list[str] | tuple[str, ...] = (), cache_dir: str | Path | None = None,
+    model_dir: str | Path,
+    clips: list[str] | tuple[str, ...] = (),
+    cache_dir: str | Path | None = None,
     threads: int = 2,
 ) -> dict[str, Any]:
     """Classify each clip (default: the shared fall and pedestrian samples)."""
     torch.set_num_threads(threads)
     model, labels, meta = load_package(model_dir)
     paths = [Path(c) for c in clips] or [SHARED_SAMPLES / c for c in DEFAULT_CLIPS]
-    results = []
-    for p in paths:
-        results.append(classify_clip(model, labels, meta, p, KNOWN_CROPS.get(p.name), cache_dir))
-    return {"model": str(model_dir), "T": meta["T"], "stride": meta["stride"], "fps": meta["fps"], "clips": results}
+    results = [classify_clip(model, labels, meta, p, KNOWN_CROPS.get(p.name), cache_dir) for p in paths]
+    return {
+        "model": str(model_dir),
+        "T": meta["T"],
+        "stride": meta["stride"],
+        "fps": meta["fps"],
+        "clips": results,
+    }
 
 
-__all__ = ["DEFAULT_CLIPS", "KNOWN_CROPS", "associate", "build_windows", "classify_clip", "extract_skeletons", "run_realcheck"]
+__all__ = [
+    "DEFAULT_CLIPS",
+    "KNOWN_CROPS",
+    "associate",
+    "build_windows",
+    "classify_clip",
+    "extract_skeletons",
+    "run_realcheck",
+]

@@ -110,8 +110,13 @@ class Motion:
         self.angles = {}
         for side in ("r", "l"):
             for name, val in (
-                ("hip_flex", 0.0), ("hip_abd", 3.0), ("knee", 3.0),
-                ("sho_flex", 0.0), ("sho_abd", 8.0), ("elb_flex", 12.0), ("elb_abd", 0.0),
+                ("hip_flex", 0.0),
+                ("hip_abd", 3.0),
+                ("knee", 3.0),
+                ("sho_flex", 0.0),
+                ("sho_abd", 8.0),
+                ("elb_flex", 12.0),
+                ("elb_abd", 0.0),
             ):
                 self.angles[f"{name}_{side}"] = np.full(self.n, val * _DEG)
 
@@ -263,7 +268,11 @@ def _gait(rng: np.random.Generator, m: Motion, t: np.ndarray, speed: float, run:
     freq = (0.7 + 0.22 * speed) if not run else rng.uniform(1.25, 1.6)
     w = 2 * math.pi * freq
     ph = rng.uniform(0, 2 * math.pi)
-    hip_amp = (rng.uniform(14, 26) if not run else rng.uniform(35, 50)) * _DEG * (1 if run else min(speed, 1.6) / 1.2)
+    hip_amp = (
+        (rng.uniform(14, 26) if not run else rng.uniform(35, 50))
+        * _DEG
+        * (1 if run else min(speed, 1.6) / 1.2)
+    )
     knee_amp = (rng.uniform(45, 65) if not run else rng.uniform(85, 115)) * _DEG
     arm_amp = (rng.uniform(8, 30) if not run else rng.uniform(30, 55)) * _DEG
     for side, off in (("r", 0.0), ("l", math.pi)):
@@ -272,7 +281,10 @@ def _gait(rng: np.random.Generator, m: Motion, t: np.ndarray, speed: float, run:
         swing = np.clip(np.sin(w * t + ph + off + 1.2), 0, None) ** 1.5
         m.set(f"knee_{side}", 5 * _DEG + knee_amp * swing)
         m.set(f"sho_flex_{side}", -arm_amp * s + (rng.uniform(0, 15) * _DEG if run else 0.0))
-        m.set(f"elb_flex_{side}", (rng.uniform(70, 100) if run else rng.uniform(10, 35)) * _DEG + 0.3 * arm_amp * s)
+        m.set(
+            f"elb_flex_{side}",
+            (rng.uniform(70, 100) if run else rng.uniform(10, 35)) * _DEG + 0.3 * arm_amp * s,
+        )
     m.spine += (rng.uniform(6, 16) if run else rng.uniform(-2, 6)) * _DEG
     m.lift += (rng.uniform(0.03, 0.09) if run else rng.uniform(0.005, 0.02)) * np.abs(np.sin(w * t + ph))
     m.twist += rng.uniform(3, 10) * _DEG * np.sin(w * t + ph)
@@ -338,7 +350,9 @@ def _lying_pose(rng: np.random.Generator, m: Motion, s: np.ndarray) -> None:
         hip = rng.uniform(-10, 60)
         m.set(f"hip_flex_{side}", m.a(f"hip_flex_{side}") + hip * _DEG * s)
         # knees bend only as far as the hips allow the feet to stay on the floor
-        m.set(f"knee_{side}", m.a(f"knee_{side}") + rng.uniform(0, min(90, 1.3 * max(hip, 0) + 15)) * _DEG * s)
+        m.set(
+            f"knee_{side}", m.a(f"knee_{side}") + rng.uniform(0, min(90, 1.3 * max(hip, 0) + 15)) * _DEG * s
+        )
         m.set(f"hip_abd_{side}", m.a(f"hip_abd_{side}") + rng.uniform(0, 25) * _DEG * s)
         m.set(f"sho_abd_{side}", m.a(f"sho_abd_{side}") + rng.uniform(0, 100) * _DEG * s)
         m.set(f"sho_flex_{side}", m.a(f"sho_flex_{side}") + rng.uniform(-30, 150) * _DEG * s)
@@ -382,7 +396,10 @@ def _falling(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
     if collapse:  # knees buckle first, then the body topples
         c = _smooth(u / 0.5)
         for side in ("r", "l"):
-            m.set(f"hip_flex_{side}", m.a(f"hip_flex_{side}") + rng.uniform(30, 80) * _DEG * c * (1 - after * 0.5))
+            m.set(
+                f"hip_flex_{side}",
+                m.a(f"hip_flex_{side}") + rng.uniform(30, 80) * _DEG * c * (1 - after * 0.5),
+            )
             m.set(f"knee_{side}", m.a(f"knee_{side}") + rng.uniform(60, 120) * _DEG * c * (1 - after * 0.5))
         tilt = np.clip((u - 0.3) / 0.7, 0, 1) ** 2
     else:
@@ -415,7 +432,11 @@ def _waving(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
     overhead = rng.random() < 0.4
     for side in sides:
         if overhead:  # big overhead wave: the whole arm sweeps side to side above the head
-            m.set(f"sho_abd_{side}", (1 - up) * m.a(f"sho_abd_{side}") + up * (rng.uniform(125, 160) * _DEG + rng.uniform(15, 30) * _DEG * osc))
+            m.set(
+                f"sho_abd_{side}",
+                (1 - up) * m.a(f"sho_abd_{side}")
+                + up * (rng.uniform(125, 160) * _DEG + rng.uniform(15, 30) * _DEG * osc),
+            )
             m.set(f"elb_flex_{side}", up * rng.uniform(0, 25) * _DEG)
             m.set(f"sho_flex_{side}", up * rng.uniform(0, 30) * _DEG)
         else:  # forearm wave: upper arm out to the side, forearm up and oscillating
@@ -452,8 +473,13 @@ def _fighter(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
             m.twist += (1 if side == "r" else -1) * rng.uniform(25, 45) * _DEG * e
         elif kind == "kick":
             m.set(f"hip_flex_{side}", m.a(f"hip_flex_{side}") + rng.uniform(50, 90) * _DEG * e)
-            knee = m.a(f"knee_{side}") + rng.uniform(40, 80) * _DEG * np.sin(math.pi * np.clip((t - tt) / dur, 0, 1) * 0.5 + 0.5)
-            m.set(f"knee_{side}", np.where((t >= tt) & (t <= tt + dur), knee * (1 - e * 0.8), m.a(f"knee_{side}")))
+            knee = m.a(f"knee_{side}") + rng.uniform(40, 80) * _DEG * np.sin(
+                math.pi * np.clip((t - tt) / dur, 0, 1) * 0.5 + 0.5
+            )
+            m.set(
+                f"knee_{side}",
+                np.where((t >= tt) & (t <= tt + dur), knee * (1 - e * 0.8), m.a(f"knee_{side}")),
+            )
         elif kind == "push":
             for s2 in ("r", "l"):
                 m.set(f"sho_flex_{s2}", m.a(f"sho_flex_{s2}") + (85 * _DEG - m.a(f"sho_flex_{s2}")) * e)
@@ -548,9 +574,7 @@ def sample_camera(rng: np.random.Generator) -> tuple[Camera, np.ndarray, float]:
     return cam, pos, bearing
 
 
-def _corrupt(
-    rng: np.random.Generator, cam: Camera, world: np.ndarray, facing: np.ndarray
-) -> np.ndarray:
+def _corrupt(rng: np.random.Generator, cam: Camera, world: np.ndarray, facing: np.ndarray) -> np.ndarray:
     """OpenPose-like detections of one person: (T, 18, 3) pixel x, y, score; zeros when missed.
 
     `facing` is (T, 3): the head's forward direction, used to hide the face seen from behind.
@@ -698,7 +722,11 @@ def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def generate(
-    n: int, seed: int, split: str = "train", cfg: SynthConfig | None = None, start: int = 0,
+    n: int,
+    seed: int,
+    split: str = "train",
+    cfg: SynthConfig | None = None,
+    start: int = 0,
     classes: tuple[str, ...] = CLASSES,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`n` samples (balanced, class = index mod num_classes) → X (n, 3, T, 18, M), y (n,) int64."""

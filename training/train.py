@@ -98,9 +98,7 @@ def predict(model: STGCN, x: np.ndarray, device: torch.device, batch_size: int =
     return np.concatenate(outs) if outs else np.zeros((0, model.num_class), np.float32)
 
 
-def write_package(
-    out: Path, model: STGCN, cfg: TrainConfig, extra: dict[str, Any]
-) -> None:
+def write_package(out: Path, model: STGCN, cfg: TrainConfig, extra: dict[str, Any]) -> None:
     """`model.pt` + `labels.txt` + `model.json` (window parameters, provenance, metrics)."""
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -182,8 +180,9 @@ def train(
         rng = np.random.default_rng([cfg.seed, 7, epoch])
         bl = batches(x, y, cfg.batch_size, rng)
         losses, correct, seen = [], 0, 0
-        bar = tqdm(bl, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, mininterval=2.0,
-                   file=sys.stderr)
+        bar = tqdm(
+            bl, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, mininterval=2.0, file=sys.stderr
+        )
         for xb, yb in bar:
             if max_steps is not None and step >= max_steps:
                 break
@@ -220,17 +219,37 @@ def train(
         history["train_s"] += rec["seconds"]
         log.info(
             "epoch %d/%d: loss %.4f train acc %.3f val acc %.3f (%.0f s, %.1f samples/s)",
-            epoch + 1, cfg.epochs, rec["loss"], rec["train_acc"], val_acc, rec["seconds"], rec["samples_per_s"],
+            epoch + 1,
+            cfg.epochs,
+            rec["loss"],
+            rec["train_acc"],
+            val_acc,
+            rec["seconds"],
+            rec["samples_per_s"],
         )
         if val_acc > history["best_val_acc"]:
             history["best_val_acc"], history["best_epoch"] = val_acc, epoch
             write_package(
-                pkg, model, cfg,
-                {"command": cmd, "best_epoch": epoch, "val_acc": val_acc, "epochs_done": epoch + 1,
-                 "train_seconds": history["train_s"], "device": str(device)},
+                pkg,
+                model,
+                cfg,
+                {
+                    "command": cmd,
+                    "best_epoch": epoch,
+                    "val_acc": val_acc,
+                    "epochs_done": epoch + 1,
+                    "train_seconds": history["train_s"],
+                    "device": str(device),
+                },
             )
-        ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step,
-              "history": history, "config": asdict(cfg)}
+        ck = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "epoch": epoch,
+            "step": step,
+            "history": history,
+            "config": asdict(cfg),
+        }
         torch.save(ck, out / (CHECKPOINT + ".tmp"))
         (out / (CHECKPOINT + ".tmp")).replace(ck_path)
         if on_epoch is not None:

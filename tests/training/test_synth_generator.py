@@ -7,16 +7,17 @@ import pytest
 
 from enclave_bridge.errors import ConfigError
 from training.synth import (
+    _MOTIONS,
     CLASSES,
     Body,
     Motion,
     SynthConfig,
+    _fighting_pair,
     forward_kinematics,
     generate,
     make_sample,
     sample_rng,
 )
-from training.synth import _MOTIONS, _fighting_pair  # noqa: PLC2701 - motion internals under test
 
 CFG = SynthConfig(T=30, fps=10.0, M=2)
 
@@ -127,6 +128,16 @@ def test_each_class_has_its_motion_signature() -> None:
     assert np.median(wrist_speed) > 2 * np.median(stand_speed)
 
 
+def _aspect(p: np.ndarray) -> float:
+    """Median height/width of one person's skeleton over frames, p (3, t, 18)."""
+    vals = [
+        np.ptp(p[1, f][p[2, f] > 0]) / max(1e-3, np.ptp(p[0, f][p[2, f] > 0]))
+        for f in range(p.shape[1])
+        if (p[2, f] > 0).sum() >= 4
+    ]
+    return float(np.median(vals)) if vals else np.nan
+
+
 def test_projected_fall_flattens_the_skeleton() -> None:
     """In image space (with camera + noise) a fall makes the skeleton wider than tall at the end."""
     fall_idx = CLASSES.index("falling")
@@ -136,10 +147,6 @@ def test_projected_fall_flattens_the_skeleton() -> None:
         for i in range(20):
             x = make_sample(CLASSES[cls], sample_rng(11, "test", 100 * k + i), CFG)
             person = int(np.argmax((x[2] > 0).sum(axis=(0, 1))))
-            def aspect(frames: slice) -> float:
-                xs, ys, sc = x[0, frames, :, person], x[1, frames, :, person], x[2, frames, :, person]
-                vals = [np.ptp(ys[f][sc[f] > 0]) / max(1e-3, np.ptp(xs[f][sc[f] > 0]))
-                        for f in range(xs.shape[0]) if (sc[f] > 0).sum() >= 4]
-                return float(np.median(vals)) if vals else np.nan
-            ratios[cls].append(aspect(slice(-4, None)) / aspect(slice(0, 4)))
+            ratio = _aspect(x[:, -4:, :, person]) / _aspect(x[:, :4, :, person])
+            ratios[cls].append(ratio)
     assert np.nanmedian(ratios[fall_idx]) < 0.75 * np.nanmedian(ratios[stand_idx])

@@ -17,8 +17,15 @@ from training.evaluate import confusion, evaluate_package, load_package, per_cla
 from training.synth import CLASSES, SynthConfig
 from training.train import CHECKPOINT, TrainConfig, lr_at, train
 
-TINY = {"T": 12, "train_per_epoch": 18, "val_size": 9, "batch_size": 9, "threads": 1, "device": "cpu",
-        "warmup_steps": 1}
+TINY = {
+    "T": 12,
+    "train_per_epoch": 18,
+    "val_size": 9,
+    "batch_size": 9,
+    "threads": 1,
+    "device": "cpu",
+    "warmup_steps": 1,
+}
 
 
 def test_loss_decreases_on_generated_windows() -> None:
@@ -84,8 +91,9 @@ def test_resume_continues_exactly_and_package_loads(tmp_path: Path) -> None:
 
 def test_evaluate_writes_report_and_updates_model_json(tmp_path: Path) -> None:
     train(TrainConfig(epochs=1, **TINY), tmp_path / "run", progress=False, command="test")
-    res = evaluate_package(tmp_path / "run", n=18, seed=1, report_dir=tmp_path / "eval",
-                           update_model_json=True, threads=1)
+    res = evaluate_package(
+        tmp_path / "run", n=18, seed=1, report_dir=tmp_path / "eval", update_model_json=True, threads=1
+    )
     assert (tmp_path / "eval" / "confusion.png").stat().st_size > 1000
     on_disk = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert on_disk["n"] == 18 and set(on_disk["per_class"]) == set(CLASSES)
