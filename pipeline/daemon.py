@@ -718,7 +718,11 @@ class Daemon:
             log.debug("enclave stats unavailable: %s", e)
             return
         failures = st.get("freivalds_failures")
-        if isinstance(failures, int):
+        evaluator = st.get("evaluator")
+        if failures is None and isinstance(evaluator, dict):
+            failures = evaluator.get("freivalds_failures")
+        if isinstance(failures, int | float):
+            failures = int(failures)
             for c in self.cameras.values():
                 c.stats.set_counter("freivalds_failures", failures)
 

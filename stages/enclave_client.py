@@ -368,7 +368,7 @@ class EnclaveStage:
     def _log_rejection(self, w: SealedWindow, reason: str) -> None:
         kind = reason.split(":", 1)[0][:60]
         hint = ""
-        if "kid" in reason or "authentication" in reason:
+        if "kid" in reason or reason.startswith("auth"):
             hint = (
                 " — the camera's data key (data_key_path) is not a key the enclave holds; "
                 "provision it with `veilcam provision data-key` or fix data_key_path"
