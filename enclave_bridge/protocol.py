@@ -31,7 +31,7 @@ from enclave_bridge.errors import IntegrityError, TransportError
 from enclave_bridge.masking import MASKED_MODES, MaskingEngine
 from enclave_bridge.pool import PrecomputePool, StageMasks, WindowKey, WindowMasks
 from enclave_bridge.quant import BX
-from enclave_bridge.ring import MaskRNG, P, centred, exact_linear, sub_mod
+from enclave_bridge.ring import MaskRNG, P, centred, centred32, exact_linear, mask32, unmask32
 from enclave_bridge.secure_layers import LinearOp, QuantModel, linear_fn, out_shape, quantised_forward
 from enclave_bridge.stgcn.fold import FoldedSTGCN
 from enclave_bridge.stgcn.model import STGCN
@@ -151,7 +151,7 @@ class _DelegatedBackend:
         if self.degraded:
             return ev.local.run(xq, ops)
         with _Timer(st, "mask"):
-            x_bar = MaskingEngine.mask(xq, r1).numpy().astype(np.uint32)
+            x_bar = mask32(xq.to(torch.int32), r1).numpy().view(np.uint32)
         t0 = time.perf_counter()
         try:
             outs, worker_s = ev.worker.compute(ev.model_id, x_bar, list(names))
@@ -184,19 +184,20 @@ class _DelegatedBackend:
         if y_bar.dtype != np.uint32 or tuple(y_bar.shape) != expect or bool((y_bar >= P).any()):
             raise IntegrityError(f"malformed reply {y_bar.dtype} {y_bar.shape}, expected uint32 {expect}")
         with _Timer(st, "unmask"):
-            y = MaskingEngine.unmask(torch.from_numpy(y_bar.astype(np.int64)), u)
+            y = unmask32(torch.from_numpy(y_bar.view(np.int32)), u)
         if ev.mode == "paper":
             with _Timer(st, "u3"):
-                u3 = ev.engine.u3(op.name, xq)
+                u3 = ev.engine.u3(op.name, xq).to(torch.int32)
             with _Timer(st, "unmask"):
-                y = sub_mod(y, u3)
+                y = unmask32(y, u3)
+        with _Timer(st, "unmask"):
+            y = centred32(y)
         with _Timer(st, "freivalds"):
             st.freivalds_checks += 1
             ok = freivalds.check(op, xq, y, ev.rng, ev.freivalds_reps)
         if not ok:
             raise IntegrityError(f"Freivalds check failed for {op.name}")
-        with _Timer(st, "unmask"):
-            return centred(y)
+        return y
 
 
 class SecureEvaluator:
@@ -266,10 +267,10 @@ class SecureEvaluator:
         log.info("secure evaluator ready: mode %s, %d ring ops, modulus 2^31-1", mode, len(self.qm.ops))
 
     def make_stage(self, shape: tuple[int, ...], names: tuple[str, ...], rng: MaskRNG) -> StageMasks:
-        """Fresh r1 for one stage and u = r1·W_worker for each op (int32 storage, values < p)."""
+        """Fresh r1 for one stage (stored centred, int32) and u = r1·W_worker mod p per op (int32)."""
         r1 = rng.uniform(shape)
         u = {n: self.engine.precompute_u(n, r1).to(torch.int32) for n in names}
-        return StageMasks(tuple(shape), tuple(names), r1.to(torch.int32), u)
+        return StageMasks(tuple(shape), tuple(names), centred(r1).to(torch.int32), u)
 
     def evaluate(self, x: np.ndarray) -> np.ndarray:
         """(N, 3, T, V, M) float32 window → (N, num_class) float64 logits."""

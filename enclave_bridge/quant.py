@@ -73,9 +73,9 @@ def act_exponent(max_abs: float, bx: int = BX) -> int:
 
 
 def quantise_act(x: torch.Tensor, bx: int = BX) -> tuple[torch.Tensor, int]:
-    """Float activation → (int64 x̂, exponent) with |x̂| ≤ bx, never clipping."""
+    """Float activation → (int32 x̂, exponent) with |x̂| ≤ bx, never clipping."""
     e = act_exponent(float(x.abs().max().item()) if x.numel() else 0.0, bx)
-    xq = torch.round(x * 2.0**e).to(torch.int64)
+    xq = torch.round(x * 2.0**e).to(torch.int32)
     return xq, e
 
 

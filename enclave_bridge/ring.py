@@ -90,6 +90,29 @@ def to_ring(x: torch.Tensor) -> torch.Tensor:
     return x + P * (x < 0).to(torch.int64)
 
 
+def mask32(xq: torch.Tensor, r1c: torch.Tensor) -> torch.Tensor:
+    """x̄ = (x̂ + r1) mod p in int32: x̂ small (|x̂| < 2^30), r1 stored centred (|r1c| ≤ HALF).
+
+    x̂ + r1c never overflows int32; one branch-free fix-up (add p where negative) makes it canonical.
+    """
+    v = xq + r1c
+    v += (v >> 31) & P
+    return v
+
+
+def unmask32(y_bar: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(ȳ − u) mod p in int32 for ȳ, u canonical (the difference lies in (−p, p): no overflow)."""
+    v = y_bar - u
+    v += (v >> 31) & P
+    return v
+
+
+def centred32(v: torch.Tensor) -> torch.Tensor:
+    """Canonical int32 → centred representative, in place (subtract p where v > HALF)."""
+    v -= ((HALF - v) >> 31) & P
+    return v
+
+
 def pow2_mod(k: int) -> int:
     """2^k mod p, cheap because p is a Mersenne prime."""
     return 1 << (k % 31)
@@ -153,11 +176,14 @@ __all__ = [
     "P",
     "add_mod",
     "centred",
+    "centred32",
     "exact_linear",
     "limb_bits",
+    "mask32",
     "pow2_mod",
     "reduce",
     "ring_matmul",
     "sub_mod",
     "to_ring",
+    "unmask32",
 ]

@@ -122,10 +122,60 @@ def y_rows(meta: OpMeta, y: torch.Tensor) -> torch.Tensor:
     return y.permute(0, 2, 3, 1).reshape(-1, co)
 
 
+def _tconv(x: torch.Tensor, w: torch.Tensor, stride: int) -> torch.Tensor:
+    """9×1 temporal conv as one GEMM over channels for all taps, then a shifted sum of the taps.
+
+    x (B, C, T, V), w (C·9, C_out) → (B, C_out, T', V). Avoids the 9× im2col copy: the GEMM reads x
+    once; every partial sum is a sub-sum of the full one, so float64 exactness carries over.
+    """
+    b, c, t, v = x.shape
+    c_out = w.shape[1]
+    taps = w.reshape(c, TEMPORAL_KERNEL, c_out).permute(2, 1, 0).reshape(c_out * TEMPORAL_KERNEL, c)
+    q = torch.matmul(taps, x.reshape(b, c, t * v)).view(b, c_out, TEMPORAL_KERNEL, t, v)
+    t_out = (t - 1) // stride + 1
+    out = torch.zeros((b, c_out, t_out, v), dtype=x.dtype, device=x.device)
+    for k in range(TEMPORAL_KERNEL):
+        # output t' reads input t'·stride + k − pad
+        lo = 0
+        while lo * stride + k - _PAD < 0:
+            lo += 1
+        hi = t_out
+        while hi > lo and (hi - 1) * stride + k - _PAD > t - 1:
+            hi -= 1
+        if hi <= lo:
+            continue
+        start = lo * stride + k - _PAD
+        out[:, :, lo:hi, :] += q[:, :, k, start : start + (hi - lo - 1) * stride + 1 : stride, :]
+    return out
+
+
 def apply_linear(meta: OpMeta, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Float linear map: x (input layout) with GEMM weight w (D, C_out) → output layout."""
+    if meta.kind == "tconv":
+        return _tconv(x, w, meta.stride)
+    if meta.kind == "conv1x1":
+        xs = x[:, :, :: meta.stride] if meta.stride > 1 else x
+        b, c, t, v = xs.shape
+        return torch.matmul(w.T, xs.reshape(b, c, t * v)).view(b, -1, t, v)
     shape = out_shape(meta, tuple(x.shape), int(w.shape[1]))
     return y_from_rows(meta, x_rows(meta, x) @ w, shape)
+
+
+def contract_outputs(meta: OpMeta, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Σ over each output row's features of y·s: y (output layout), s (C_out, J) → rows × J.
+
+    Same rows as `y_rows(meta, y) @ s` (up to layout), without copying y.
+    """
+    kind = meta.kind
+    if kind == "dense":
+        return y @ s
+    b, co, t, v = y.shape
+    if kind in ("tconv", "conv1x1"):
+        return torch.matmul(s.T, y.reshape(b, co, t * v))  # (B, J, T·V)
+    if kind == "joint":
+        return torch.einsum("botw,owj->btj", y, s.view(co, v, -1))
+    c = co // meta.k
+    return torch.einsum("bkctw,kwj->bctj", y.view(b, meta.k, c, t, v), s.view(meta.k, v, -1))
 
 
 def linear_fn(meta: OpMeta, w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -295,6 +345,7 @@ __all__ = [
     "QuantModel",
     "RingBackend",
     "apply_linear",
+    "contract_outputs",
     "linear_fn",
     "out_shape",
     "quantised_forward",
