@@ -758,3 +758,32 @@ __all__ = [
     "run_enclave",
     "validate_enclave_config",
 ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m enclave_bridge.enclave --role eval|key ...`: the entry point inside Gramine, where
+    only the measured `enclave_bridge` package is present (no `pipeline`)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m enclave_bridge.enclave")
+    p.add_argument("--role", choices=("eval", "key"), required=True)
+    p.add_argument("--listen", required=True)
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--config", required=True)
+    p.add_argument("--platform-key")
+    p.add_argument("--policy")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.role == "key":
+            from enclave_bridge.keyenclave import run_key_enclave
+
+            return run_key_enclave(args.config, args.state_dir, args.listen, args.platform_key)
+        return run_enclave(args.config, args.state_dir, args.listen, args.platform_key, args.policy)
+    except VeilcamError as e:
+        log.error("%s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

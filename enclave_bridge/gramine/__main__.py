@@ -1,0 +1,5 @@
+import sys
+
+from enclave_bridge.gramine import main
+
+sys.exit(main())
