@@ -107,8 +107,28 @@ def _cmd_realcheck(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    from training.package import import_checkpoint
+
+    meta = import_checkpoint(
+        args.checkpoint,
+        args.labels,
+        args.out,
+        T=args.T,
+        stride=args.stride,
+        fps=args.fps,
+        M=args.M,
+        strategy=args.strategy,
+    )
+    print(
+        f"package {args.out}: {meta['num_class']} classes, layout {meta['layout']}, "
+        f"T={meta['T']} stride={meta['stride']} fps={meta['fps']}"
+    )
+    return 0
+
+
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    """Add `train`, `evaluate` and `realcheck` to the `veilcam` parser."""
+    """Add `train`, `evaluate`, `import-model` and `realcheck` to the `veilcam` parser."""
     p = sub.add_parser("train", help="train the default action model on synthetic skeletons")
     p.add_argument("--out", default="runs/default", help="run directory (checkpoint.pt, eval/)")
     p.add_argument("--package", default=None, help="also write model.pt/labels.txt/model.json here")
@@ -143,6 +163,17 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--update-model-json", action="store_true", help="store the metrics in model.json")
     e.set_defaults(func=_cmd_evaluate)
+
+    i = sub.add_parser("import-model", help="make a model package from a reference ST-GCN checkpoint")
+    i.add_argument("checkpoint", help="e.g. st_gcn.kinetics.pt or st_gcn.ntu-xsub.pt (reference state_dict)")
+    i.add_argument("--labels", required=True, help="label map, one label a line in classifier order")
+    i.add_argument("--out", required=True, help="package directory to write")
+    i.add_argument("--T", type=int, default=300, help="window length in frames (reference demo: 300)")
+    i.add_argument("--stride", type=int, default=30)
+    i.add_argument("--fps", type=float, default=30.0)
+    i.add_argument("--M", type=int, default=2)
+    i.add_argument("--strategy", default="spatial", choices=["uniform", "distance", "spatial"])
+    i.set_defaults(func=_cmd_import)
 
     r = sub.add_parser("realcheck", help="run pose + the model over real clips and print per-window labels")
     r.add_argument("clips", nargs="*", help="video files (default: the fall and pedestrian samples)")
