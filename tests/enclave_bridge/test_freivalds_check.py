@@ -105,7 +105,8 @@ def test_untampered_worker_always_accepted():
     op = _op("conv1x1", 5, 3, 8, stride=1)
 
     class One:
-        ops = {op.name: op}
+        def __init__(self) -> None:
+            self.ops = {op.name: op}
 
     enc_rng = MaskRNG()
     engine = MaskingEngine(One(), "slalom", enc_rng)  # type: ignore[arg-type]
