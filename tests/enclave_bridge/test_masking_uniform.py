@@ -17,6 +17,7 @@ from tests.enclave_bridge.secure_helpers import calibrated_model
 
 # chi-square critical value, 63 degrees of freedom, α = 1e-6 (scipy.stats.chi2.ppf(1 - 1e-6, 63))
 CHI2_63_CRIT = 131.37
+W16 = (1, 16, 1)  # (N, T, M) of the small test windows
 
 
 class RecordingWorker(LocalWorker):
@@ -77,9 +78,7 @@ def test_paper_mode_weights_uniform_slalom_weights_not(model):
 
 def test_same_window_twice_gets_fresh_masks(model):
     worker = RecordingWorker()
-    ev = SecureEvaluator(
-        model, "paper", worker, pool_window=(1, 16, 1), pool_capacity=2, background_pool=False
-    )
+    ev = SecureEvaluator(model, "paper", worker, pool_window=W16, pool_capacity=2, background_pool=False)
     ev.pool.fill()
     x = np.random.default_rng(0).uniform(-0.5, 0.5, (1, 3, 16, 18, 1)).astype(np.float32)
     a = ev.evaluate(x)
@@ -106,9 +105,7 @@ def test_stage_masks_are_single_use():
 
 
 def test_pool_entries_leave_once_and_are_all_distinct(model):
-    ev = SecureEvaluator(
-        model, "slalom", None, pool_window=(1, 16, 1), pool_capacity=3, background_pool=False
-    )
+    ev = SecureEvaluator(model, "slalom", None, pool_window=W16, pool_capacity=3, background_pool=False)
     assert ev.pool.fill() == 3 and ev.pool.depth == 3
     taken = [ev.pool.take((1, 16, 1)) for _ in range(4)]
     assert taken[3] is None and ev.pool.stats.misses == 1 and ev.pool.depth == 0
@@ -118,7 +115,7 @@ def test_pool_entries_leave_once_and_are_all_distinct(model):
 
 
 def test_background_pool_fills_and_counts(model):
-    ev = SecureEvaluator(model, "slalom", None, pool_window=(1, 16, 1), pool_capacity=1, background_pool=True)
+    ev = SecureEvaluator(model, "slalom", None, pool_window=W16, pool_capacity=1, background_pool=True)
     import time
 
     deadline = time.monotonic() + 60
@@ -133,9 +130,7 @@ def test_background_pool_fills_and_counts(model):
 
 
 def test_sealed_persistence_moves_entries_and_deletes_file(model, tmp_path):
-    ev = SecureEvaluator(
-        model, "slalom", None, pool_window=(1, 16, 1), pool_capacity=2, background_pool=False
-    )
+    ev = SecureEvaluator(model, "slalom", None, pool_window=W16, pool_capacity=2, background_pool=False)
     ev.pool.fill()
     key = bytes(range(32))
     path = tmp_path / "pool.sealed"
