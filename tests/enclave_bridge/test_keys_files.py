@@ -98,3 +98,28 @@ def test_x25519_exchange_agrees():
     a = PartyKey.generate("consumer", "a")
     b = PartyKey.generate("consumer", "b")
     assert a.exchange(b.public.kx_pub) == b.exchange(a.public.kx_pub)
+
+
+def test_cli_keygen_roles_rotation_and_passphrase(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    assert main(["keygen", "--role", "data-owner", "--out", str(tmp_path / "city")]) == 0
+    for name in ("city.key", "city.data.key"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
+    pub = PartyPublic.load(tmp_path / "city.pub")
+    assert (pub.role, pub.name) == ("data-owner", "city")
+    first = load_data_key(tmp_path / "city.data.key")
+    assert main(["keygen", "--role", "data-owner", "--out", str(tmp_path / "city")]) == 1  # no overwrite
+    assert "exists" in capsys.readouterr().err
+    assert main(["keygen", "--data-key", str(tmp_path / "dk2.key"), "--kid", "dk-2"]) == 0
+    second = load_data_key(tmp_path / "dk2.key")
+    assert second.kid == "dk-2" and second.export_secret() != first.export_secret()
+    monkeypatch.setenv("VEILCAM_PASSPHRASE", "s3cret")
+    assert main(["keygen", "--role", "consumer", "--out", str(tmp_path / "c1")]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret" not in (tmp_path / "c1.key").read_text() and "s3cret" not in out
+    assert PartyKey.load(tmp_path / "c1.key", "s3cret").role == "consumer"
+    with pytest.raises(ConfigError, match="passphrase-protected"):
+        PartyKey.load(tmp_path / "c1.key")
+    with pytest.raises(SystemExit):  # argparse refuses unknown roles
+        main(["keygen", "--role", "admin", "--out", str(tmp_path / "x")])
