@@ -1,0 +1,129 @@
+"""Pose backends: frames → OpenPose/COCO-18 skeletons in image pixels (DESIGN §3).
+
+Every backend implements `PoseBackend`; `create_backend(name, **options)` builds one by name, which
+is how the daemon's pose worker process constructs it (backends wrap native libraries that cannot be
+pickled, so a child gets `(name, options)` and builds its own).
+
+| name | what | needs |
+|---|---|---|
+| `opencv-openpose` (default) | OpenPose mobilenet_thin via `cv2.dnn` + PAF grouping | nothing extra |
+| `openpose` | CMU OpenPose Python bindings (`pyopenpose`) | an OpenPose build |
+| `mediapipe` | MediaPipe Pose, one person, mapped to 18 joints | `pip install veilcam[mediapipe]` |
+| `openpose-json` | replays OpenPose `--write_json` output directories | the JSON files |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from enclave_bridge.errors import StageError
+from stages.pose.estimator import PoseEstimator, validate_keypoints
+from stages.pose.paf import NUM_PARTS
+
+KEYPOINT_NAMES: tuple[str, ...] = (
+    "nose",
+    "neck",
+    "r_shoulder",
+    "r_elbow",
+    "r_wrist",
+    "l_shoulder",
+    "l_elbow",
+    "l_wrist",
+    "r_hip",
+    "r_knee",
+    "r_ankle",
+    "l_hip",
+    "l_knee",
+    "l_ankle",
+    "r_eye",
+    "l_eye",
+    "r_ear",
+    "l_ear",
+)
+"""OpenPose/COCO-18 joint order (DESIGN §3); index = joint id."""
+
+DEFAULT_BACKEND = "opencv-openpose"
+
+
+@runtime_checkable
+class PoseBackend(Protocol):
+    """One pose model. `infer` returns (P, 18, 3) float32: x, y in pixels of the *given* image,
+    score in [0, 1]; a missing joint is (0, 0, 0); P may be 0."""
+
+    name: str
+
+    def infer(self, image: np.ndarray) -> np.ndarray:
+        """BGR (H, W, 3) uint8 → (P, 18, 3) float32."""
+        ...
+
+    def close(self) -> None:
+        """Release native resources; the backend is unusable afterwards."""
+        ...
+
+
+def _opencv(**o: Any) -> PoseBackend:
+    from stages.pose.opencv_openpose import OpenCVOpenPose
+
+    return OpenCVOpenPose(**o)
+
+
+def _openpose(**o: Any) -> PoseBackend:
+    from stages.pose.pyopenpose_backend import PyOpenPoseBackend
+
+    return PyOpenPoseBackend(**o)
+
+
+def _mediapipe(**o: Any) -> PoseBackend:
+    from stages.pose.mediapipe_backend import MediaPipeBackend
+
+    return MediaPipeBackend(**o)
+
+
+def _json(**o: Any) -> PoseBackend:
+    from stages.pose.openpose_json import OpenPoseJsonBackend
+
+    return OpenPoseJsonBackend(**o)
+
+
+BACKENDS: dict[str, Callable[..., PoseBackend]] = {
+    "opencv-openpose": _opencv,
+    "openpose": _openpose,
+    "mediapipe": _mediapipe,
+    "openpose-json": _json,
+}
+
+
+def create_backend(name: str = DEFAULT_BACKEND, **options: Any) -> PoseBackend:
+    """Build the backend called `name` with its keyword `options` (config `pose.options`).
+
+    Raises `StageError` for an unknown name, a missing optional dependency/model, or bad options.
+    """
+    factory = BACKENDS.get(name)
+    if factory is None:
+        raise StageError(f"unknown pose backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    try:
+        return factory(**options)
+    except TypeError as e:
+        raise StageError(f"pose backend {name!r}: bad options {sorted(options)}: {e}") from e
+
+
+def create_backend_from_options(name: str, options: dict[str, Any]) -> PoseBackend:
+    """Pickle helper: backends reduce to `(name, options)` and are rebuilt by this in the child."""
+    return create_backend(name, **options)
+
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_BACKEND",
+    "KEYPOINT_NAMES",
+    "NUM_PARTS",
+    "PoseBackend",
+    "PoseEstimator",
+    "StageError",
+    "create_backend",
+    "create_backend_from_options",
+    "validate_keypoints",
+]
