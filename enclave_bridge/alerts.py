@@ -19,7 +19,7 @@ import msgpack
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from enclave_bridge.attest import unwrap_secret, wrap_secret
+from enclave_bridge.attest import Verifier, unwrap_secret, wrap_secret
 from enclave_bridge.errors import IntegrityError
 from enclave_bridge.keys import PartyKey, fingerprint, verify_ed25519
 from enclave_bridge.policy import ALERT_FIELDS, Recipient
@@ -131,6 +131,18 @@ class AlertOpener:
 
     def __repr__(self) -> str:
         return f"AlertOpener(rid={self._rid!r}, enclave_kid={self.kid!r})"
+
+    @classmethod
+    def from_evidence(
+        cls,
+        consumer_key: PartyKey,
+        evidence: Mapping[str, Any],
+        verifier: Verifier,
+        nonce: bytes | None = None,
+    ) -> AlertOpener:
+        """Trust the alert-signing key only after verifying the enclave's evidence (e.g. the retained
+        `veilcam/<device>/enclave` message; without `nonce`, `verifier.max_age_s` bounds its age)."""
+        return cls(consumer_key, verifier.verify(evidence, nonce).sign_pub)
 
     def open(self, payload: bytes) -> dict[str, Any]:
         env = parse_alert(payload)

@@ -136,3 +136,28 @@ def test_rules_and_debounce():
     ):
         with pytest.raises(ConfigError):
             AlertRules.from_dict(bad)
+
+
+def test_opener_from_verified_evidence():
+    from enclave_bridge.attest import (
+        PlatformKey,
+        SessionKey,
+        SimulatedBackend,
+        Verifier,
+        make_evidence,
+        new_nonce,
+    )
+    from enclave_bridge.errors import AttestationError
+
+    plat = PlatformKey.generate()
+    meas = "ab" * 32
+    signer = Ed25519PrivateKey.generate()
+    pub = raw_public_bytes(signer.public_key())
+    ev = make_evidence(SimulatedBackend(plat, meas, "eval"), "eval", new_nonce(), SessionKey(), pub)
+    c1 = PartyKey.generate("consumer", "c1")
+    rec = Recipient("c1", c1.public.rid, c1.public.kx_pub, ("label",))
+    blob = build_alert("cam1", 1, 1.0, FIELDS, [rec], signer.sign, fingerprint(pub))
+    opener = AlertOpener.from_evidence(c1, ev, Verifier(plat.public, [meas], role="eval"))
+    assert opener.open(blob)["label"] == "fall"
+    with pytest.raises(AttestationError):
+        AlertOpener.from_evidence(c1, ev, Verifier(plat.public, ["cd" * 32], role="eval"))
