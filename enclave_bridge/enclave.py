@@ -408,7 +408,13 @@ class EvaluationEnclave:
             log.info("no model provisioned yet (waiting for `veilcam provision model`)")
             return
         doc = msgpack.unpackb(raw, raw=False)
-        self._install_model(pkg_path.read_bytes(), ModelKey(doc["secret"], doc["kid"]))
+        try:
+            self._install_model(pkg_path.read_bytes(), ModelKey(doc["secret"], doc["kid"]))
+        except IntegrityError as e:
+            raise EnclaveError(
+                f"stored model package {pkg_path} does not match the sealed model key ({e}); "
+                "it was modified on disk: provision the model again"
+            ) from e
         log.info("model %s reloaded from sealed state", self.model_kid)
 
     def _load_policy_from_state(self) -> None:

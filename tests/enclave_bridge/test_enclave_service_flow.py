@@ -179,4 +179,12 @@ def test_window_rejections_are_counted_not_fatal(deployment):  # noqa: F811
             ("ok", None),
         ]
         assert c.stats()["windows_rejected"] == {"auth": 2, "malformed": 1}
+    # the host swaps the stored (owner-encrypted) model package: the enclave refuses to start with it
+    dep.stop("eval")
+    pkg = dep.root / "eval-state" / "model.pkg"
+    data = bytearray(pkg.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    pkg.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match="modified on disk"):
+        dep.start("eval")
     assert_no_secrets([dep.log("eval")], dep.secrets())
