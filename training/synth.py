@@ -574,10 +574,14 @@ def sample_camera(rng: np.random.Generator) -> tuple[Camera, np.ndarray, float]:
     return cam, pos, bearing
 
 
-def _corrupt(rng: np.random.Generator, cam: Camera, world: np.ndarray, facing: np.ndarray) -> np.ndarray:
+def _corrupt(
+    rng: np.random.Generator, cam: Camera, world: np.ndarray, facing: np.ndarray, may_vanish: bool = True
+) -> np.ndarray:
     """OpenPose-like detections of one person: (T, 18, 3) pixel x, y, score; zeros when missed.
 
     `facing` is (T, 3): the head's forward direction, used to hide the face seen from behind.
+    Bottom-up detectors trained on mostly upright people often lose a person lying on the floor
+    and during fast motion (blur); `may_vanish` allows losing every horizontal frame.
     """
     n = world.shape[0]
     px, front = cam.project(world)
@@ -610,6 +614,19 @@ def _corrupt(rng: np.random.Generator, cam: Camera, world: np.ndarray, facing: n
     miss[away, 15] |= True
     # whole-person dropouts and tracks that start/stop within the window
     drop = rng.random(n) < rng.uniform(0, 0.08)
+    # fast motion (blur): the more the body moves between frames, the likelier it is lost
+    hips = world[:, (8, 11)].mean(1)
+    speed = np.linalg.norm(np.diff(world, axis=0), axis=2).max(1)
+    speed = np.concatenate([[0.0], speed]) / max(1e-6, float(np.ptp(world[0, :, 2])) + 0.5)
+    drop |= rng.random(n) < np.clip(speed - 0.15, 0, 1) * rng.uniform(0, 1.5)
+    # a person lying down: often detected badly or not at all
+    trunk = world[:, 1] - hips
+    horizontal = np.abs(trunk[:, 2]) < 0.6 * np.linalg.norm(trunk, axis=1)
+    mode = rng.random()
+    if mode < 0.3:
+        drop |= horizontal & (rng.random(n) < rng.uniform(0.3, 0.9))
+    elif mode < 0.5 and may_vanish:
+        drop |= horizontal
     if rng.random() < 0.12:
         cut = rng.integers(1, max(2, n // 3))
         if rng.random() < 0.5:
@@ -706,7 +723,8 @@ def make_sample(label: str, rng: np.random.Generator, cfg: SynthConfig) -> np.nd
     for mo in motions:
         _place(mo, origin, pos, yaw)
         world = forward_kinematics(Body.sample(rng), mo)
-        dets.append(normalise(_corrupt(rng, cam, world, _head_forward(world)), cam.width, cam.height_px))
+        det = _corrupt(rng, cam, world, _head_forward(world), may_vanish=label != "lying")
+        dets.append(normalise(det, cam.width, cam.height_px))
     out = np.zeros((3, cfg.T, NUM_JOINTS, cfg.M), dtype=np.float32)
     slots = rng.permutation(cfg.M)
     for k, det in enumerate(dets[: cfg.M]):
