@@ -97,7 +97,10 @@ class PoseEstimator:
             st.grouping_s_total += float(timing.get("grouping_s", 0.0))
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "camera %s frame %d: %d people in %.1f ms", self.camera_id, frame.seq, len(keypoints),
+                "camera %s frame %d: %d people in %.1f ms",
+                self.camera_id,
+                frame.seq,
+                len(keypoints),
                 latency * 1e3,
             )
         return PoseFrame(

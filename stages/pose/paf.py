@@ -135,8 +135,23 @@ def find_peaks(heat: np.ndarray, blurred: np.ndarray, thresh: float) -> Peaks:
     local_max = blurred >= dilated
     local_max &= blurred > thresh
     part, ys, xs = np.nonzero(local_max.transpose(2, 0, 1))
+    # Plateaus (e.g. a peak midway between cells after upsampling) give several equal maxima: keep
+    # the first in raster order and place it at the mean of its tied neighbours.
+    lm = np.pad(local_max, ((1, 1), (1, 1), (0, 0)))
+    earlier = lm[ys + 1, xs, part] | lm[ys, xs, part] | lm[ys, xs + 1, part] | lm[ys, xs + 2, part]
+    keep = ~earlier
+    part, ys, xs = part[keep], ys[keep], xs[keep]
+    sx = np.zeros(len(ys))
+    sy = np.zeros(len(ys))
+    n = np.zeros(len(ys))
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            tied = lm[ys + 1 + dy, xs + 1 + dx, part]
+            sx += tied * dx
+            sy += tied * dy
+            n += tied
     score = np.clip(heat[ys, xs, part].astype(np.float64), 0.0, 1.0)
-    xy = np.stack([xs, ys], axis=1).astype(np.float64)
+    xy = np.stack([xs + sx / n, ys + sy / n], axis=1)
     bounds = np.searchsorted(part, np.arange(p + 1))
     by_part = tuple(np.arange(bounds[i], bounds[i + 1]) for i in range(p))
     return Peaks(xy=xy, score=score, part=part.astype(np.int64), by_part=by_part)
