@@ -17,6 +17,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,7 @@ class Outbox:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._stored = self._acked = self._duplicates = self._errors = 0
+        self._listeners: list[Callable[[], None]] = []
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
@@ -121,16 +123,31 @@ class Outbox:
                 )
                 if cur.rowcount == 1 and cur.lastrowid is not None:
                     self._stored += 1
-                    return int(cur.lastrowid)
-                self._duplicates += 1
-                row = self._db.execute(
-                    "SELECT oid FROM outbox WHERE camera_id = ? AND seq = ?",
-                    (envelope.camera_id, int(envelope.seq)),
-                ).fetchone()
+                    oid = int(cur.lastrowid)
+                else:
+                    self._duplicates += 1
+                    row = self._db.execute(
+                        "SELECT oid FROM outbox WHERE camera_id = ? AND seq = ?",
+                        (envelope.camera_id, int(envelope.seq)),
+                    ).fetchone()
+                    oid = int(row[0]) if row is not None else -1
+                listeners = list(self._listeners)
             except sqlite3.Error as e:
                 self._errors += 1
                 raise self._error("store alert", e) from e
-        return int(row[0]) if row is not None else -1
+        for fn in listeners:
+            fn()
+        return oid
+
+    def add_listener(self, fn: Callable[[], None]) -> None:
+        """Call `fn()` after every successful `put` (the publisher wakes up instead of polling)."""
+        with self._lock:
+            self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            if fn in self._listeners:
+                self._listeners.remove(fn)
 
     def ack(self, oid: int) -> bool:
         """Delete an acknowledged alert; False when it was not there (already acked)."""
