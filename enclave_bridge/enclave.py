@@ -639,11 +639,13 @@ class EvaluationEnclave:
         s["windows_rejected"] = dict(s["windows_rejected"])
         s["alerts_suppressed"] = self.engine.suppressed
         ev_stats = getattr(self.evaluator, "stats", None)
-        if ev_stats is not None:
-            with contextlib.suppress(TypeError):
-                from dataclasses import asdict
-
-                s["evaluator"] = {k: v for k, v in asdict(ev_stats).items() if isinstance(v, int | float)}
+        as_dict = getattr(ev_stats, "as_dict", None)
+        if callable(as_dict):  # SecureEvaluator counters: Freivalds, pool, bytes, per-part timings
+            s["evaluator"] = {
+                k: (dict(v) if isinstance(v, Mapping) else v)
+                for k, v in as_dict().items()
+                if isinstance(v, int | float | str | Mapping)
+            }
         return {"stats": s}
 
 

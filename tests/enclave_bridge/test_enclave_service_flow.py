@@ -53,6 +53,7 @@ def test_full_flow_alerts_policy_restart(deployment, caplog):  # noqa: F811
         stats = c.stats()
     assert stats["windows_ok"] == 1 and stats["alerts"] == 1
     assert stats["windows_rejected"] == {"no_policy": 1, "replay": 1}
+    assert stats["evaluator"]["mode"] == "enclave"  # the enclave runs protocol.SecureEvaluator
     enclave = dep.verifier("eval").verify(ev, nonce)
 
     full = AlertOpener(dep.c1, enclave.sign_pub).open(alert)
