@@ -16,6 +16,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "samples" / "default_model")
+
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from training.synth import CLASSES
@@ -99,7 +101,8 @@ def _cmd_realcheck(args: argparse.Namespace) -> int:
         for clip in report["clips"]:
             print(
                 f"{clip['name']}: {clip['frames']} frames, {len(clip['windows'])} windows, "
-                f"{clip['fall_windows']} falling; pose {clip['pose_s']:.1f} s"
+                f"{clip['fall_windows']} falling (max p {clip['max_fall_p']:.2f}); "
+                f"pose {clip['pose_s']:.1f} s"
             )
             for w in clip["windows"]:
                 top = ", ".join(f"{lab} {p:.2f}" for lab, p in w["top"])
@@ -154,9 +157,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="evaluate a model package on held-out synthetic windows")
-    e.add_argument(
-        "--model", default="samples/default_model", help="package dir (model.pt, labels.txt, model.json)"
-    )
+    e.add_argument("--model", default=DEFAULT_MODEL, help="package dir (model.pt, labels.txt, model.json)")
     e.add_argument("--n", type=int, default=900)
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--out", default="runs/eval", help="report dir: confusion.png, metrics.json, metrics.md")
@@ -177,7 +178,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
     r = sub.add_parser("realcheck", help="run pose + the model over real clips and print per-window labels")
     r.add_argument("clips", nargs="*", help="video files (default: the fall and pedestrian samples)")
-    r.add_argument("--model", default="samples/default_model")
+    r.add_argument("--model", default=DEFAULT_MODEL)
     r.add_argument("--cache", default=None, help="skeleton cache dir (default: ~/.cache/veilcam/realcheck)")
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -233,6 +233,7 @@ def classify_clip(
             }
         )
     fall = sum(1 for wi in windows if wi["label"] == FALL_LABEL)
+    fall_p = prob[:, labels.index(FALL_LABEL)] if FALL_LABEL in labels else np.zeros(len(prob))
     return {
         "name": Path(path).name,
         "frames": len(frames),
@@ -241,6 +242,7 @@ def classify_clip(
         "pose_s": pose_s,
         "windows": windows,
         "fall_windows": fall,
+        "max_fall_p": round(float(fall_p.max()), 3) if len(fall_p) else 0.0,
         "fall_times": [(wi["t0"], wi["t1"]) for wi in windows if wi["label"] == FALL_LABEL],
     }
 
