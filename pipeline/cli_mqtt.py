@@ -1,10 +1,191 @@
-"""Subcommands for this area (filled in by its owner)."""
+"""MQTT-area subcommands: `veilcam subscribe` (alert consumer) and `veilcam demo` (one-command tour).
+
+Secrets follow the project's CLI rule: key files are 0600 files, their passphrase comes from
+`--passphrase-file` or `$VEILCAM_PASSPHRASE`, the broker password from a file or an environment
+variable — never from argv.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add this area's subcommands to the `veilcam` parser."""
+    p = sub.add_parser(
+        "subscribe",
+        help="consume alerts: verify the enclave signature, decrypt, drop duplicates, print",
+        description="Subscribe to <prefix>/<device>/alerts, open every alert with your consumer key "
+        "and the enclave's attested signing key, drop duplicates by (device, seq), print lines or JSON.",
+    )
+    p.add_argument("--broker", required=True, metavar="HOST:PORT", help="MQTT broker address")
+    p.add_argument("--consumer-key", required=True, type=Path, help="your party key (veilcam keygen)")
+    p.add_argument(
+        "--passphrase-file", help="passphrase of the consumer key (default: $VEILCAM_PASSPHRASE, else none)"
+    )
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument(
+        "--enclave-evidence",
+        type=Path,
+        help="verified evidence of the evaluation enclave (veilcam attest --evidence-out FILE)",
+    )
+    who.add_argument(
+        "--signer-pub",
+        type=Path,
+        help="development only: public (or key) file of the in-process local evaluator's signing key",
+    )
+    p.add_argument("--platform-pub", type=Path, help="pinned platform public key (with --enclave-evidence)")
+    p.add_argument("--measurement", action="append", help="allowed enclave measurement (hex); repeatable")
+    p.add_argument(
+        "--allow-config", action="append", help="allow the measurement of this enclave config; repeatable"
+    )
+    p.add_argument("--device", default="+", help="one device id, or + for all (default)")
+    p.add_argument("--topic-prefix", default="veilcam")
+    p.add_argument("--json", action="store_true", help="one JSON object per alert (and stats at the end)")
+    p.add_argument("--count", type=int, help="exit after this many alerts")
+    p.add_argument("--timeout-s", type=float, help="exit after this many seconds")
+    p.add_argument("--client-id", default="", help="fixed MQTT client id (needed with --persistent)")
+    p.add_argument(
+        "--persistent", action="store_true", help="keep a broker session: alerts wait for you while away"
+    )
+    p.add_argument("--state", type=Path, help="SQLite file remembering seen (device, seq) across restarts")
+    p.add_argument("--username", help="MQTT user name")
+    p.add_argument("--password-file", type=Path, help="file holding the MQTT password")
+    p.add_argument("--ca-file", type=Path, help="CA bundle for TLS to the broker")
+    p.set_defaults(func=cmd_subscribe)
+
+    p = sub.add_parser(
+        "demo",
+        help="one command: throw-away keys, broker, enclave, GPU worker, replay a sample clip, print alerts",
+        description="Runs the whole system on this machine with throw-away keys in a temp dir and prints "
+        "the decrypted alerts as a subscriber sees them. Uses the same public commands as a deployment.",
+    )
+    p.add_argument("--clip", type=Path, help="video to replay (default: the shipped samples/vtest.avi)")
+    p.add_argument("--max-frames", type=int, help="stop the replay after this many frames")
+    p.add_argument(
+        "--broker", default="auto", choices=("auto", "mosquitto", "embedded"), help="local broker to start"
+    )
+    p.add_argument("--mode", default="paper", choices=("paper", "slalom", "enclave"), help="secure-eval mode")
+    p.add_argument(
+        "--keep", type=Path, help="keep the keys/state/logs in this directory instead of a temp dir"
+    )
+    p.add_argument("--min-score", type=float, default=0.0, help="alert threshold for the demo rules")
+    p.add_argument("--json", action="store_true", help="print alerts as JSON lines")
+    p.set_defaults(func=cmd_demo)
+
+
+def _broker_cfg(args: argparse.Namespace) -> Any:
+    from config.broker import BrokerConfig, TLSConfig
+
+    kw: dict[str, Any] = {"topic_prefix": args.topic_prefix}
+    if args.username:
+        kw["username"] = args.username
+    if args.password_file:
+        kw["password_file"] = args.password_file
+    if args.ca_file:
+        kw["tls"] = TLSConfig(ca_file=args.ca_file)
+    return BrokerConfig.from_address(args.broker, **kw)
+
+
+def build_opener(args: argparse.Namespace) -> Any:
+    """Consumer key + the enclave's signing key (from verified evidence, or a dev signer file)."""
+    from enclave_bridge.alerts import AlertOpener
+    from enclave_bridge.attest import load_platform_pub
+    from enclave_bridge.enclave import load_enclave_config
+    from enclave_bridge.errors import ConfigError, VeilcamError
+    from enclave_bridge.keys import PartyKey, PartyPublic, resolve_passphrase
+    from enclave_bridge.measurement import compute_measurement
+    from pipeline.subscriber import verify_key_from_evidence
+
+    consumer = PartyKey.load(args.consumer_key, resolve_passphrase(args.passphrase_file))
+    if args.enclave_evidence is not None:
+        if args.platform_pub is None:
+            raise ConfigError("--enclave-evidence needs --platform-pub (the pinned platform key)")
+        allowed = [m.lower() for m in args.measurement or []]
+        allowed += [compute_measurement(load_enclave_config(c, "eval")) for c in args.allow_config or []]
+        if not allowed:
+            raise ConfigError(
+                "give the allowed measurement(s): --measurement HEX or --allow-config enclave.yaml"
+            )
+        try:
+            blob = args.enclave_evidence.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"--enclave-evidence {args.enclave_evidence}: {e.strerror}") from e
+        verify_key = verify_key_from_evidence(blob, load_platform_pub(args.platform_pub), allowed)
+    else:
+        try:
+            verify_key = PartyPublic.load(args.signer_pub).sign_pub
+        except VeilcamError:
+            verify_key = PartyKey.load(args.signer_pub).public.sign_pub
+        log.warning("alerts are checked against a local-evaluator key (development only: no attestation)")
+    return AlertOpener(consumer, verify_key)
+
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    from pipeline.subscriber import AlertSubscriber, alert_json, format_alert, stats_json
+
+    cfg = _broker_cfg(args)
+    opener = build_opener(args)
+    done = threading.Event()
+    delivered = 0
+    lock = threading.Lock()
+
+    def on_alert(alert: dict[str, Any]) -> None:
+        nonlocal delivered
+        line = alert_json(alert) if args.json else format_alert(alert)
+        with lock:
+            print(line, flush=True)
+            delivered += 1
+            if args.count is not None and delivered >= args.count:
+                done.set()
+
+    sub = AlertSubscriber(
+        cfg,
+        opener,
+        on_alert,
+        device=args.device,
+        state_path=args.state,
+        client_id=args.client_id,
+        persistent=args.persistent,
+    )
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    sub.start()
+    if not sub.subscribed.wait(min(args.timeout_s or 30.0, 30.0)):
+        log.warning("not subscribed yet (broker %s unreachable?); still retrying", args.broker)
+    else:
+        print(f"# subscribed to {sub.topic} on {args.broker}", file=sys.stderr, flush=True)
+    done.wait(args.timeout_s)
+    sub.stop()
+    st = sub.stats
+    if args.json:
+        print(stats_json(st), flush=True)
+    print(
+        f"# {st.delivered} alert(s), {st.duplicates} duplicate(s) dropped, "
+        f"{st.rejected_forged} forged and {st.rejected_replayed} replayed rejected",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(
+        clip=args.clip,
+        max_frames=args.max_frames,
+        broker_kind=args.broker,
+        mode=args.mode,
+        keep_dir=args.keep,
+        min_score=args.min_score,
+        as_json=args.json,
+        out=sys.stdout,
+    )

@@ -1,0 +1,269 @@
+"""Alert consumer (`veilcam subscribe`): MQTT in, verified + decrypted alerts out (DESIGN §7).
+
+Every message on `<prefix>/<device>/alerts` is opened with `enclave_bridge.alerts.AlertOpener`
+(enclave signature, this consumer's wrapped field keys, AES-GCM per field) *before* anything else
+looks at it, so a forged message can neither print nor poison the duplicate filter. Then:
+- the envelope's device must match the topic's device (a genuine alert of camera A re-published
+  on camera B's topic is a replay, rejected and counted);
+- delivery is at least once (the camera's outbox re-sends after reconnects and restarts), so
+  byte-identical copies of an already seen `(device, seq)` are dropped as duplicates; a different
+  envelope claiming a seen `(device, seq)` is counted as a replay. With `state_path` the seen set
+  survives consumer restarts (SQLite).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import paho.mqtt.client as mqtt
+from paho.mqtt.reasoncodes import ReasonCode
+
+from config.broker import BrokerConfig
+from enclave_bridge.alerts import AlertOpener
+from enclave_bridge.errors import AttestationError, ConfigError, IntegrityError, StageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SubscriberStats:
+    """Counters a consumer reports (`--json` prints them at the end)."""
+
+    received: int = 0
+    delivered: int = 0
+    duplicates: int = 0
+    rejected_forged: int = 0
+    rejected_replayed: int = 0
+
+
+class SeenSet:
+    """`(device, seq) → sha256(envelope)` of delivered alerts; optionally persisted in SQLite."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self._mem: dict[tuple[str, int], bytes] = {}
+        self._db: sqlite3.Connection | None = None
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute(
+                    "CREATE TABLE IF NOT EXISTS seen (device TEXT NOT NULL, seq INTEGER NOT NULL, "
+                    "digest BLOB NOT NULL, PRIMARY KEY (device, seq))"
+                )
+            except (OSError, sqlite3.Error) as e:
+                raise StageError(f"subscriber state {path}: {e}") from e
+
+    def check_and_add(self, device: str, seq: int, digest: bytes) -> str:
+        """'new', 'duplicate' (same bytes seen) or 'conflict' (same seq, other bytes)."""
+        key = (device, seq)
+        old = self._mem.get(key)
+        if old is None and self._db is not None:
+            row = self._db.execute("SELECT digest FROM seen WHERE device = ? AND seq = ?", key).fetchone()
+            old = bytes(row[0]) if row else None
+        if old is not None:
+            return "duplicate" if old == digest else "conflict"
+        self._mem[key] = digest
+        if self._db is not None:
+            self._db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?)", (device, seq, digest))
+        return "new"
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
+
+class AlertSubscriber:
+    """Subscribes to `<prefix>/<device>/alerts` (device `+` = all) and calls `on_alert(alert)` once
+    per verified, decrypted, de-duplicated alert. `alert` is `{device, seq, ts, <granted fields>}`.
+
+    `client_id` + `persistent=True` gives the consumer a broker session (QoS 1 messages published
+    while it is away are queued for it by a broker with persistence).
+    """
+
+    def __init__(
+        self,
+        cfg: BrokerConfig,
+        opener: AlertOpener,
+        on_alert: Callable[[dict[str, Any]], None],
+        *,
+        device: str = "+",
+        state_path: Path | None = None,
+        client_id: str = "",
+        persistent: bool = False,
+    ) -> None:
+        if persistent and not client_id:
+            raise ConfigError("a persistent subscription needs a fixed --client-id")
+        self.cfg = cfg
+        self.opener = opener
+        self.on_alert = on_alert
+        self.topic = cfg.topic(device, "alerts")
+        self.stats = SubscriberStats()
+        self.seen = SeenSet(state_path)
+        self.subscribed = threading.Event()
+        self._lock = threading.Lock()
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv311,  # works with every broker, incl. the embedded demo broker
+            clean_session=not persistent,
+        )
+        self._client.reconnect_delay_set(cfg.reconnect_min_delay_s, cfg.reconnect_max_delay_s)  # type: ignore[arg-type]
+        if cfg.username is not None:
+            pw = cfg.password()
+            self._client.username_pw_set(cfg.username, pw.get_secret_value() if pw else None)
+        if cfg.tls is not None:
+            self._client.tls_set(
+                ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
+                certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
+                keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
+            )
+            self._client.tls_insecure_set(cfg.tls.insecure)
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        self._client.loop_start()
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.seen.close()
+
+    # -- callbacks (paho network thread) -------------------------------------------------------------
+    def _on_connect(self, c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        if rc.is_failure:
+            log.warning("broker %s:%d refused the subscriber: %s", self.cfg.host, self.cfg.port, rc)
+            return
+        c.subscribe(self.topic, qos=1)
+
+    def _on_subscribe(self, *_a: Any) -> None:
+        log.info("subscribed to %s on %s:%d", self.topic, self.cfg.host, self.cfg.port)
+        self.subscribed.set()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        alert = self.handle(msg.topic, bytes(msg.payload))
+        if alert is not None:
+            try:
+                self.on_alert(alert)
+            except Exception:  # a consumer callback must not stop the network loop
+                log.exception("alert handler failed")
+
+    # -- the consumer's checks (callable directly: tests, other transports) ----------------------------
+    def handle(self, topic: str, payload: bytes) -> dict[str, Any] | None:
+        """Verify, decrypt and de-duplicate one message; None when it is dropped (counted)."""
+        with self._lock:
+            self.stats.received += 1
+            parts = topic.split("/")
+            topic_device = parts[-2] if len(parts) >= 2 else ""
+            try:
+                alert = self.opener.open(payload)
+            except IntegrityError as e:
+                self.stats.rejected_forged += 1
+                log.warning("rejected alert on %s (%d bytes): %s", topic, len(payload), e)
+                return None
+            device, seq = str(alert["device"]), int(alert["seq"])
+            if device != topic_device:
+                self.stats.rejected_replayed += 1
+                log.warning("rejected alert %s/%d published on %s (device mismatch)", device, seq, topic)
+                return None
+            verdict = self.seen.check_and_add(device, seq, hashlib.sha256(payload).digest())
+            if verdict == "duplicate":
+                self.stats.duplicates += 1
+                log.debug("duplicate alert %s/%d dropped", device, seq)
+                return None
+            if verdict == "conflict":
+                self.stats.rejected_replayed += 1
+                log.warning("rejected alert %s/%d: another envelope with this seq was seen", device, seq)
+                return None
+            self.stats.delivered += 1
+            return alert
+
+
+# -- key material for the opener -----------------------------------------------------------------
+def verify_key_from_evidence(
+    evidence: bytes | Mapping[str, Any],
+    platform_pub: bytes,
+    allowed_measurements: list[str] | None,
+    max_age_s: float | None = None,
+) -> bytes:
+    """The alert-signing key from attestation evidence (`veilcam attest --evidence-out` file or the
+    retained `<prefix>/<device>/enclave` message), after checking quote, measurement and binding.
+
+    Freshness: a file written by `veilcam attest` answered that command's nonce; `max_age_s=None`
+    trusts that check. Evidence read from the broker should pass a `max_age_s`.
+    """
+    from enclave_bridge.attest import Verifier
+
+    if isinstance(evidence, bytes | bytearray):
+        try:
+            ev = msgpack.unpackb(evidence, raw=False)
+        except (ValueError, msgpack.exceptions.UnpackException) as e:
+            raise AttestationError(f"enclave evidence is not msgpack: {type(e).__name__}") from e
+    else:
+        ev = dict(evidence)
+    if not isinstance(ev, dict):
+        raise AttestationError("enclave evidence is not a map")
+    verifier = Verifier(
+        platform_pub,
+        allowed_measurements,
+        role="eval",
+        max_age_s=float("inf") if max_age_s is None else max_age_s,
+    )
+    return verifier.verify(ev, None).sign_pub
+
+
+def format_alert(alert: Mapping[str, Any]) -> str:
+    """One human-readable line; only the fields this consumer was granted appear."""
+    ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(alert.get("ts", 0.0))))
+    parts = [f"{ts}  {alert.get('device')} #{alert.get('seq')}"]
+    if "label" in alert:
+        score = alert.get("score")
+        parts.append(f"{alert['label']}" + (f" {float(score):.2f}" if isinstance(score, int | float) else ""))
+    if "track_id" in alert:
+        parts.append(f"track {alert['track_id']}")
+    if "t0" in alert and "t1" in alert:
+        parts.append(f"t {float(alert['t0']):.1f}-{float(alert['t1']):.1f} s")
+    if "window_seq" in alert:
+        parts.append(f"window {alert['window_seq']}")
+    if isinstance(alert.get("topk"), list) and alert["topk"]:
+        top = ", ".join(
+            f"{k[0]} {float(k[1]):.2f}" if isinstance(k, list | tuple) and len(k) == 2 else str(k)
+            for k in alert["topk"][:3]
+        )
+        parts.append(f"[{top}]")
+    return "  ".join(parts)
+
+
+def alert_json(alert: Mapping[str, Any]) -> str:
+    return json.dumps(
+        dict(alert), sort_keys=True, default=lambda o: o.hex() if isinstance(o, bytes) else str(o)
+    )
+
+
+def stats_json(stats: SubscriberStats) -> str:
+    return json.dumps({"subscriber_stats": asdict(stats)}, sort_keys=True)
+
+
+__all__ = [
+    "AlertSubscriber",
+    "SeenSet",
+    "SubscriberStats",
+    "alert_json",
+    "format_alert",
+    "stats_json",
+    "verify_key_from_evidence",
+]
