@@ -89,11 +89,12 @@ class OpenCVOpenPose:
         if threads is not None:
             cv2.setNumThreads(int(threads))
         try:
-            self._net = cv2.dnn.readNetFromTensorflow(str(path))
+            net = cv2.dnn.readNetFromTensorflow(str(path))
         except cv2.error as e:
             raise StageError(f"opencv-openpose: cannot load {path}: {e}") from e
-        self._net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
-        self._net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+        net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+        net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+        self._net: cv2.dnn.Net | None = net
         self.model_path = path
         self.last_timing: dict[str, float] = {"forward_s": 0.0, "grouping_s": 0.0}
         log.info("opencv-openpose: loaded %s, input %dx%d", path.name, *self.input_size)
@@ -101,6 +102,8 @@ class OpenCVOpenPose:
     def forward(self, image: np.ndarray) -> np.ndarray:
         """BGR (H, W, 3) uint8 → raw network output (57, h, w) float32 (h = input_height/8)."""
         blob = cv2.dnn.blobFromImage(image, 1.0, self.input_size, (0, 0, 0), swapRB=False, crop=False)
+        if self._net is None:
+            raise StageError("opencv-openpose: backend is closed")
         self._net.setInput(blob)
         out = self._net.forward()
         if out.ndim != 4 or out.shape[1] != _OUT_CHANNELS:

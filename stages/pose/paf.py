@@ -113,8 +113,8 @@ def prepare_maps(
         raise StageError(f"pose: heat {heat.shape} and paf {paf.shape} grids differ")
     h, w = heat.shape[1:]
     size = (max(1, round(w * params.upsample)), max(1, round(h * params.upsample)))
-    hwc = np.ascontiguousarray(heat[:NUM_PARTS].transpose(1, 2, 0), dtype=np.float32)
-    pwc = np.ascontiguousarray(paf.transpose(1, 2, 0), dtype=np.float32)
+    hwc: np.ndarray = np.ascontiguousarray(heat[:NUM_PARTS].transpose(1, 2, 0), dtype=np.float32)
+    pwc: np.ndarray = np.ascontiguousarray(paf.transpose(1, 2, 0), dtype=np.float32)
     if size != (w, h):
         hwc = cv2.resize(hwc, size, interpolation=cv2.INTER_CUBIC)
         pwc = cv2.resize(pwc, size, interpolation=cv2.INTER_CUBIC)
