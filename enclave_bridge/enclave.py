@@ -232,6 +232,10 @@ class RequestServer:
             self.request_errors += 1
             log.warning("%s: malformed %s request (%s)", self.name, op, type(e).__name__)
             return {"id": rid, "ok": False, "error": "TransportError", "message": f"malformed {op} request"}
+        except Exception as e:  # a bug must not kill the connection thread silently
+            self.request_errors += 1
+            log.error("%s: internal error in %s: %s", self.name, op, type(e).__name__, exc_info=True)
+            return {"id": rid, "ok": False, "error": "EnclaveError", "message": f"internal error in {op}"}
         out.update({"id": rid, "ok": True})
         return out
 
@@ -548,7 +552,10 @@ class EvaluationEnclave:
                 return self._reject(hdr.device, e.reason, str(e), hdr.seq)
             self._save_counters()
             t = time.perf_counter()
-            logits = np.asarray(self.evaluator.evaluate(w.data[None]), dtype=np.float64)[0]
+            try:
+                logits = np.asarray(self.evaluator.evaluate(w.data[None]), dtype=np.float64)[0]
+            except VeilcamError as e:  # e.g. GPU worker unreachable: the window is lost, counted
+                return self._reject(w.device, "eval_error", f"{type(e).__name__}: {e}", w.seq)
             dt = time.perf_counter() - t
             self.stats_counters["windows_ok"] += 1
             self.stats_counters["eval_s_total"] += dt

@@ -65,9 +65,18 @@ def test_paper_mode_with_remote_gpu_worker(deployment):  # noqa: F811
         assert ev_stats["mode"] == "paper" and ev_stats["windows"] == 1
         assert ev_stats["bytes_to_worker"] > 0 and ev_stats["freivalds_checks"] > 0
         assert ev_stats["freivalds_failures"] == 0
+        # the worker dies: the enclave neither hangs nor crashes; the window is evaluated on the
+        # enclave path or rejected as eval_error (counted)
+        worker.terminate()
+        worker.wait(timeout=10)
+        with dep.client() as c:
+            r2 = c.submit(seal_window(dep.dk, "cam1", 2, 1.6, 3.2, x))
+            assert (r2.status, r2.reason) in {("ok", None), ("rejected", "eval_error")}
+            assert c.status()["model_kid"] == "mk-1"
         assert_no_secrets(
             [dep.log("eval"), dep.log("key"), (dep.root / "worker.log").read_text()], dep.secrets()
         )
     finally:
-        worker.terminate()
-        worker.wait(timeout=10)
+        if worker.poll() is None:
+            worker.terminate()
+            worker.wait(timeout=10)
