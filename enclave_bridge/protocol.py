@@ -184,7 +184,9 @@ class _DelegatedBackend:
         if y_bar.dtype != np.uint32 or tuple(y_bar.shape) != expect or bool((y_bar >= P).any()):
             raise IntegrityError(f"malformed reply {y_bar.dtype} {y_bar.shape}, expected uint32 {expect}")
         with _Timer(st, "unmask"):
-            y = unmask32(torch.from_numpy(y_bar.view(np.int32)), u)
+            # ȳ − u in numpy (ȳ may be a read-only wire buffer), then the int32 fix-up to [0, p)
+            y = torch.from_numpy(y_bar.view(np.int32) - u.numpy())
+            y += (y >> 31) & P
         if ev.mode == "paper":
             with _Timer(st, "u3"):
                 u3 = ev.engine.u3(op.name, xq).to(torch.int32)
