@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,6 +139,27 @@ def test_pickled_backend_is_rebuilt_and_gives_the_same_skeletons(
         np.testing.assert_allclose(clone.infer(img), backend.infer(img), atol=1e-3)
     finally:
         clone.close()
+
+
+def _child_process_pose(name: str, options: dict[str, object], frame: Frame) -> PoseFrame:
+    """What the daemon's pose worker does: build the backend from (name, options), process a frame."""
+    cv2.setNumThreads(1)
+    est = PoseEstimator(create_backend(name, **options), frame.camera_id)
+    try:
+        return est.process(frame)
+    finally:
+        est.close()
+
+
+def test_backend_built_in_a_spawned_child_process(shared_sample) -> None:
+    (img,) = read_frames(shared_sample("exercise.avi"), [30])
+    frame = Frame("cam1", 3, 1.0, 0.3, img)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        pf = pool.apply(_child_process_pose, ("opencv-openpose", {"input_width": 432}, frame))
+    assert isinstance(pf, PoseFrame) and (pf.camera_id, pf.seq) == ("cam1", 3)
+    check_contract(pf.keypoints, img)
+    assert pf.keypoints.shape[0] >= 2
 
 
 def test_input_size_and_thresholds_are_configurable(shared_sample) -> None:
