@@ -98,6 +98,8 @@ class AlertPublisher:
         self._downgrade = threading.Event()
         self._republish = threading.Event()
         self._thread: threading.Thread | None = None
+        self._closing = False
+        self._attempt_at: float | None = None  # CONNECT sent, no CONNACK/failure yet
         self._lock = threading.Lock()
         self.counters: dict[str, int] = dict.fromkeys(
             (
@@ -273,6 +275,8 @@ class AlertPublisher:
         def on_connect(c: mqtt.Client, _u: Any, _flags: Any, rc: ReasonCode, _props: Any) -> None:
             if gen != self._gen:
                 return
+            if carries_alerts:
+                self._attempt_at = None
             if rc.is_failure:
                 self._count("connect_failures")
                 if rc.value in _UNSUPPORTED_PROTOCOL and self.cfg.protocol == "auto" and self.protocol == "5":
@@ -297,18 +301,27 @@ class AlertPublisher:
         def on_disconnect(_c: mqtt.Client, _u: Any, _flags: Any, rc: ReasonCode, _props: Any) -> None:
             if gen != self._gen:
                 return
-            if self._connected[device].is_set():
+            if carries_alerts:
+                self._attempt_at = None
+            if self._connected[device].is_set() and not self._closing:
                 self._count("disconnects")
                 log.warning(
                     "broker %s:%d connection lost (%s); reconnecting", self.cfg.host, self.cfg.port, rc
                 )
             self._connected[device].clear()
 
+        def on_pre_connect(_c: mqtt.Client, _u: Any) -> None:
+            if gen == self._gen and carries_alerts:
+                self._attempt_at = time.monotonic()
+
         def on_connect_fail(_c: mqtt.Client, _u: Any) -> None:
             if gen == self._gen:
+                if carries_alerts:
+                    self._attempt_at = None
                 self._count("connect_failures")
                 log.debug("broker %s:%d unreachable; retrying with backoff", self.cfg.host, self.cfg.port)
 
+        client.on_pre_connect = on_pre_connect
         client.on_connect = on_connect
         client.on_disconnect = on_disconnect
         client.on_connect_fail = on_connect_fail
@@ -322,14 +335,17 @@ class AlertPublisher:
         return client
 
     def _close_clients(self) -> None:
+        self._closing = True
         for client, _device in self._clients:
             try:
-                client.disconnect()
+                if client.is_connected():
+                    client.disconnect()
             except (OSError, ValueError) as e:
                 log.debug("disconnect: %s", e)
             client.loop_stop()
         for ev in self._connected.values():
             ev.clear()
+        self._closing = False
 
     def _client_for(self, device: str) -> mqtt.Client | None:
         for client, dev in self._clients:
@@ -351,6 +367,7 @@ class AlertPublisher:
                     continue
                 self._drain_acks()
                 if not self.connected:
+                    self._check_stalled_connect()
                     continue
                 self._maybe_publish_evidence()
                 self._feed()
@@ -364,6 +381,28 @@ class AlertPublisher:
                 log.error("alert publisher: %s: %s", type(e).__name__, e)
                 self._stop.wait(1.0)
         self._drain_acks()
+
+    def _check_stalled_connect(self) -> None:
+        """A broker that accepts TCP but never answers CONNECT (some MQTT 3.1.1-only brokers do
+        that to an MQTT 5 CONNECT) would leave paho waiting forever: downgrade in `auto` mode,
+        else start a fresh connection."""
+        started = self._attempt_at
+        if started is None or time.monotonic() - started < self.cfg.connect_timeout_s + 1.0:
+            return
+        self._attempt_at = None
+        if self.cfg.protocol == "auto" and self.protocol == "5":
+            log.warning(
+                "broker %s:%d did not answer an MQTT 5 CONNECT within %.0f s; falling back to 3.1.1",
+                self.cfg.host,
+                self.cfg.port,
+                self.cfg.connect_timeout_s,
+            )
+            self.protocol = "3.1.1"
+        else:
+            log.warning("broker %s:%d did not answer CONNECT; reconnecting", self.cfg.host, self.cfg.port)
+        self._count("connect_failures")
+        self._close_clients()
+        self._build_clients()
 
     def _drain_acks(self) -> None:
         while True:
