@@ -66,20 +66,23 @@ def decode_body(body: bytes) -> Any:
         raise TransportError(f"malformed msgpack frame: {type(e).__name__}") from e
 
 
+_RECV_CHUNK = 1 << 20
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
+    # The buffer grows with the bytes actually received: `bytearray(n)` would zero (and so commit)
+    # the size a peer merely *announces*, letting a few connections exhaust the service's memory.
+    buf = bytearray()
+    while len(buf) < n:
         try:
-            k = sock.recv_into(view[got:], n - got)
+            chunk = sock.recv(min(n - len(buf), _RECV_CHUNK))
         except TimeoutError as e:
             raise TransportError("peer timed out") from e
         except OSError as e:
             raise TransportError(f"socket error: {e.strerror or e}") from e
-        if k == 0:
+        if not chunk:
             raise TransportError("peer closed the connection")
-        got += k
+        buf += chunk
     return bytes(buf)
 
 
