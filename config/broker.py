@@ -27,12 +27,13 @@ class TLSConfig(_Model):
     client-certificate authentication (Mosquitto `require_certificate true`)."""
 
     ca_file: Path | None = Field(
-        None, description="CA bundle that signed the broker certificate; null = system CAs"
+        default=None, description="CA bundle that signed the broker certificate; null = system CAs"
     )
-    cert_file: Path | None = Field(None, description="client certificate (PEM) for mutual TLS")
-    key_file: Path | None = Field(None, description="client private key (PEM) for mutual TLS")
+    cert_file: Path | None = Field(default=None, description="client certificate (PEM) for mutual TLS")
+    key_file: Path | None = Field(default=None, description="client private key (PEM) for mutual TLS")
     insecure: bool = Field(
-        False, description="skip broker hostname verification (testing only; the chain is still checked)"
+        default=False,
+        description="skip broker hostname verification (testing only; the chain is still checked)",
     )
 
     @model_validator(mode="after")
@@ -45,27 +46,35 @@ class TLSConfig(_Model):
 class BrokerConfig(_Model):
     """One MQTT broker connection shared by every camera of the daemon (topics carry the device id)."""
 
-    host: str = Field("127.0.0.1", min_length=1, description="broker host name or address")
-    port: int = Field(1883, ge=1, le=65535, description="broker TCP port (8883 is usual with TLS)")
+    host: str = Field(default="127.0.0.1", min_length=1, description="broker host name or address")
+    port: int = Field(default=1883, ge=1, le=65535, description="broker TCP port (8883 is usual with TLS)")
     client_id: str | None = Field(
-        None, max_length=128, description="MQTT client id; null = 'veilcam-<first device>'"
+        default=None, max_length=128, description="MQTT client id; null = 'veilcam-<first device>'"
     )
-    username: str | None = Field(None, description="MQTT user name (password from password_file/env)")
-    password_file: Path | None = Field(None, description="file holding the MQTT password")
-    password_env: str | None = Field(None, description="environment variable holding the MQTT password")
-    tls: TLSConfig | None = Field(None, description="TLS settings; null = plain TCP")
+    username: str | None = Field(default=None, description="MQTT user name (password from password_file/env)")
+    password_file: Path | None = Field(default=None, description="file holding the MQTT password")
+    password_env: str | None = Field(
+        default=None, description="environment variable holding the MQTT password"
+    )
+    tls: TLSConfig | None = Field(default=None, description="TLS settings; null = plain TCP")
     keepalive_s: int = Field(
-        30, ge=5, le=65535, description="MQTT keepalive; the broker sends the LWT after 1.5x this"
+        default=30, ge=5, le=65535, description="MQTT keepalive; the broker sends the LWT after 1.5x this"
     )
-    reconnect_min_delay_s: float = Field(0.5, gt=0, description="first wait before reconnecting")
-    reconnect_max_delay_s: float = Field(30.0, gt=0, description="ceiling of the reconnect backoff")
-    topic_prefix: str = Field("veilcam", description="topics are <prefix>/<device>/{alerts,available,...}")
-    qos: Literal[1, 2] = Field(1, description="QoS of alerts and availability (stats are always QoS 0)")
+    reconnect_min_delay_s: float = Field(default=0.5, gt=0, description="first wait before reconnecting")
+    reconnect_max_delay_s: float = Field(default=30.0, gt=0, description="ceiling of the reconnect backoff")
+    topic_prefix: str = Field(
+        default="veilcam", description="topics are <prefix>/<device>/{alerts,available,...}"
+    )
+    qos: Literal[1, 2] = Field(
+        default=1, description="QoS of alerts and availability (stats are always QoS 0)"
+    )
     protocol: Literal["auto", "5", "3.1.1"] = Field(
-        "auto", description="MQTT version; auto = 5, falling back to 3.1.1 if the broker refuses it"
+        default="auto", description="MQTT version; auto = 5, falling back to 3.1.1 if the broker refuses it"
     )
-    max_inflight: int = Field(20, ge=1, le=65535, description="unacknowledged QoS 1 publishes in flight")
-    connect_timeout_s: float = Field(10.0, gt=0, description="TCP/TLS connect timeout per attempt")
+    max_inflight: int = Field(
+        default=20, ge=1, le=65535, description="unacknowledged QoS 1 publishes in flight"
+    )
+    connect_timeout_s: float = Field(default=10.0, gt=0, description="TCP/TLS connect timeout per attempt")
 
     @field_validator("topic_prefix")
     @classmethod

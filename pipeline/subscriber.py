@@ -26,6 +26,7 @@ from typing import Any
 
 import msgpack
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from config.broker import BrokerConfig
@@ -113,7 +114,7 @@ class AlertSubscriber:
         self.subscribed = threading.Event()
         self._lock = threading.Lock()
         self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv311,  # works with every broker, incl. the embedded demo broker
             clean_session=not persistent,

@@ -33,6 +33,7 @@ from typing import Any
 
 import msgpack
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from config.broker import BrokerConfig
@@ -244,7 +245,7 @@ class AlertPublisher:
     def _new_client(self, client_id: str, device: str, gen: int, carries_alerts: bool) -> mqtt.Client:
         v5 = self.protocol == "5"
         client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             clean_session=None if v5 else True,
