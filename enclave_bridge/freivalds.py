@@ -36,10 +36,18 @@ def _channels_last(meta_kind: str, r: torch.Tensor) -> torch.Tensor:
     return r.movedim(1, -1) if meta_kind in ("tconv", "conv1x1") else r
 
 
-def check(op: LinearOp, xq: torch.Tensor, y_c: torch.Tensor, rng: MaskRNG, reps: int = REPS) -> bool:
+def check(
+    op: LinearOp,
+    xq: torch.Tensor,
+    y_c: torch.Tensor,
+    rng: MaskRNG,
+    reps: int = REPS,
+    xf: torch.Tensor | None = None,
+) -> bool:
     """True iff y ≡ x̂·Ŵ (mod p) passes `reps` random output-channel combinations.
 
-    xq: the op's quantised input (|x̂| ≤ BX); y_c: claimed result, centred (|y| ≤ HALF).
+    xq: the op's quantised input (|x̂| ≤ BX), `xf` optionally the same as float64 (shared by the
+    ops of one stage); y_c: claimed result, centred (|y| ≤ HALF), integer or float64.
     """
     if reps < 1:
         raise ValueError("reps must be ≥ 1")
@@ -48,7 +56,8 @@ def check(op: LinearOp, xq: torch.Tensor, y_c: torch.Tensor, rng: MaskRNG, reps:
     w = op.q.w_int.to(torch.float64)
     ws = exact_linear(lambda t: t @ w.T, s.T.contiguous(), P - 1, max(op.q.row_l1, 1))  # (reps, D)
     wsc = centred(ws).T.contiguous().to(torch.float64)  # (D, reps)
-    xf = xq.to(torch.float64)
+    if xf is None:
+        xf = xq.to(torch.float64)
     if meta.kind in ("tconv", "conv1x1"):
         rhs_f = apply_linear(meta, xf, wsc)  # (B, reps, T', V)
         rhs_f = rhs_f.reshape(rhs_f.shape[0], reps, -1)

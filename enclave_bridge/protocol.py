@@ -166,10 +166,11 @@ class _DelegatedBackend:
         st.last["worker"] += min(worker_s, wall)
         st.last["transport"] += max(wall - worker_s, 0.0)
         results = []
+        xf = xq.to(torch.float64)  # shared by the Freivalds checks of this stage
         for op, y_bar in zip(ops, outs, strict=True):
             st.delegated_ops += 1
             try:
-                results.append(self._verified(op, xq, shape, y_bar, u[op.name]))
+                results.append(self._verified(op, xq, xf, shape, y_bar, u[op.name]))
             except IntegrityError as e:
                 st.freivalds_failures += 1
                 log.warning("rejected worker reply for %s: %s; recomputing in the enclave", op.name, e)
@@ -177,8 +178,15 @@ class _DelegatedBackend:
         return results
 
     def _verified(
-        self, op: LinearOp, xq: torch.Tensor, shape: tuple[int, ...], y_bar: np.ndarray, u: torch.Tensor
+        self,
+        op: LinearOp,
+        xq: torch.Tensor,
+        xf: torch.Tensor,
+        shape: tuple[int, ...],
+        y_bar: np.ndarray,
+        u: torch.Tensor,
     ) -> torch.Tensor:
+        """Unmask, lift and Freivalds-check one reply; returns the exact result as float64."""
         ev, st = self.ev, self.ev.stats
         expect = out_shape(op.meta, shape, op.c_out)
         if y_bar.dtype != np.uint32 or tuple(y_bar.shape) != expect or bool((y_bar >= P).any()):
@@ -186,20 +194,20 @@ class _DelegatedBackend:
         with _Timer(st, "unmask"):
             # ȳ − u in numpy (ȳ may be a read-only wire buffer), then the int32 fix-up to [0, p)
             y = torch.from_numpy(y_bar.view(np.int32) - u.numpy())
-            y += (y >> 31) & P
+            y += y.bitwise_right_shift(31).bitwise_and_(P)
         if ev.mode == "paper":
             with _Timer(st, "u3"):
                 u3 = ev.engine.u3(op.name, xq).to(torch.int32)
             with _Timer(st, "unmask"):
                 y = unmask32(y, u3)
         with _Timer(st, "unmask"):
-            y = centred32(y)
+            yf = centred32(y).to(torch.float64)  # exact: |y| ≤ HALF
         with _Timer(st, "freivalds"):
             st.freivalds_checks += 1
-            ok = freivalds.check(op, xq, y, ev.rng, ev.freivalds_reps)
+            ok = freivalds.check(op, xq, yf, ev.rng, ev.freivalds_reps, xf=xf)
         if not ok:
             raise IntegrityError(f"Freivalds check failed for {op.name}")
-        return y
+        return yf
 
 
 class SecureEvaluator:

@@ -96,20 +96,20 @@ def mask32(xq: torch.Tensor, r1c: torch.Tensor) -> torch.Tensor:
     x̂ + r1c never overflows int32; one branch-free fix-up (add p where negative) makes it canonical.
     """
     v = xq + r1c
-    v += (v >> 31) & P
+    v += v.bitwise_right_shift(31).bitwise_and_(P)
     return v
 
 
 def unmask32(y_bar: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """(ȳ − u) mod p in int32 for ȳ, u canonical (the difference lies in (−p, p): no overflow)."""
     v = y_bar - u
-    v += (v >> 31) & P
+    v += v.bitwise_right_shift(31).bitwise_and_(P)
     return v
 
 
 def centred32(v: torch.Tensor) -> torch.Tensor:
     """Canonical int32 → centred representative, in place (subtract p where v > HALF)."""
-    v -= ((HALF - v) >> 31) & P
+    v -= torch.rsub(v, HALF).bitwise_right_shift_(31).bitwise_and_(P)
     return v
 
 

@@ -174,8 +174,14 @@ def contract_outputs(meta: OpMeta, y: torch.Tensor, s: torch.Tensor) -> torch.Te
         return torch.matmul(s.T, y.reshape(b, co, t * v))  # (B, J, T·V)
     if kind == "joint":
         return torch.einsum("botw,owj->btj", y, s.view(co, v, -1))
+    # agg: Σ_k y[:, k] (B, C·T, V) @ s[k] (V, J) — strided batched GEMMs, no copy of y
     c = co // meta.k
-    return torch.einsum("bkctw,kwj->bctj", y.view(b, meta.k, c, t, v), s.view(meta.k, v, -1))
+    yv = y.view(b, meta.k, c * t, v)
+    sv = s.view(meta.k, v, -1)
+    acc = torch.matmul(yv[:, 0], sv[0])
+    for k in range(1, meta.k):
+        acc += torch.matmul(yv[:, k], sv[k])
+    return acc.view(b, c, t, -1)
 
 
 def linear_fn(meta: OpMeta, w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -295,7 +301,8 @@ class RingBackend(Protocol):
 
 
 def _deq(y: torch.Tensor, e_x: int, op: LinearOp) -> torch.Tensor:
-    return y.to(torch.float64) * 2.0 ** (-(e_x + op.q.exp))
+    """Integer result → float: y·2^−(fx+fw) (a fresh float64 tensor, safe to modify in place)."""
+    return y.to(torch.float64).mul_(2.0 ** (-(e_x + op.q.exp)))
 
 
 def quantised_forward(qm: QuantModel, x: np.ndarray, backend: RingBackend) -> np.ndarray:
@@ -319,15 +326,15 @@ def quantised_forward(qm: QuantModel, x: np.ndarray, backend: RingBackend) -> np
             zq, e_z = quantise_act(z)
             (g,) = backend.run(zq, [blk.gcn])
             g_real = _deq(g, e_z, blk.gcn)
-        hh = torch.relu_(g_real + blk.gcn_bias[None, :, None, :])
+        hh = torch.relu_(g_real.add_(blk.gcn_bias[None, :, None, :]))
         hq, e_h = quantise_act(hh)
         (tc,) = backend.run(hq, [blk.tcn])
-        out = _deq(tc, e_h, blk.tcn) + blk.tcn_bias[None, :, None, None]
+        out = _deq(tc, e_h, blk.tcn).add_(blk.tcn_bias[None, :, None, None])
         if blk.residual == "identity":
             out += h
         elif blk.residual == "conv":
             assert res_out is not None and blk.res_bias is not None
-            out += res_out + blk.res_bias[None, :, None, None]
+            out += res_out.add_(blk.res_bias[None, :, None, None])
         h = torch.relu_(out)
     pooled = h.mean(dim=(2, 3)).view(n, m, -1).mean(dim=1)
     pq, e_p = quantise_act(pooled)
