@@ -23,6 +23,7 @@ import logging
 import logging.handlers
 import multiprocessing as mp
 import multiprocessing.connection
+import os
 import signal
 import threading
 import time
@@ -584,23 +585,24 @@ class CameraPipeline:
 
 # -- the daemon -------------------------------------------------------------------------------------
 class Notifier:
-    """sd_notify READY/WATCHDOG/STOPPING; silently nothing when not started by systemd."""
+    """sd_notify READY/WATCHDOG/STOPPING; nothing at all when not started by systemd.
+
+    The socket is non-blocking: a notification that cannot be queued is dropped rather than
+    stalling the daemon's main loop (systemd reads promptly; a stuck reader must not stop us).
+    """
 
     def __init__(self) -> None:
         self._n: Any = None
-        try:
-            import os
+        if os.environ.get("NOTIFY_SOCKET"):
+            import sdnotify
 
-            if os.environ.get("NOTIFY_SOCKET"):
-                import sdnotify
-
-                self._n = sdnotify.SystemdNotifier()
-        except ImportError:  # pragma: no cover - sdnotify is a dependency
-            self._n = None
+            self._n = sdnotify.SystemdNotifier()
+            if self._n.socket is not None:
+                self._n.socket.setblocking(False)
 
     def notify(self, state: str) -> None:
         if self._n is not None:
-            self._n.notify(state)
+            self._n.notify(state)  # sdnotify swallows socket errors (EAGAIN included)
 
 
 def build_link(cfg: VeilcamConfig, key: DataKey, recipients_extra: list[Any] | None = None) -> EnclaveLink:

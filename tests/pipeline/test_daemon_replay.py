@@ -186,3 +186,59 @@ def unused_tcp_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_sd_notify_ready_watchdog_stopping(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(0.2)
+    messages: list[str] = []
+    done = threading.Event()
+
+    def reader() -> None:  # plays systemd: reads every notification as it arrives
+        while not done.is_set():
+            try:
+                messages.append(sock.recv(256).decode())
+            except TimeoutError:
+                continue
+
+    t = threading.Thread(target=reader)
+    t.start()
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+    key = generate_data_key()
+    cfg = config_for(VTEST, model_dir, tmp_path / "state", max_frames=8)
+    link = make_local_enclave(cfg, key, [PartyKey.generate("consumer", "ops").public])
+    daemon = Daemon(cfg, key=key, link=link, sink=ListSink(), metrics=False)
+    daemon.start()
+    assert daemon.run_until_done(tick_s=0.05) == 0
+    time.sleep(0.3)
+    done.set()
+    t.join(5)
+    sock.close()
+    assert messages[0] == "READY=1" and messages[-1] == "STOPPING=1"
+    assert "WATCHDOG=1" in messages
+
+
+def test_sd_notify_never_blocks_the_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nobody reads the notify socket: notifications are dropped, the caller never blocks."""
+    import socket
+
+    from pipeline.daemon import Notifier
+
+    sock_path = tmp_path / "deaf.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+    n = Notifier()
+    t = threading.Thread(target=lambda: [n.notify("WATCHDOG=1") for _ in range(5000)], daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive()  # a blocking socket would hang after ~10 queued datagrams
+    sock.close()
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    Notifier().notify("READY=1")  # not under systemd: a no-op
