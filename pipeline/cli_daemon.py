@@ -48,11 +48,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from config.schema import load_config
-    from pipeline.daemon import Daemon, build_daemon_sink, camera_error
+    from pipeline.daemon import build_daemon, camera_error
 
     cfg = load_config(args.config)
-    sink, publisher = build_daemon_sink(cfg)
-    daemon = Daemon(cfg, sink=sink, publisher=publisher)
+    daemon = build_daemon(cfg)
     daemon.install_signal_handlers()
     daemon.start()
     code = daemon.run_until_done()

@@ -668,8 +668,10 @@ class Daemon:
         publisher: Any = None,
         on_pose: Callable[[PoseFrame], None] | None = None,
         on_result: Callable[[SealedWindow, Any, float], None] | None = None,
+        outbox: Any = None,
     ) -> None:
         self.cfg = cfg
+        self.outbox = outbox
         self.key = key or load_data_key_from_config(cfg)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.link = link or build_link(cfg, self.key)
@@ -681,6 +683,9 @@ class Daemon:
             )
             for name in cfg.cameras
         }
+        if outbox is not None:
+            for cam in self.cameras.values():
+                cam.stats.probes["outbox_depth"] = lambda dev=cam.device: float(outbox.depth(dev))
         self.metrics_enabled = cfg.metrics.enabled if metrics is None else metrics
         self.metrics_server: Any = None
         self.notifier = Notifier()
@@ -777,7 +782,10 @@ class Daemon:
         self.poll_enclave_stats()
         self._publish_stats()
         if self.publisher is not None and hasattr(self.publisher, "stop"):
-            self.publisher.stop()
+            # Whatever the broker does not acknowledge in time stays in the outbox for next start.
+            self.publisher.stop(flush_timeout_s=max(1.0, deadline - time.monotonic()))
+        if self.outbox is not None:
+            self.outbox.close()
         if self.metrics_server is not None:
             self.metrics_server.stop()
         try:
@@ -789,19 +797,43 @@ class Daemon:
         return 1 if failed or truncated else 0
 
 
-def build_daemon_sink(cfg: VeilcamConfig) -> tuple[AlertSink, Any]:
-    """The durable outbox (`<state_dir>/outbox.sqlite`) and, with a broker configured, its MQTT
-    publisher. Alerts are written to the outbox before anything tries to publish them."""
+def build_daemon(cfg: VeilcamConfig) -> Daemon:
+    """The production wiring of `veilcam run`: data key, enclave link, the durable outbox
+    (`<state_dir>/outbox.sqlite`, every alert is committed there before anything publishes it) and,
+    with a broker configured, its MQTT publisher (which also retains the enclave's evidence)."""
     from pipeline.outbox import Outbox
 
     ensure_state_dir(cfg.state_dir)
+    key = load_data_key_from_config(cfg)
+    link = build_link(cfg, key)
     outbox = Outbox(cfg.state_dir / "outbox.sqlite")
     publisher = None
     if cfg.broker is not None:
         from stages.alerts import AlertPublisher
 
-        publisher = AlertPublisher(cfg.broker, outbox, devices=[cfg.device_of(n) for n in cfg.cameras])
-    return outbox, publisher
+        publisher = AlertPublisher(
+            cfg.broker,
+            outbox,
+            devices=[cfg.device_of(n) for n in cfg.cameras],
+            evidence_provider=_evidence_provider(link),
+        )
+    return Daemon(cfg, key=key, link=link, sink=outbox, publisher=publisher, outbox=outbox)
+
+
+def _evidence_provider(link: EnclaveLink) -> Callable[[str], Any] | None:
+    """Fresh attestation evidence for the retained `<device>/enclave` topic (remote enclaves only:
+    the in-process evaluator has nothing to attest)."""
+    if not isinstance(link, RemoteEnclave):
+        return None
+
+    def provide(_device: str) -> Any:
+        try:
+            return link.evidence(os.urandom(32))
+        except VeilcamError as e:
+            log.warning("enclave evidence unavailable: %s", e)
+            return None
+
+    return provide
 
 
 def camera_error(cam: CameraPipeline) -> VeilcamError | None:
@@ -836,7 +868,7 @@ __all__ = [
     "Supervisor",
     "TeeSink",
     "WindowParams",
-    "build_daemon_sink",
+    "build_daemon",
     "build_link",
     "camera_error",
     "window_params",
