@@ -140,7 +140,8 @@ class AlertSubscriber:
         self._client.loop_start()
 
     def stop(self) -> None:
-        self._client.disconnect()
+        if self._client.is_connected():
+            self._client.disconnect()
         self._client.loop_stop()
         self.seen.close()
 

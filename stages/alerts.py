@@ -47,6 +47,17 @@ _UNSUPPORTED_PROTOCOL = (0x84, 1)
 EvidenceProvider = Callable[[str], Mapping[str, Any] | bytes | None]
 
 
+class _PahoNoise(logging.Filter):
+    """paho 2.2 logs "Client is not connected" at ERROR once after every clean disconnect."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+_paho_log = logging.getLogger(f"{__name__}.paho")
+_paho_log.addFilter(_PahoNoise())
+
+
 @dataclass(frozen=True, slots=True)
 class _Ack:
     gen: int
@@ -250,7 +261,7 @@ class AlertPublisher:
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             clean_session=None if v5 else True,
         )
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        client.enable_logger(_paho_log)
         client.max_inflight_messages_set(self.cfg.max_inflight + 8)
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(self.cfg.reconnect_min_delay_s, self.cfg.reconnect_max_delay_s)  # type: ignore[arg-type]
@@ -406,11 +417,12 @@ class AlertPublisher:
         self._build_clients()
 
     def _drain_acks(self) -> None:
+        done: list[int] = []
         while True:
             try:
                 ack = self._acks.get_nowait()
             except queue.Empty:
-                return
+                break
             if ack.gen != self._gen:
                 continue
             oid = self._inflight.pop(ack.mid, None)
@@ -422,12 +434,15 @@ class AlertPublisher:
                 self._count("refused")
                 log.error("broker refused alert (outbox row %d): %s", oid, ack.reason)
                 continue
-            try:
-                self.outbox.ack(oid)
-                self._count("acked")
-            except StageError as e:
-                self._count("ack_errors")
-                log.error("alert publisher: acknowledged alert stays in the outbox: %s", e)
+            done.append(oid)
+        if not done:
+            return
+        try:
+            self.outbox.ack_many(done)
+            self._count("acked", len(done))
+        except StageError as e:
+            self._count("ack_errors", len(done))
+            log.error("alert publisher: %d acknowledged alert(s) stay in the outbox: %s", len(done), e)
 
     def _pending_after_fed(self) -> bool:
         return bool(self.outbox.pending(limit=1, after_oid=self._last_fed))

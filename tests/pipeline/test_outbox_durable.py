@@ -141,3 +141,14 @@ def test_size_cap_full_is_clear_and_keeps_committed_rows(tmp_path: Path) -> None
     with Outbox(path) as again:
         seqs = [i.envelope.seq for i in again.pending()]
     assert seqs == [e.seq for e in stored[5:]] + [20_000]
+
+
+def test_ack_many_in_one_transaction(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite"
+    with Outbox(path) as ob:
+        oids = [ob.put(env(s)) for s in range(1, 11)]
+        assert ob.ack_many([*oids[:6], oids[0], 10_000]) == 6
+        assert [i.envelope.seq for i in ob.pending()] == [7, 8, 9, 10]
+        assert ob.stats().acked == 6
+    with Outbox(path) as ob:
+        assert ob.depth() == 4
