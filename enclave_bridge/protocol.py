@@ -149,6 +149,7 @@ class _DelegatedBackend:
                 stage = ev.make_stage(shape, names, ev.rng)
         r1, u = stage.consume()
         if self.degraded:
+            st.enclave_recomputes += len(ops)
             return ev.local.run(xq, ops)
         with _Timer(st, "mask"):
             x_bar = mask32(xq.to(torch.int32), r1).numpy().view(np.uint32)
@@ -161,6 +162,7 @@ class _DelegatedBackend:
             if not ev.fallback:
                 raise
             self.degraded = True
+            st.enclave_recomputes += len(ops)
             return ev.local.run(xq, ops)
         wall = time.perf_counter() - t0
         st.last["worker"] += min(worker_s, wall)
@@ -174,6 +176,7 @@ class _DelegatedBackend:
             except IntegrityError as e:
                 st.freivalds_failures += 1
                 log.warning("rejected worker reply for %s: %s; recomputing in the enclave", op.name, e)
+                st.enclave_recomputes += 1
                 results.append(ev.local.one(xq, op))
         return results
 

@@ -62,7 +62,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def x():
-    return skeleton_windows(1, 12, 1, seed=8)
+    return skeleton_windows(1, 8, 1, seed=8)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,7 @@ def test_crash_mid_inference_falls_back_then_recovers_after_restart(worker_proc,
         assert ev.stats.transport_errors == 1
         delegated_before = ev.stats.delegated_ops
         assert 0 < delegated_before < 32
+        assert ev.stats.enclave_recomputes == 32 - delegated_before  # the rest ran in the enclave
         # while the worker is down, windows still succeed (enclave path)
         assert np.array_equal(ev.evaluate(x), reference)
         assert ev.stats.transport_errors == 2
@@ -124,12 +125,11 @@ def test_unreachable_worker_at_start_is_not_fatal(model, x, reference):
         assert ev.stats.transport_errors == 1
 
 
-@pytest.mark.parametrize("tamper", ["flip", "replace"])
-def test_tampering_process_detected(model, x, reference, tamper):
-    w = WorkerProcess("--tamper", tamper, "--tamper-rate", "1.0")
+def test_tampering_process_detected(model, x, reference):
+    w = WorkerProcess("--tamper", "scale", "--tamper-rate", "1.0")
     w.start()
     try:
-        with SecureEvaluator(model, "paper", w.addr, pool_capacity=0) as ev:
+        with SecureEvaluator(model, "slalom", w.addr, pool_capacity=0) as ev:
             assert np.array_equal(ev.evaluate(x), reference)
             assert ev.stats.freivalds_failures == ev.stats.delegated_ops == 32
     finally:

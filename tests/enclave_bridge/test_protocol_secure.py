@@ -19,7 +19,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def windows():
-    return skeleton_windows(1, 12, 2, seed=21)
+    return skeleton_windows(1, 8, 2, seed=21)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_folded_model_accepted_and_identical(model, windows, reference):
 
 
 def test_top1_top5_match_float_model(model):
-    x = skeleton_windows(8, 20, 2, seed=77)
+    x = skeleton_windows(6, 12, 2, seed=77)
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).double().numpy()
     with SecureEvaluator(model, "slalom", pool_capacity=0) as ev:
@@ -86,22 +86,22 @@ def test_bad_arguments_rejected(model):
         ev.evaluate(bad)
 
 
-@pytest.mark.parametrize("tamper", ["flip", "scale", "replace"])
-def test_tampering_worker_is_caught_and_logits_stay_correct(model, windows, reference, tamper):
-    worker = LocalWorker(device="cpu", tamper=tamper, tamper_rate=1.0)
+def test_tampering_worker_is_caught_and_logits_stay_correct(model, windows, reference):
+    # every tamper mode is checked 1000× at client level in test_freivalds_check.py
+    worker = LocalWorker(device="cpu", tamper="replace", tamper_rate=1.0)
     with SecureEvaluator(model, "paper", worker, pool_capacity=0) as ev:
         got = ev.evaluate(windows)
         assert np.array_equal(got, reference)
         assert ev.stats.freivalds_failures == ev.stats.delegated_ops == 32
-        assert ev.stats.enclave_recomputes == 0 or ev.stats.enclave_recomputes == 32
+        assert ev.stats.enclave_recomputes == 32 and ev.stats.last["enclave_linear"] > 0
 
 
 def test_partial_tampering_counted_exactly(model, windows, reference):
     worker = LocalWorker(device="cpu", tamper="flip", tamper_rate=0.5)
     with SecureEvaluator(model, "slalom", worker, pool_capacity=0) as ev:
-        for _ in range(2):
-            assert np.array_equal(ev.evaluate(windows), reference)
-        assert ev.stats.freivalds_failures == worker.core.tampered > 0
+        assert np.array_equal(ev.evaluate(windows), reference)
+        assert ev.stats.freivalds_failures == ev.stats.enclave_recomputes == worker.core.tampered
+        assert 0 < worker.core.tampered < 32  # P(none or all of 32 tampered) = 2^-31
 
 
 @pytest.mark.slow
