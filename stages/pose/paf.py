@@ -12,7 +12,9 @@ released with) step by step, so its published thresholds mean the same thing her
    limbs longer than half the map height, is positive;
 4. candidates are accepted greedily per limb type, best score first, each peak used once;
 5. accepted limbs are assembled into humans (CMU's subset merge), which are dropped when they have
-   fewer than `thresh_part_cnt` parts or a mean score below `thresh_human_score`.
+   fewer than `thresh_part_cnt` parts or a mean score below `thresh_human_score`. One deliberate
+   difference from the reference: a limb never moves a peak that another human already holds, so
+   a joint is never reported for two people (the reference can, on cluttered maps).
 
 The pair scoring (the only part whose cost grows with the square of the people count) is a single
 numpy gather per limb type; the assembly loops over accepted limbs only (a few per person).
@@ -214,16 +216,23 @@ def assemble(peaks: Peaks, connections: list[list[tuple[int, int, float]]], para
     accumulates its total score and part count, used for the final filter.
     """
     rows: list[np.ndarray] = []  # each: 18 ids, then [total score, part count]
+
+    def attach(r: np.ndarray, part: int, gid: int, s: float) -> None:
+        # The reference overwrites unconditionally; a peak another human already holds is left
+        # there, so no joint is ever reported for two people.
+        if r[part] == gid or any(o is not r and o[part] == gid for o in rows):
+            return
+        if r[part] < 0:
+            r[19] += 1
+        r[part] = gid
+        r[18] += peaks.score[gid] + s
+
     for limb, conns in enumerate(connections):
         pa, pb = LIMBS[limb][0], LIMBS[limb][1]
         for ga, gb, s in conns:
             hits = [i for i, r in enumerate(rows) if r[pa] == ga or r[pb] == gb]
             if len(hits) == 1:
-                r = rows[hits[0]]
-                if r[pb] != gb:
-                    r[pb] = gb
-                    r[19] += 1
-                    r[18] += peaks.score[gb] + s
+                attach(rows[hits[0]], pb, gb, s)
             elif len(hits) >= 2:
                 r1, r2 = rows[hits[0]], rows[hits[1]]
                 overlap = bool(np.any((r1[:NUM_PARTS] >= 0) & (r2[:NUM_PARTS] >= 0)))
@@ -233,9 +242,7 @@ def assemble(peaks: Peaks, connections: list[list[tuple[int, int, float]]], para
                     r1[19] += r2[19]
                     del rows[hits[1]]
                 else:
-                    r1[pb] = gb
-                    r1[19] += 1
-                    r1[18] += peaks.score[gb] + s
+                    attach(r1, pb, gb, s)
             elif limb < _SEED_LIMBS:
                 r = np.full(NUM_PARTS + 2, -1.0)
                 r[pa], r[pb] = ga, gb

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from enclave_bridge.errors import StageError
 from stages.pose.paf import (
@@ -199,3 +201,23 @@ def test_bad_maps_and_params_raise_stage_errors() -> None:
         PafParams(blur_ksize=24)
     with pytest.raises(StageError, match="thresh_vector_cnt1"):
         PafParams(step_paf=5, thresh_vector_cnt1=6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), upsample=st.sampled_from([1.0, 2.0, 4.0]))
+def test_random_maps_always_give_well_formed_distinct_people(seed: int, upsample: float) -> None:
+    """Noise in, contract out: shapes, scores in [0, 1], no peak shared by two people."""
+    rng = np.random.default_rng(seed)
+    heat = rng.uniform(-0.1, 1.0, (19, 12, 14)).astype(np.float32)
+    paf = rng.uniform(-1.0, 1.0, (38, 12, 14)).astype(np.float32)
+    params = PafParams(upsample=upsample, thresh_part_cnt=2, thresh_human_score=0.0)
+    out = run(heat, paf, params)
+    assert out.ndim == 3 and out.shape[1:] == (18, 3) and out.dtype == np.float32
+    assert np.all((out[..., 2] >= 0) & (out[..., 2] <= 1))
+    present = out[..., 2] > 0
+    assert np.all((out[..., 0] >= 0) & (out[..., 0] <= 13) & (out[..., 1] >= 0) & (out[..., 1] <= 11))
+    assert np.all(out[~present] == 0)
+    assert np.all(present.sum(axis=1) >= 1)
+    for j in range(18):
+        pts = out[present[:, j], j, :2]
+        assert len(np.unique(pts, axis=0)) == len(pts)  # each peak belongs to one person at most
