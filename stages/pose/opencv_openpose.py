@@ -101,11 +101,14 @@ class OpenCVOpenPose:
 
     def forward(self, image: np.ndarray) -> np.ndarray:
         """BGR (H, W, 3) uint8 → raw network output (57, h, w) float32 (h = input_height/8)."""
-        blob = cv2.dnn.blobFromImage(image, 1.0, self.input_size, (0, 0, 0), swapRB=False, crop=False)
         if self._net is None:
             raise StageError("opencv-openpose: backend is closed")
-        self._net.setInput(blob)
-        out = self._net.forward()
+        try:
+            blob = cv2.dnn.blobFromImage(image, 1.0, self.input_size, (0, 0, 0), swapRB=False, crop=False)
+            self._net.setInput(blob)
+            out = self._net.forward()
+        except cv2.error as e:
+            raise StageError(f"opencv-openpose: forward pass failed: {e}") from e
         if out.ndim != 4 or out.shape[1] != _OUT_CHANNELS:
             raise StageError(f"opencv-openpose: unexpected network output shape {out.shape}")
         return np.asarray(out[0], dtype=np.float32)

@@ -185,6 +185,15 @@ def test_bad_images_are_rejected(backend: OpenCVOpenPose) -> None:
         backend.infer(np.zeros((0, 32, 3), np.uint8))
 
 
+def test_closed_backend_refuses_frames(shared_sample) -> None:
+    (img,) = read_frames(shared_sample("exercise.avi"), [0])
+    b = create_backend("opencv-openpose", input_width=128, input_height=96)
+    assert b.infer(img).shape[1:] == (18, 3)
+    b.close()
+    with pytest.raises(StageError, match="closed"):
+        b.infer(img)
+
+
 def test_model_path_errors_and_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     missing = tmp_path / "nope.pb"
     with pytest.raises(StageError, match=r"not found.*model_path"):
