@@ -506,4 +506,21 @@ class AlertPublisher:
             return ", ".join(f"{k}={v}" for k, v in self.counters.items() if v)
 
 
-__all__ = ["AlertPublisher", "EvidenceProvider"]
+def enclave_evidence_provider(address: str, timeout_s: float = 10.0) -> EvidenceProvider:
+    """An `evidence_provider` that asks the `veilcam enclave` at `address` for fresh evidence (new
+    nonce each time), for `AlertPublisher(..., evidence_provider=...)`: consumers then find the
+    alert-signing key's evidence retained on `<prefix>/<device>/enclave`, at most
+    `evidence_refresh_s` old, and verify it without a nonce (freshness by its timestamp)."""
+
+    def provide(_device: str) -> Mapping[str, Any]:
+        import os
+
+        from enclave_bridge.client import EnclaveClient
+
+        with EnclaveClient(address, timeout_s=timeout_s) as client:
+            return client.evidence(os.urandom(32))
+
+    return provide
+
+
+__all__ = ["AlertPublisher", "EvidenceProvider", "enclave_evidence_provider"]

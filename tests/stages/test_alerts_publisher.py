@@ -260,3 +260,45 @@ def test_sigkill_with_unacked_alerts_then_restart_resends(mosquitto, tmp_path: P
     assert late.messages[0] == ("veilcam/cam1/available", b"offline", True)
     late.close()
     col.close()
+
+
+def test_retained_enclave_evidence_verifies_for_consumers(mosquitto, tmp_path: Path) -> None:
+    """Evidence from a provider is retained on <prefix>/<device>/enclave; a consumer that connects
+    later verifies it (platform key + measurement allow-list) and gets the alert-signing key."""
+    from enclave_bridge.attest import PlatformKey, SessionKey, SimulatedBackend, make_evidence
+    from enclave_bridge.errors import AttestationError
+    from enclave_bridge.keys import PartyKey
+    from pipeline.subscriber import verify_key_from_evidence
+
+    platform = PlatformKey.generate()
+    measurement = "ab" * 32
+    backend = SimulatedBackend(platform, measurement, "eval")
+    signer = PartyKey.generate("data-owner", "enclave-signer")
+    calls: list[str] = []
+
+    def provider(device: str) -> dict:
+        calls.append(device)
+        return make_evidence(backend, "eval", os.urandom(32), SessionKey(), signer.public.sign_pub)
+
+    ob = Outbox(tmp_path / "o.sqlite")
+    pub = AlertPublisher(cfg_for(mosquitto), ob, ["cam1"], evidence_provider=provider)
+    pub.start()
+    try:
+        assert pub.wait_idle(5)
+        deadline = time.monotonic() + 10
+        while pub.counters["evidence_published"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        late = Collector(mosquitto.host, mosquitto.port, ["veilcam/cam1/enclave"])
+        assert late.wait_for(lambda m: len(m) >= 1)
+        _topic, blob, retained = late.messages[0]
+        assert retained and calls == ["cam1"]
+        key = verify_key_from_evidence(blob, platform.public, [measurement], max_age_s=300)
+        assert key == signer.public.sign_pub
+        with pytest.raises(AttestationError, match="allow-list"):
+            verify_key_from_evidence(blob, platform.public, ["cd" * 32], max_age_s=300)
+        with pytest.raises(AttestationError):
+            verify_key_from_evidence(blob, PlatformKey.generate().public, [measurement], max_age_s=300)
+        late.close()
+    finally:
+        pub.stop()
+        ob.close()
