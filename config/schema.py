@@ -74,7 +74,12 @@ class WindowConfig(_Model):
 
     length_frames: int | None = Field(None, ge=1, le=10_000, description="T: frames per window")
     stride_frames: int | None = Field(None, ge=1, le=10_000, description="frames between window starts")
-    persons: int = Field(2, ge=1, le=16, description="M: the most confident tracks kept per window")
+    persons: int | None = Field(
+        None,
+        ge=1,
+        le=16,
+        description="M: the most confident tracks kept per window (null: model.json M, else 2)",
+    )
     flush_partial: bool = Field(
         True, description="at end of a replay, emit one zero-padded window if none was emitted yet"
     )
@@ -282,7 +287,7 @@ class VeilcamConfig(_Model):
 
 # -- model.json defaults ---------------------------------------------------------------------------
 def model_window_defaults(model_dir: Path | None) -> dict[str, float]:
-    """`T`, `stride`, `fps` from `<model_dir>/model.json` when present (the model fixes the window)."""
+    """`T`, `stride`, `fps`, `M` from `<model_dir>/model.json` when present (the model fixes the window)."""
     path = (model_dir or DEFAULT_MODEL_DIR) / "model.json"
     if not path.is_file():
         return {}
@@ -290,7 +295,7 @@ def model_window_defaults(model_dir: Path | None) -> dict[str, float]:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: unreadable model.json: {e}") from e
-    return {k: doc[k] for k in ("T", "stride", "fps") if isinstance(doc.get(k), int | float)}
+    return {k: doc[k] for k in ("T", "stride", "fps", "M") if isinstance(doc.get(k), int | float)}
 
 
 # -- loading with YAML line numbers ----------------------------------------------------------------

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_T = 300
 DEFAULT_STRIDE = 30
+DEFAULT_PERSONS = 2
 POSE_TIMEOUT_S = 60.0
 
 
@@ -446,15 +447,18 @@ class WindowParams:
     length_frames: int
     stride_frames: int
     fps: float | None
+    persons: int = 2
 
 
 def window_params(cfg: VeilcamConfig, cam: CameraConfig) -> WindowParams:
-    """Window length/stride and target fps: config first, then the model's model.json, then defaults."""
+    """Window length/stride/persons and target fps: config first, then the model's model.json, then
+    defaults (T=300, stride 30, M=2, the source's own fps)."""
     model = model_window_defaults(cfg.enclave.model_dir or DEFAULT_MODEL_DIR)
     T = cam.window.length_frames or int(model.get("T", DEFAULT_T))
     stride = cam.window.stride_frames or int(model.get("stride", DEFAULT_STRIDE))
     fps = cam.fps if cam.fps is not None else (float(model["fps"]) if "fps" in model else None)
-    return WindowParams(T, stride, fps)
+    persons = cam.window.persons or int(model.get("M", DEFAULT_PERSONS))
+    return WindowParams(T, stride, fps, persons)
 
 
 class CameraPipeline:
@@ -502,7 +506,7 @@ class CameraPipeline:
             counter,
             length_frames=params.length_frames,
             stride_frames=params.stride_frames,
-            persons=cam.window.persons,
+            persons=params.persons,
             tracker=cam.window.tracker,
             stats=self.stats,
             flush_partial=cam.window.flush_partial,

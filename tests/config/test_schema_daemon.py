@@ -44,7 +44,7 @@ def test_defaults_and_source_kinds() -> None:
     cfg = parse_config(MINIMAL)
     cam = cfg.cameras["door"]
     assert cam.pose.backend == "opencv-openpose"
-    assert cam.window.persons == 2 and cam.window.length_frames is None
+    assert cam.window.persons is None and cam.window.length_frames is None
     assert cfg.rules.labels == ["*"]
     assert CameraConfig(source=0).source_kind == "webcam"
     assert CameraConfig(source=0).is_live
