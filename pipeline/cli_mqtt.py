@@ -69,7 +69,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "the decrypted alerts as a subscriber sees them. Uses the same public commands as a deployment.",
     )
     p.add_argument("--clip", type=Path, help="video to replay (default: the shipped samples/vtest.avi)")
-    p.add_argument("--max-frames", type=int, help="stop the replay after this many frames")
+    p.add_argument(
+        "--max-frames",
+        type=int,
+        default=60,
+        help="replay this many frames (default 60 = 6 s of the clip, a few windows; 0 = whole clip)",
+    )
     p.add_argument(
         "--broker", default="auto", choices=("auto", "mosquitto", "embedded"), help="local broker to start"
     )
