@@ -129,6 +129,10 @@ class _DelegatedBackend:
         self.window: WindowMasks | None = None
         self.degraded = False
 
+    def begin_without_pool(self) -> None:
+        self.degraded = False
+        self.window = None
+
     def begin(self, key: WindowKey) -> None:
         self.degraded = False
         self.window = self.ev.pool.take(key) if self.ev.pool is not None else None
@@ -219,10 +223,10 @@ class SecureEvaluator:
     `worker=None` starts an in-process worker on the best torch device; a string is the address
     of a `veilcam gpu-worker` (`host:port` or `unix:/path`); any object with the `Worker`
     interface is used as is. Options: `allow_plaintext`, `pool_window=(N, T, M)` (shape the
-    precompute pool fills for, default (1, 300, 2)), `pool_capacity` (default 2 windows, 0 = no
-    pool), `background_pool` (default True), `freivalds_reps` (default 2: soundness 2⁻⁶²),
-    `fallback` (default True: finish a window in the enclave if the worker fails),
-    `timeout_s` for a remote worker.
+    precompute pool fills for; default: the shape of the first evaluated window, re-keyed when
+    the shape changes), `pool_capacity` (default 2 windows, 0 = no pool), `background_pool`
+    (default True), `freivalds_reps` (default 2: soundness 2⁻⁶²), `fallback` (default True:
+    finish a window in the enclave if the worker fails), `timeout_s` for a remote worker.
     """
 
     def __init__(
@@ -232,7 +236,7 @@ class SecureEvaluator:
         worker: str | Worker | None = None,
         *,
         allow_plaintext: bool = False,
-        pool_window: WindowKey = (1, 300, 2),
+        pool_window: WindowKey | None = None,
         pool_capacity: int = 2,
         background_pool: bool = True,
         freivalds_reps: int = freivalds.REPS,
@@ -268,16 +272,26 @@ class SecureEvaluator:
             else:
                 self.worker = worker
             self.worker.load(self.model_id, self.engine.worker_payload())
-            if pool_capacity > 0:
-                self.pool = PrecomputePool(
-                    lambda k: self.qm.stage_plan(*k),
-                    self.make_stage,
-                    pool_window,
-                    capacity=pool_capacity,
-                    background=background_pool,
-                )
+            self._pool_capacity, self._background_pool = pool_capacity, background_pool
+            if pool_window is not None:
+                self._ensure_pool(tuple(pool_window))  # type: ignore[arg-type]
             self._delegated = _DelegatedBackend(self)
         log.info("secure evaluator ready: mode %s, %d ring ops, modulus 2^31-1", mode, len(self.qm.ops))
+
+    def _ensure_pool(self, key: WindowKey) -> None:
+        """(Re)key the precompute pool to the window shape in use (entries are shape-specific)."""
+        if self._pool_capacity <= 0 or (self.pool is not None and self.pool.key == key):
+            return
+        if self.pool is not None:
+            log.info("window shape changed to %s: re-keying the mask pool", key)
+            self.pool.close()
+        self.pool = PrecomputePool(
+            lambda k: self.qm.stage_plan(*k),
+            self.make_stage,
+            key,
+            capacity=self._pool_capacity,
+            background=self._background_pool,
+        )
 
     def make_stage(self, shape: tuple[int, ...], names: tuple[str, ...], rng: MaskRNG) -> StageMasks:
         """Fresh r1 for one stage (stored centred, int32) and u = r1·W_worker mod p per op (int32)."""
@@ -298,6 +312,7 @@ class SecureEvaluator:
             sent0 = self.worker.bytes_sent if self.worker else 0
             recv0 = self.worker.bytes_received if self.worker else 0
             ctx = self.pool.busy() if self.pool is not None else _null()
+            rekey: WindowKey | None = None
             with ctx:
                 if self.mode == "plaintext":
                     with torch.no_grad():
@@ -305,11 +320,19 @@ class SecureEvaluator:
                 elif self.mode == "enclave":
                     out = quantised_forward(self.qm, x, self.local)
                 else:
-                    self._delegated.begin((x.shape[0], x.shape[2], x.shape[4]))
+                    key = (x.shape[0], x.shape[2], x.shape[4])
+                    if self.pool is None or self.pool.key != key:
+                        self.stats.pool_misses += 1  # masks for this window are made on-line
+                        self._delegated.begin_without_pool()
+                    else:
+                        self._delegated.begin(key)
                     out = quantised_forward(self.qm, x, self._delegated)
                     self._delegated.window = None
+                    rekey = key
             last = self.stats.last
             last["total"] = time.perf_counter() - t0
+            if rekey is not None:
+                self._ensure_pool(rekey)  # fill (in the background, while idle) for the shape in use
             accounted = sum(v for k, v in last.items() if k not in ("total", "nonlinear", "decrypt"))
             last["nonlinear"] = max(last["total"] - accounted, 0.0)
             for k, v in last.items():

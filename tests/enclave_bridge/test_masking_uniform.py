@@ -148,3 +148,17 @@ def test_sealed_persistence_moves_entries_and_deletes_file(model, tmp_path):
     ref = SecureEvaluator(model, "enclave").evaluate(x)
     assert np.array_equal(ev.evaluate(x), ref)
     ev.close()
+
+
+def test_pool_keys_itself_to_the_window_shape_in_use(model):
+    ev = SecureEvaluator(model, "slalom", None, pool_capacity=1, background_pool=False)
+    assert ev.pool is None
+    x = np.zeros((1, 3, 16, 18, 1), np.float32)
+    ev.evaluate(x)  # first window: masks made on-line, then the pool is keyed to this shape
+    assert ev.stats.pool_misses == 1 and ev.pool is not None and ev.pool.key == (1, 16, 1)
+    ev.pool.fill()
+    ev.evaluate(x)
+    assert ev.stats.pool_hits == 1
+    ev.evaluate(np.zeros((1, 3, 12, 18, 1), np.float32))
+    assert ev.stats.pool_misses == 2 and ev.pool.key == (1, 12, 1)
+    ev.close()
