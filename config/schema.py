@@ -413,8 +413,21 @@ def _resolve_paths(cfg: VeilcamConfig, base: Path) -> VeilcamConfig:
             sp = Path(src.removeprefix("file://")).expanduser()
             src = str(sp if sp.is_absolute() else base / sp)
         cams[name] = cam.model_copy(update={"source": src})
+    broker = cfg.broker
+    if broker is not None:
+        tls = broker.tls
+        if tls is not None:
+            tls = tls.model_copy(
+                update={
+                    "ca_file": fix(tls.ca_file),
+                    "cert_file": fix(tls.cert_file),
+                    "key_file": fix(tls.key_file),
+                }
+            )
+        broker = broker.model_copy(update={"password_file": fix(broker.password_file), "tls": tls})
     return cfg.model_copy(
         update={
+            "broker": broker,
             "state_dir": fix(cfg.state_dir),
             "data_key_path": fix(cfg.data_key_path),
             "passphrase_file": fix(cfg.passphrase_file),
@@ -470,6 +483,22 @@ def check_files(cfg: VeilcamConfig) -> list[str]:
     for name, cam in cfg.cameras.items():
         if cam.source_kind == "file" and not Path(str(cam.source).removeprefix("file://")).is_file():
             problems.append(f"cameras.{name}.source: video file {cam.source} not found")
+    if cfg.broker is not None:
+        try:
+            cfg.broker.password()
+        except ConfigError as e:
+            problems.append(str(e))
+        tls = cfg.broker.tls
+        if tls is not None:
+            problems.extend(
+                f"broker.tls.{name}: {path} not found"
+                for name, path in (
+                    ("ca_file", tls.ca_file),
+                    ("cert_file", tls.cert_file),
+                    ("key_file", tls.key_file),
+                )
+                if path is not None and not path.is_file()
+            )
     parent = cfg.state_dir if cfg.state_dir.exists() else cfg.state_dir.parent
     if not os.access(parent, os.W_OK):
         problems.append(f"state_dir: {cfg.state_dir} is not writable")

@@ -125,11 +125,15 @@ def test_data_key_errors_name_the_key(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_check_files_lists_missing_files(tmp_path: Path) -> None:
-    cfg = load_config(_write(tmp_path, MINIMAL))
+    broker = "broker:\n  username: cam\n  password_file: mqtt.pass\n  tls:\n    ca_file: ca.pem\n"
+    cfg = load_config(_write(tmp_path, MINIMAL + broker))
+    assert cfg.broker is not None and cfg.broker.password_file == tmp_path / "mqtt.pass"
     problems = "\n".join(check_files(cfg))
     assert "data_key_path" in problems
     assert "cameras.door.source" in problems
     assert "enclave.recipients" in problems
+    assert "broker.password_file" in problems
+    assert f"broker.tls.ca_file: {tmp_path / 'ca.pem'} not found" in problems
 
 
 def _write(tmp_path: Path, text: str) -> Path:
