@@ -7,6 +7,7 @@
   y = ȳ − u − u3 with u = r1·W̄ (= the paper's u1 + u2, precomputed) and u3 = x̂·R2 on-line —
   u3 costs as much as the layer itself, computed as one exact float64 GEMM (|x̂| ≤ 2^10).
 
+Masking and unmasking themselves are the int32 fast paths `ring.mask32` / `ring.unmask32`.
 Everything the worker receives (W̄ or Ŵ once, x̄ per stage) is a ring element; x̄ is uniform in
 F_p whatever x̂ is, because r1 is uniform and fresh for every stage of every window.
 """
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from enclave_bridge.quant import BX
-from enclave_bridge.ring import HALF, MaskRNG, P, add_mod, centred, exact_linear, sub_mod, to_ring
+from enclave_bridge.ring import MaskRNG, P, add_mod, centred, exact_linear, to_ring
 from enclave_bridge.secure_layers import LinearOp, QuantModel, linear_fn
 
 MASKED_MODES = ("paper", "slalom")
@@ -69,11 +70,6 @@ class MaskingEngine:
         om = self.ops[name]
         return exact_linear(linear_fn(om.op.meta, om.worker_centred), r1, P - 1, max(om.worker_l1, 1))
 
-    @staticmethod
-    def mask(xq: torch.Tensor, r1: torch.Tensor) -> torch.Tensor:
-        """x̄ = x̂ + r1 mod p (x̂ small signed int64, r1 uniform in [0, p))."""
-        return add_mod(to_ring(xq), r1)
-
     def u3(self, name: str, xq: torch.Tensor) -> torch.Tensor:
         """Paper mode on-line term x̂·R2 mod p."""
         om = self.ops[name]
@@ -81,18 +77,5 @@ class MaskingEngine:
             raise ValueError("u3 exists only in paper mode")
         return exact_linear(linear_fn(om.op.meta, om.r2), xq, BX, max(om.r2_l1, 1))
 
-    @staticmethod
-    def unmask(y_bar: torch.Tensor, u: torch.Tensor, u3: torch.Tensor | None = None) -> torch.Tensor:
-        """y = ȳ − u (− u3) mod p, in [0, p)."""
-        y = sub_mod(y_bar, u.to(torch.int64))
-        if u3 is not None:
-            y = sub_mod(y, u3)
-        return y
 
-
-def lift(y: torch.Tensor) -> torch.Tensor:
-    """Ring result → the integer it stands for (valid because |x̂·Ŵ| < p/2 is proven)."""
-    return centred(y)
-
-
-__all__ = ["HALF", "MASKED_MODES", "MaskingEngine", "OpMasks", "lift"]
+__all__ = ["MASKED_MODES", "MaskingEngine", "OpMasks"]
