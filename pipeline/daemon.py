@@ -42,7 +42,7 @@ from config.schema import (
     model_window_defaults,
 )
 from enclave_bridge.keys import DataKey
-from pipeline.errors import ConfigError, StageError, VeilcamError
+from pipeline.errors import ConfigError, StageError, TransportError, VeilcamError
 from pipeline.messages import AlertEnvelope, EndOfStream, Frame, PoseFrame, SealedWindow
 from pipeline.queues import BoundedQueue, QueueClosed, QueueTimeout
 from pipeline.stats import CameraStats
@@ -560,7 +560,16 @@ class CameraPipeline:
         self.done.set()
 
     def start(self) -> None:
-        self.enclave.hello()
+        """Register with the enclave (bad rules are a `ConfigError` right here) and start the stages.
+
+        An unreachable enclave is not fatal: the enclave stage says hello again when it starts,
+        under the supervisor's restart budget, while capture and pose already run."""
+        try:
+            self.enclave.hello()
+        except TransportError as e:
+            log.warning(
+                "camera %s: enclave unreachable at start (%s); retrying in the enclave stage", self.device, e
+            )
         self.stats.status = "running"
         self.supervisor.start()
 

@@ -242,3 +242,13 @@ def test_sd_notify_never_blocks_the_daemon(tmp_path: Path, monkeypatch: pytest.M
     sock.close()
     monkeypatch.delenv("NOTIFY_SOCKET")
     Notifier().notify("READY=1")  # not under systemd: a no-op
+
+
+def test_unreachable_enclave_is_a_clear_error(tmp_path: Path, model_dir: Path) -> None:
+    cfg = config_for(VTEST, model_dir, tmp_path / "state", max_frames=8)
+    sock = tmp_path / "no-enclave.sock"
+    cfg = cfg.model_copy(update={"enclave": EnclaveConfig(address=f"unix:{sock}", timeout_s=2)})
+    report = run_replay(VTEST, cfg, key=generate_data_key(), progress=False)
+    assert report.exit_code == 1
+    assert str(sock) in report.error
+    assert report.alert_envelopes == 0
