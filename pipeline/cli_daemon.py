@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -75,18 +77,20 @@ def cmd_replay(args: argparse.Namespace) -> int:
         "length_frames": args.window_frames,
         "stride_frames": args.stride_frames,
     }
-    try:
-        cfg = replay_config(
-            args.clip, base, camera=args.camera, state_dir=args.state_dir, overrides=overrides
-        )
-    except ValueError as e:  # pydantic ValidationError from an override
-        raise ConfigError(f"replay options: {e}") from e
-    consumer = None
-    if args.consumer_key:
-        from enclave_bridge.keys import PartyKey
+    with contextlib.ExitStack() as stack:
+        state_dir = args.state_dir
+        if state_dir is None and base is None:  # throw-away key: throw-away counters too
+            state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="veilcam-replay-")))
+        try:
+            cfg = replay_config(args.clip, base, camera=args.camera, state_dir=state_dir, overrides=overrides)
+        except ValueError as e:  # pydantic ValidationError from an override
+            raise ConfigError(f"replay options: {e}") from e
+        consumer = None
+        if args.consumer_key:
+            from enclave_bridge.keys import PartyKey
 
-        consumer = PartyKey.load(args.consumer_key)
-    report = run_replay(args.clip, cfg, progress=not args.no_progress, consumer_key=consumer)
+            consumer = PartyKey.load(args.consumer_key)
+        report = run_replay(args.clip, cfg, progress=not args.no_progress, consumer_key=consumer)
     if args.json:
         print(json.dumps(_report_json(report), indent=2, sort_keys=True))
     else:

@@ -85,3 +85,19 @@ def test_replay_cli_table_and_errors(
     assert "--camera" in capsys.readouterr().err
     assert main(["replay", str(VTEST), "--config", str(config_file), "--fps", "-1"]) == 1
     assert "fps" in capsys.readouterr().err
+
+
+def test_replay_cli_without_config_uses_the_shipped_model(capsys: pytest.CaptureFixture[str]) -> None:
+    model_dir = REPO_ROOT / "samples" / "default_model"
+    if not (model_dir / "model.pt").is_file():
+        pytest.skip("samples/default_model not present")
+    code = main(["replay", str(VTEST), "--max-frames", "12", "--no-progress", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(out)
+    meta = json.loads((model_dir / "model.json").read_text())
+    assert report["window"]["length_frames"] == meta["T"]
+    # 12 frames < T: one zero-padded window at the end of the clip, evaluated by the shipped model
+    assert report["frames"] == 12 and report["windows"] == 1 and report["windows_rejected"] == 0
+    labels = (model_dir / "labels.txt").read_text().split()
+    assert all(a["label"] in labels for a in report["alerts"])
