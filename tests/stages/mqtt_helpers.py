@@ -18,7 +18,16 @@ class Collector:
     """
 
     def __init__(
-        self, host: str, port: int, topics: list[str], client_id: str = "", persistent: bool = False
+        self,
+        host: str,
+        port: int,
+        topics: list[str],
+        client_id: str = "",
+        persistent: bool = False,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self.cond = threading.Condition()
@@ -30,6 +39,10 @@ class Collector:
             clean_session=not persistent,
         )
         self.client.reconnect_delay_set(0.05, 0.2)
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if ca_file is not None:
+            self.client.tls_set(ca_certs=ca_file)
 
         def on_connect(c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
             if not rc.is_failure:
