@@ -199,7 +199,7 @@ def run_demo(
             "--mode", mode, "--worker", f"unix:{worker_sock}",
             "--out", "enclave.yaml",
         )  # fmt: skip
-        measurement = demo.veilcam("measure", "--config", "enclave.yaml").strip().splitlines()[-1]
+        demo.veilcam("measure", "--config", "enclave.yaml")  # what the owners would approve
         demo.spawn(
             "key-enclave", "key-enclave",
             "--listen", f"unix:{key_sock}", "--state-dir", "state/key",
@@ -231,10 +231,11 @@ def run_demo(
         demo.veilcam("policy", "sign", "--policy", "policy.json", "--key", "keys/city.key")
         demo.veilcam("policy", "sign", "--policy", "policy.json", "--key", "keys/vendor.key")
         demo.veilcam("provision", "policy", "--enclave", f"unix:{eval_sock}", "--policy", "policy.json")
-        demo.veilcam(
+        attested = demo.veilcam(
             "attest", "--enclave", f"unix:{eval_sock}", "--platform-pub", "platform/platform.pub",
-            "--measurement", measurement, "--evidence-out", "evidence.msgpack",
+            "--allow-config", "enclave.yaml", "--evidence-out", "evidence.msgpack",
         )  # fmt: skip
+        measurement = str(json.loads(attested)["measurement"])
         demo.say(
             f"enclaves attested (measurement {measurement[:16]}…), model, data key and policy provisioned"
         )
