@@ -38,6 +38,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="verified evidence of the evaluation enclave (veilcam attest --evidence-out FILE)",
     )
     who.add_argument(
+        "--evidence-from-broker",
+        action="store_true",
+        help="use the evidence the daemon retains on <prefix>/<device>/enclave (checked, max 5 min old)",
+    )
+    who.add_argument(
         "--signer-pub",
         type=Path,
         help="development only: public (or key) file of the in-process local evaluator's signing key",
@@ -111,20 +116,29 @@ def build_opener(args: argparse.Namespace) -> Any:
     from pipeline.subscriber import verify_key_from_evidence
 
     consumer = PartyKey.load(args.consumer_key, resolve_passphrase(args.passphrase_file))
-    if args.enclave_evidence is not None:
+    if args.enclave_evidence is not None or args.evidence_from_broker:
         if args.platform_pub is None:
-            raise ConfigError("--enclave-evidence needs --platform-pub (the pinned platform key)")
+            raise ConfigError("enclave evidence needs --platform-pub (the pinned platform key)")
         allowed = [m.lower() for m in args.measurement or []]
         allowed += [compute_measurement(load_enclave_config(c, "eval")) for c in args.allow_config or []]
         if not allowed:
             raise ConfigError(
                 "give the allowed measurement(s): --measurement HEX or --allow-config enclave.yaml"
             )
-        try:
-            blob = args.enclave_evidence.read_bytes()
-        except OSError as e:
-            raise ConfigError(f"--enclave-evidence {args.enclave_evidence}: {e.strerror}") from e
-        verify_key = verify_key_from_evidence(blob, load_platform_pub(args.platform_pub), allowed)
+        max_age_s: float | None = None
+        if args.enclave_evidence is not None:
+            try:
+                blob = args.enclave_evidence.read_bytes()
+            except OSError as e:
+                raise ConfigError(f"--enclave-evidence {args.enclave_evidence}: {e.strerror}") from e
+        else:
+            from pipeline.subscriber import fetch_retained
+
+            cfg = _broker_cfg(args)
+            topic, blob = fetch_retained(cfg, cfg.topic(args.device, "enclave"))
+            log.info("enclave evidence from %s", topic)
+            max_age_s = 300.0  # not an answer to our nonce: freshness by the evidence timestamp
+        verify_key = verify_key_from_evidence(blob, load_platform_pub(args.platform_pub), allowed, max_age_s)
     else:
         try:
             verify_key = PartyPublic.load(args.signer_pub).sign_pub

@@ -31,7 +31,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from config.broker import BrokerConfig
 from enclave_bridge.alerts import AlertOpener
-from enclave_bridge.errors import AttestationError, ConfigError, IntegrityError, StageError
+from enclave_bridge.errors import AttestationError, ConfigError, IntegrityError, StageError, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +228,49 @@ def verify_key_from_evidence(
     return verifier.verify(ev, None).sign_pub
 
 
+def fetch_retained(cfg: BrokerConfig, topic: str, timeout_s: float = 10.0) -> tuple[str, bytes]:
+    """The retained message on `topic` (wildcards allowed: the first one that arrives), e.g. the
+    enclave evidence the daemon keeps on `<prefix>/<device>/enclave`."""
+    got: list[tuple[str, bytes]] = []
+    ready = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    if cfg.username is not None:
+        pw = cfg.password()
+        client.username_pw_set(cfg.username, pw.get_secret_value() if pw else None)
+    if cfg.tls is not None:
+        client.tls_set(
+            ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
+            certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
+            keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
+        )
+        client.tls_insecure_set(cfg.tls.insecure)
+
+    def on_connect(c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        if not rc.is_failure:
+            c.subscribe(topic, qos=1)
+
+    def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.retain and not got:
+            got.append((msg.topic, bytes(msg.payload)))
+            ready.set()
+
+    client.on_connect = on_connect
+    client.on_message = on_message
+    try:
+        client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive_s)
+    except OSError as e:
+        raise TransportError(f"broker {cfg.host}:{cfg.port}: {e}") from e
+    client.loop_start()
+    try:
+        if not ready.wait(timeout_s):
+            raise TransportError(f"no retained message on {topic} within {timeout_s:.0f} s")
+    finally:
+        if client.is_connected():
+            client.disconnect()
+        client.loop_stop()
+    return got[0]
+
+
 def format_alert(alert: Mapping[str, Any]) -> str:
     """One human-readable line; only the fields this consumer was granted appear."""
     ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(alert.get("ts", 0.0))))
@@ -265,6 +308,7 @@ __all__ = [
     "SeenSet",
     "SubscriberStats",
     "alert_json",
+    "fetch_retained",
     "format_alert",
     "stats_json",
     "verify_key_from_evidence",

@@ -4,6 +4,7 @@ rejected and counted; end to end through the outbox, the publisher, Mosquitto an
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -218,3 +219,65 @@ def test_veilcam_subscribe_cli(mosquitto, tmp_path: Path) -> None:
         ("lobby", 3, "fall"),
     ]
     assert lines[-1]["subscriber_stats"]["delivered"] == 3
+
+
+@pytest.mark.broker
+def test_subscribe_with_evidence_retained_by_the_daemon(mosquitto, tmp_path: Path) -> None:
+    """`--evidence-from-broker`: the signing key comes from the retained, attested evidence."""
+    from enclave_bridge.attest import (
+        PlatformKey,
+        SessionKey,
+        SimulatedBackend,
+        make_evidence,
+        save_platform_pub,
+    )
+
+    p = Parties()
+    p.consumer.save(tmp_path / "ops.key")
+    platform = PlatformKey.generate()
+    save_platform_pub(tmp_path / "platform.pub", platform.public)
+    measurement = "5a" * 32
+    backend = SimulatedBackend(platform, measurement, "eval")
+    cfg = BrokerConfig(host=mosquitto.host, port=mosquitto.port)
+    ob = Outbox(tmp_path / "o.sqlite")
+    pub = AlertPublisher(
+        cfg,
+        ob,
+        ["lobby"],
+        evidence_provider=lambda _d: make_evidence(
+            backend, "eval", os.urandom(32), SessionKey(), p.signer.public.sign_pub
+        ),
+    )
+    pub.start()
+    deadline = time.monotonic() + 10
+    while pub.counters["evidence_published"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    def subscribe(measure: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [
+                sys.executable, "-m", "pipeline", "subscribe",
+                "--broker", f"{mosquitto.host}:{mosquitto.port}", "--device", "lobby",
+                "--consumer-key", str(tmp_path / "ops.key"), "--evidence-from-broker",
+                "--platform-pub", str(tmp_path / "platform.pub"), "--measurement", measure,
+                "--count", "1", "--timeout-s", "60",
+            ],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        )  # fmt: skip
+
+    try:
+        bad = subscribe("00" * 32)
+        _out, err = bad.communicate(timeout=60)
+        assert bad.returncode == 1 and "allow-list" in err
+        good = subscribe(measurement)
+        assert good.stderr is not None
+        for line in good.stderr:
+            if line.startswith("# subscribed"):
+                break
+        ob.put(AlertEnvelope("lobby", 1, 1.0, p.alert("lobby", 1), 1))
+        out, _err = good.communicate(timeout=60)
+        assert good.returncode == 0
+        assert "lobby #1" in out and "fall 0.93" in out
+    finally:
+        pub.stop()
+        ob.close()
