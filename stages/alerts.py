@@ -95,7 +95,6 @@ class AlertPublisher:
         self._evidence_provider = evidence_provider
         self._evidence_refresh_s = evidence_refresh_s
         self._evidence: dict[str, bytes] = {}
-        self._evidence_at = 0.0
         self.protocol = "3.1.1" if cfg.protocol == "3.1.1" else "5"
         self._gen = 0
         self._clients: list[tuple[mqtt.Client, str]] = []  # (client, device of its LWT)
@@ -109,6 +108,8 @@ class AlertPublisher:
         self._idle = threading.Event()
         self._downgrade = threading.Event()
         self._republish = threading.Event()
+        self._evidence_due = threading.Event()
+        self._evidence_thread: threading.Thread | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
         self._attempt_at: float | None = None  # CONNECT sent, no CONNACK/failure yet
@@ -146,6 +147,11 @@ class AlertPublisher:
         self.outbox.add_listener(self._wake.set)
         self._thread = threading.Thread(target=self._feeder, name="mqtt-alerts", daemon=True)
         self._thread.start()
+        if self._evidence_provider is not None:
+            self._evidence_thread = threading.Thread(
+                target=self._evidence_loop, name="mqtt-evidence", daemon=True
+            )
+            self._evidence_thread.start()
 
     def stop(self, flush_timeout_s: float = 5.0) -> None:
         """Flush what the broker will still take (bounded), publish `offline`, disconnect.
@@ -167,8 +173,12 @@ class AlertPublisher:
                 )
         self._stop.set()
         self._wake.set()
+        self._evidence_due.set()
         self._thread.join(timeout=10)
         self._thread = None
+        if self._evidence_thread is not None:
+            self._evidence_thread.join(timeout=10)
+            self._evidence_thread = None
         infos = []
         for client, device in self._clients:
             if self._connected[device].is_set():
@@ -307,7 +317,8 @@ class AlertPublisher:
                 "broker %s:%d connected (MQTT %s) for %s", self.cfg.host, self.cfg.port, self.protocol, device
             )
             if carries_alerts:
-                self._republish.set()
+                self._republish.set()  # cached evidence again (a restarted broker may have lost it)
+                self._evidence_due.set()  # and fresh evidence soon after
                 self._wake.set()
 
         def on_disconnect(_c: mqtt.Client, _u: Any, _flags: Any, rc: ReasonCode, _props: Any) -> None:
@@ -467,26 +478,31 @@ class AlertPublisher:
             self._last_fed = item.oid
             self._count("published")
 
-    def _maybe_publish_evidence(self) -> None:
-        now = time.monotonic()
-        if self._evidence_provider is not None and (
-            self._republish.is_set() or now - self._evidence_at >= self._evidence_refresh_s
-        ):
-            self._evidence_at = now
+    def _evidence_loop(self) -> None:
+        """Own thread: asking the enclave for evidence can take as long as a window evaluation, and
+        must not hold up alerts. Runs at every (re)connect and every `evidence_refresh_s`."""
+        provider = self._evidence_provider
+        if provider is None:
+            return
+        while not self._stop.is_set():
+            self._evidence_due.wait(self._evidence_refresh_s)
+            self._evidence_due.clear()
+            if self._stop.is_set():
+                return
             for device in self.devices:
                 try:
-                    ev = self._evidence_provider(device)
-                except (OSError, ValueError, RuntimeError, TransportError, StageError) as e:
-                    log.warning("enclave evidence for %s unavailable: %s", device, e)
-                    continue
-                except Exception as e:  # the provider talks to the enclave: never kill the publisher
-                    log.warning("enclave evidence for %s failed: %s: %s", device, type(e).__name__, e)
+                    ev = provider(device)
+                except Exception as e:  # the provider talks to the enclave: never kill this thread
+                    log.warning("enclave evidence for %s unavailable: %s: %s", device, type(e).__name__, e)
                     continue
                 if ev is not None:
                     blob = ev if isinstance(ev, bytes) else msgpack.packb(dict(ev), use_bin_type=True)
                     with self._lock:
                         self._evidence[device] = blob
             self._republish.set()
+            self._wake.set()
+
+    def _maybe_publish_evidence(self) -> None:
         if not self._republish.is_set():
             return
         self._republish.clear()
