@@ -2,7 +2,8 @@
 
 `EnclaveClient` keeps one connection, serialises requests with a lock and reconnects once for
 idempotent requests (`hello`, `evidence`, `stats`, `status`). `submit` is never retried blindly: a
-resent window would be counted as a replay, so the caller decides.
+resent window would be counted as a replay, so the caller decides; when the caller resends a window
+whose reply was lost, the request is flagged `resend` and the enclave answers it idempotently.
 
 Owner-side helpers (`provision_model`, `provision_data_key`, `fetch_evidence`) implement the remote
 attestation flow of `enclave_bridge.attest` against a running enclave / key enclave.
@@ -11,6 +12,7 @@ attestation flow of `enclave_bridge.attest` against a running enclave / key encl
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import logging
 import socket
@@ -95,6 +97,7 @@ class EnclaveClient:
     def __init__(self, addr: str, timeout_s: float = 60.0) -> None:
         self._rpc = _Rpc(addr, timeout_s)
         self.addr = addr
+        self._unanswered: bytes | None = None  # digest of the last window whose reply was lost
 
     def __enter__(self) -> EnclaveClient:
         return self
@@ -110,9 +113,23 @@ class EnclaveClient:
         rep = self._rpc.call("hello", retry=True, device=device, rules=dict(rules) if rules else None)
         return {k: v for k, v in rep.items() if k not in ("id", "ok")}
 
-    def submit(self, blob: bytes) -> SubmitResult:
-        """One sealed window in; alerts (if any) out. Rejections are results, not exceptions."""
-        rep = self._rpc.call("submit", blob=blob)
+    def submit(self, blob: bytes, retry: bool | None = None) -> SubmitResult:
+        """One sealed window in; alerts (if any) out. Rejections are results, not exceptions.
+
+        `retry=True` marks a resubmission of a window whose reply was lost: if the enclave had
+        accepted it (it was its last window for the device), it returns the same result and alert
+        envelopes instead of a `replay` rejection. `None` = automatic: true when this client's
+        previous submit of the very same blob failed in transit.
+        """
+        digest = hashlib.sha256(blob).digest()
+        if retry is None:
+            retry = digest == self._unanswered
+        try:
+            rep = self._rpc.call("submit", blob=blob, **({"resend": True} if retry else {}))
+        except TransportError:
+            self._unanswered = digest
+            raise
+        self._unanswered = None
         alerts = rep.get("alerts") or []
         if not isinstance(alerts, list) or not all(isinstance(a, bytes) for a in alerts):
             raise TransportError("submit: malformed alerts in reply")
