@@ -77,8 +77,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument(
         "--max-frames",
         type=int,
-        default=60,
-        help="replay this many frames (default 60 = 6 s of the clip, a few windows; 0 = whole clip)",
+        default=40,
+        help="replay this many frames (default 40 = 4 s of the clip, two 30-frame windows; 0 = whole clip)",
     )
     p.add_argument(
         "--broker", default="auto", choices=("auto", "mosquitto", "embedded"), help="local broker to start"
