@@ -822,31 +822,19 @@ def build_daemon(cfg: VeilcamConfig) -> Daemon:
     outbox = Outbox(cfg.state_dir / "outbox.sqlite")
     publisher = None
     if cfg.broker is not None:
-        from stages.alerts import AlertPublisher
+        from stages.alerts import AlertPublisher, enclave_evidence_provider
 
+        # Remote enclaves only: the in-process evaluator has nothing to attest. The provider uses
+        # its own connection, so evidence requests never queue behind window submissions.
+        provider = (
+            enclave_evidence_provider(cfg.enclave.address, timeout_s=cfg.enclave.timeout_s)
+            if cfg.enclave.address
+            else None
+        )
         publisher = AlertPublisher(
-            cfg.broker,
-            outbox,
-            devices=[cfg.device_of(n) for n in cfg.cameras],
-            evidence_provider=_evidence_provider(link),
+            cfg.broker, outbox, devices=[cfg.device_of(n) for n in cfg.cameras], evidence_provider=provider
         )
     return Daemon(cfg, key=key, link=link, sink=outbox, publisher=publisher, outbox=outbox)
-
-
-def _evidence_provider(link: EnclaveLink) -> Callable[[str], Any] | None:
-    """Fresh attestation evidence for the retained `<device>/enclave` topic (remote enclaves only:
-    the in-process evaluator has nothing to attest)."""
-    if not isinstance(link, RemoteEnclave):
-        return None
-
-    def provide(_device: str) -> Any:
-        try:
-            return link.evidence(os.urandom(32))
-        except VeilcamError as e:
-            log.warning("enclave evidence unavailable: %s", e)
-            return None
-
-    return provide
 
 
 def camera_error(cam: CameraPipeline) -> VeilcamError | None:
