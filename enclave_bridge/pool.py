@@ -158,7 +158,6 @@ class PrecomputePool:
     def _fill_loop(self) -> None:
         import time
 
-        torch.set_num_threads(1)
         while not self._stop.is_set():
             if self.depth >= self.capacity:
                 self._wake.wait(0.5)
