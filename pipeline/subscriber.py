@@ -48,10 +48,17 @@ class SubscriberStats:
 
 
 class SeenSet:
-    """`(device, seq) → sha256(envelope)` of delivered alerts; optionally persisted in SQLite."""
+    """`(device, seq) → sha256(envelope)` of delivered alerts; optionally persisted in SQLite.
 
-    def __init__(self, path: Path | None = None) -> None:
+    Memory is bounded: beyond `max_entries` the oldest entries are forgotten and their device's
+    floor is raised, so any `seq` at or below a device's floor still counts as a duplicate (alert
+    numbers are strictly increasing per device).
+    """
+
+    def __init__(self, path: Path | None = None, max_entries: int = 100_000) -> None:
         self._mem: dict[tuple[str, int], bytes] = {}
+        self._floor: dict[str, int] = {}
+        self._max = max(1, max_entries)
         self._db: sqlite3.Connection | None = None
         if path is not None:
             try:
@@ -74,7 +81,13 @@ class SeenSet:
             old = bytes(row[0]) if row else None
         if old is not None:
             return "duplicate" if old == digest else "conflict"
+        if seq <= self._floor.get(device, -1):
+            return "duplicate"  # older than anything still remembered in memory
         self._mem[key] = digest
+        while len(self._mem) > self._max:
+            (dev, old_seq), _ = next(iter(self._mem.items()))
+            del self._mem[(dev, old_seq)]
+            self._floor[dev] = max(self._floor.get(dev, -1), old_seq)
         if self._db is not None:
             self._db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?)", (device, seq, digest))
         return "new"

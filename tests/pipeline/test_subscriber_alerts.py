@@ -281,3 +281,13 @@ def test_subscribe_with_evidence_retained_by_the_daemon(mosquitto, tmp_path: Pat
     finally:
         pub.stop()
         ob.close()
+
+
+def test_seen_set_memory_is_bounded_and_old_seqs_stay_duplicates() -> None:
+    seen = SeenSet(max_entries=100)
+    for s in range(1, 1001):
+        assert seen.check_and_add("cam1", s, bytes([s % 256])) == "new"
+    assert len(seen._mem) == 100
+    assert seen.check_and_add("cam1", 5, b"\x05") == "duplicate"  # forgotten, below the floor
+    assert seen.check_and_add("cam1", 999, b"other") == "conflict"  # remembered: content compared
+    assert seen.check_and_add("cam2", 5, b"x") == "new"  # floors are per device
