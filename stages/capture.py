@@ -166,6 +166,7 @@ class CaptureStage:
                     break
                 t_read = time.monotonic()
                 ok, image = cap.read()
+                decode_s = time.monotonic() - t_read  # read + decode only (not pacing, not crop)
                 if not ok or image is None:
                     if file_source:
                         if self._check_truncated(decoded):
@@ -208,7 +209,7 @@ class CaptureStage:
                 )
                 self._seq += 1
                 self.stats.inc("frames_captured")
-                self._timing.observe(time.monotonic() - t_read)
+                self._timing.observe(decode_s)
                 if not self.out.put(frame):
                     self.stats.inc("skipped_frames")
         except QueueClosed:
