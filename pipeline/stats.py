@@ -130,6 +130,7 @@ class CameraStats:
     COUNTERS = (
         "frames_captured",
         "skipped_frames",
+        "skipped_poses",
         "throttled_frames",
         "reconnects",
         "corrupt_frames",
