@@ -580,6 +580,14 @@ class CameraPipeline:
     def wait(self, timeout_s: float | None = None) -> bool:
         return self.done.wait(timeout_s)
 
+    def abort(self) -> None:
+        """Stop every stage without waiting (safe from a signal handler): events and queue closes."""
+        self.stop_capture.set()
+        self.halt.set()
+        for q in (self.frames, self.poses, self.windows):
+            q.close()
+        self.done.set()
+
     def halt_now(self) -> None:
         """Hard stop after the flush budget: stop every stage and close the queues."""
         self.stop_capture.set()
@@ -748,7 +756,12 @@ class Daemon:
 
     def install_signal_handlers(self) -> None:
         def handler(signum: int, _frame: Any) -> None:
-            log.info("signal %d: graceful shutdown", signum)
+            if self._shutdown.is_set():
+                log.warning("signal %d again: stopping now without finishing the flush", signum)
+                for c in self.cameras.values():
+                    c.abort()
+                return
+            log.info("signal %d: graceful shutdown (a second signal stops at once)", signum)
             self._shutdown.set()
 
         signal.signal(signal.SIGTERM, handler)
