@@ -580,14 +580,6 @@ class CameraPipeline:
     def wait(self, timeout_s: float | None = None) -> bool:
         return self.done.wait(timeout_s)
 
-    def abort(self) -> None:
-        """Stop every stage without waiting (safe from a signal handler): events and queue closes."""
-        self.stop_capture.set()
-        self.halt.set()
-        for q in (self.frames, self.poses, self.windows):
-            q.close()
-        self.done.set()
-
     def halt_now(self) -> None:
         """Hard stop after the flush budget: stop every stage and close the queues."""
         self.stop_capture.set()
@@ -711,6 +703,7 @@ class Daemon:
         self.metrics_server: Any = None
         self.notifier = Notifier()
         self._shutdown = threading.Event()
+        self._abort = threading.Event()
         self._enclave_stats_at = 0.0
 
     @property
@@ -758,8 +751,7 @@ class Daemon:
         def handler(signum: int, _frame: Any) -> None:
             if self._shutdown.is_set():
                 log.warning("signal %d again: stopping now without finishing the flush", signum)
-                for c in self.cameras.values():
-                    c.abort()
+                self._abort.set()  # only events here: a handler must not take the queues' locks
                 return
             log.info("signal %d: graceful shutdown (a second signal stops at once)", signum)
             self._shutdown.set()
@@ -801,8 +793,10 @@ class Daemon:
             c.request_stop()
         deadline = time.monotonic() + self.cfg.supervisor.shutdown_timeout_s
         for c in self.cameras.values():
-            if not c.wait(max(0.0, deadline - time.monotonic())):
-                log.warning("camera %s: flush did not finish in time; stopping hard", c.device)
+            while not c.wait(0.2):
+                if self._abort.is_set() or time.monotonic() >= deadline:
+                    log.warning("camera %s: flush not finished; stopping hard", c.device)
+                    break
         for c in self.cameras.values():
             c.halt_now()
         self.poll_enclave_stats()

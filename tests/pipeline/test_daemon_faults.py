@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -134,3 +135,39 @@ def test_sigterm_flushes_and_goes_offline(mosquitto, tmp_path: Path) -> None:
     assert "calm" not in body and "busy" not in body  # no labels in health stats
     assert http_get(f"http://127.0.0.1:{mport}/healthz")[0] == 0  # the endpoint went away with it
     col.close()
+
+
+def test_second_sigterm_stops_at_once_without_broker(tmp_path: Path) -> None:
+    """No broker configured (alerts stay in the outbox); SIGTERM twice: the daemon exits cleanly."""
+
+    class _NoBroker:
+        host, port = "127.0.0.1", 1
+
+    cfg_path = write_config(tmp_path, _NoBroker(), free_port())
+    doc = json.loads(cfg_path.read_text())
+    doc["broker"] = None
+    cfg_path.write_text(json.dumps(doc))
+    log = tmp_path / "daemon.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", "--config", str(cfg_path)],
+        cwd=REPO,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while "veilcam daemon running" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.1)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "graceful shutdown" in text and "Traceback" not in text
+    assert (tmp_path / "state" / "outbox.sqlite").is_file()
