@@ -20,7 +20,7 @@ from typing import Any
 
 from config.schema import CameraConfig, EnclaveConfig, MetricsConfig, VeilcamConfig
 from enclave_bridge.keys import DataKey, PartyKey, generate_data_key
-from pipeline.daemon import Daemon, ListSink, camera_error, make_local_enclave, window_params
+from pipeline.daemon import Daemon, ListSink, TeeSink, camera_error, make_local_enclave, window_params
 from pipeline.errors import ConfigError, IntegrityError, VeilcamError
 from pipeline.messages import PoseFrame, SealedWindow
 from pipeline.queues import BoundedQueue
@@ -179,7 +179,7 @@ def run_replay(
             on_window(w, result, latency)
 
     list_sink = ListSink()
-    daemon_sink = list_sink if sink is None else _Tee(sink, list_sink)
+    daemon_sink = list_sink if sink is None else TeeSink(sink, list_sink)
     t0 = time.monotonic()
     daemon = Daemon(
         cfg, link=link, sink=daemon_sink, key=key, metrics=False, on_pose=on_pose, on_result=on_result
@@ -224,15 +224,6 @@ def run_replay(
         error=error,
         rejection_reasons=reasons,
     )
-
-
-class _Tee:
-    def __init__(self, first: Any, second: Any) -> None:
-        self.first, self.second = first, second
-
-    def put(self, envelope: Any) -> None:
-        self.first.put(envelope)
-        self.second.put(envelope)
 
 
 class _NoBar:
