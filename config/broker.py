@@ -75,6 +75,11 @@ class BrokerConfig(_Model):
         default=20, ge=1, le=65535, description="unacknowledged QoS 1 publishes in flight"
     )
     connect_timeout_s: float = Field(default=10.0, gt=0, description="TCP/TLS connect timeout per attempt")
+    flush_timeout_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="on shutdown: time to get pending alerts acknowledged (rest stays queued)",
+    )
 
     @field_validator("topic_prefix")
     @classmethod

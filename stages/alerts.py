@@ -153,23 +153,25 @@ class AlertPublisher:
             )
             self._evidence_thread.start()
 
-    def stop(self, flush_timeout_s: float = 5.0) -> None:
-        """Flush what the broker will still take (bounded), publish `offline`, disconnect.
-
-        Rows not acknowledged in time stay in the outbox and go out on the next start.
+    def stop(self, flush_timeout_s: float | None = None) -> None:
+        """Flush what the broker will still take (bounded by `flush_timeout_s`, default
+        `cfg.flush_timeout_s`; a connection still being set up may complete meanwhile), publish
+        `offline`, disconnect. Rows not acknowledged in time stay in the outbox for the next start.
         """
         if self._thread is None:
             return
+        timeout_s = self.cfg.flush_timeout_s if flush_timeout_s is None else flush_timeout_s
         self.outbox.remove_listener(self._wake.set)
-        if self.connected:
+        if self.outbox.depth() > 0 and timeout_s > 0:
             self._idle.clear()
             self._draining.set()
             self._wake.set()
-            if not self._idle.wait(flush_timeout_s):
+            if not self._idle.wait(timeout_s):
                 log.warning(
-                    "alert publisher: %d alert(s) not acknowledged within %.1f s; kept in the outbox",
+                    "alert publisher: %d alert(s) not acknowledged within %.1f s (%s); kept in the outbox",
                     self.outbox.depth(),
-                    flush_timeout_s,
+                    timeout_s,
+                    "connected" if self.connected else "broker unreachable",
                 )
         self._stop.set()
         self._wake.set()

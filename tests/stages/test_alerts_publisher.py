@@ -302,3 +302,29 @@ def test_retained_enclave_evidence_verifies_for_consumers(mosquitto, tmp_path: P
     finally:
         pub.stop()
         ob.close()
+
+
+def test_stop_flushes_even_while_the_connection_is_still_coming_up(mosquitto, tmp_path: Path) -> None:
+    """A short replay can end before the (re)connection is up: `stop()` waits for it (bounded)."""
+    mosquitto.stop()
+    ob = Outbox(tmp_path / "o.sqlite")
+    pub = AlertPublisher(cfg_for(mosquitto, flush_timeout_s=20), ob, ["cam1"])
+    pub.start()
+    for s in range(1, 6):
+        ob.put(alert("cam1", s))
+    time.sleep(0.5)
+    mosquitto.start()
+    pub.stop()  # not connected yet (or just now): must still deliver before returning
+    assert ob.depth() == 0 and pub.counters["acked"] == 5
+    ob.close()
+
+
+def test_stop_with_broker_down_keeps_alerts_after_bounded_wait(mosquitto, tmp_path: Path) -> None:
+    mosquitto.stop()
+    ob = Outbox(tmp_path / "o.sqlite")
+    pub = AlertPublisher(cfg_for(mosquitto, flush_timeout_s=1.0), ob, ["cam1"])
+    pub.start()
+    ob.put(alert("cam1", 1))
+    pub.stop()  # returns after flush_timeout_s; the alert stays for the next start
+    assert ob.depth() == 1 and pub.counters["acked"] == 0
+    ob.close()
