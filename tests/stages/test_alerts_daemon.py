@@ -118,8 +118,14 @@ def test_daemon_with_broker_down_at_start_runs_and_delivers_later(mosquitto, tmp
     n = last_alert_seq(tmp_path)
     assert n >= 1
     opener = AlertOpener(PartyKey.load(tmp_path / "ops.key"), _signer_pub(tmp_path))
-    assert col.wait_for(lambda m: set(opened_seqs(col, opener)) >= set(range(1, n + 1)), 30)
+    arrived = col.wait_for(lambda m: set(opened_seqs(col, opener)) >= set(range(1, n + 1)), 120)
+    with Outbox(tmp_path / "state" / "outbox.sqlite") as ob:
+        left = [i.envelope.seq for i in ob.pending()]
     got = opened_seqs(col, opener)
+    assert arrived, (
+        f"{n} alerts numbered, got {sorted(set(got))}, still in outbox {left}: "
+        + (tmp_path / "run1.log").read_text()[-3000:]
+    )
     assert sorted(set(got)) == list(range(1, n + 1))
     log = (tmp_path / "run1.log").read_text()
     assert "Traceback" not in log
@@ -168,7 +174,7 @@ def test_daemon_sigkill_during_broker_outage_then_restart_loses_nothing(mosquitt
             second.kill()
     n = last_alert_seq(tmp_path)
     opener = AlertOpener(PartyKey.load(tmp_path / "ops.key"), _signer_pub(tmp_path))
-    assert col.wait_for(lambda m: set(opened_seqs(col, opener)) >= set(range(1, n + 1)), 60)
+    assert col.wait_for(lambda m: set(opened_seqs(col, opener)) >= set(range(1, n + 1)), 120)
     got = opened_seqs(col, opener)
     assert set(unacked) <= set(got)
     assert sorted(set(got)) == list(range(1, n + 1))
