@@ -172,6 +172,9 @@ def train(
         log.info("resumed from %s at epoch %d (step %d)", ck_path, start_epoch, step)
     vx, vy = make_arrays(SplitSpec(cfg.seed, "val", cfg.val_size), cfg.synth)
     cmd = command or " ".join(shlex.quote(a) for a in sys.argv)
+    # every invocation that contributed (the first run, then each --resume), in order
+    history.setdefault("commands", [])
+    history["commands"].append(cmd)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.monotonic()
         x, y = make_arrays(epoch_spec(cfg.seed, epoch, cfg.train_per_epoch), cfg.synth)
@@ -234,7 +237,8 @@ def train(
                 model,
                 cfg,
                 {
-                    "command": cmd,
+                    "command": history["commands"][0],
+                    "commands": history["commands"],
                     "best_epoch": epoch,
                     "val_acc": val_acc,
                     "epochs_done": epoch + 1,
