@@ -131,7 +131,7 @@ def test_full_replay_leaks_nothing(mosquitto, monkeypatch: pytest.MonkeyPatch) -
         raw.loop_start()
         state = dep.root / "daemon-state"
         cfg = replay_config(
-            VTEST, state_dir=state, overrides={"max_frames": 16, "length_frames": 8, "stride_frames": 4}
+            VTEST, state_dir=state, overrides={"max_frames": 12, "length_frames": 8, "stride_frames": 4}
         )
         cfg = cfg.model_copy(
             update={
@@ -147,10 +147,11 @@ def test_full_replay_leaks_nothing(mosquitto, monkeypatch: pytest.MonkeyPatch) -
         daemon.start()
         assert daemon.run_until_done(tick_s=0.2) == 0
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and sum(t.endswith("/alerts") for t, _ in broker_seen) < 3:
+        while time.monotonic() < deadline and sum(t.endswith("/alerts") for t, _ in broker_seen) < 2:
             time.sleep(0.1)
         raw.loop_stop()
         raw.disconnect()
+        mosquitto.stop()  # flushes the broker's own log, scanned below
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)
@@ -160,9 +161,9 @@ def test_full_replay_leaks_nothing(mosquitto, monkeypatch: pytest.MonkeyPatch) -
         dep.stop_all()
     try:
         # the run did what it should: 3 windows sealed, evaluated via the worker, alerts on the broker
-        assert len(sealed) == 3
+        assert len(sealed) == 2
         alerts = [p for t, p in broker_seen if t.endswith("/alerts")]
-        assert len(alerts) == 3
+        assert len(alerts) == 2
         opened = [opener.open(p) for p in alerts]
         assert all(a["label"] in LABELS for a in opened)
         to_worker = frames(bytes(proxy.to_upstream))
@@ -186,7 +187,7 @@ def test_full_replay_leaks_nothing(mosquitto, monkeypatch: pytest.MonkeyPatch) -
             "enclave log": (dep.root / "eval.log").read_bytes(),
             "key enclave log": (dep.root / "key.log").read_bytes(),
             "gpu worker log": (dep.root / "worker.log").read_bytes(),
-            "broker log": mosquitto.log.read_bytes(),
+            "broker log": mosquitto.log.read_bytes(),  # what the broker itself logged
             "gpu worker received": bytes(proxy.to_upstream),
             "gpu worker replied": bytes(proxy.to_client),
             "broker delivered": b"\n".join(t.encode() + b" " + p for t, p in broker_seen),
