@@ -83,7 +83,9 @@ def last_alert_seq(tmp_path: Path) -> int:
 def persistent_broker(mosquitto, tmp_path: Path) -> None:
     mosquitto.stop()
     conf = mosquitto.conf.read_text().replace("persistence false", "persistence true")
-    mosquitto.conf.write_text(conf + f"persistence_location {tmp_path}/\n")
+    conf += f"persistence_location {tmp_path}/\nautosave_interval 1\n"
+    # as root, Mosquitto drops to user `mosquitto`, who cannot write its database into tmp_path
+    mosquitto.conf.write_text(conf + ("user root\n" if os.geteuid() == 0 else ""))
     mosquitto.start()
 
 

@@ -114,6 +114,8 @@ def _persistent_broker(mosquitto, tmp_path: Path) -> None:
     mosquitto.stop()
     conf = mosquitto.conf.read_text().replace("persistence false", "persistence true")
     conf += f"persistence_location {tmp_path}/\nautosave_interval 1\n"
+    # as root, Mosquitto drops to user `mosquitto`, who cannot write its database into tmp_path
+    conf += "user root\n" if os.geteuid() == 0 else ""
     mosquitto.conf.write_text(conf)
     mosquitto.start()
 
