@@ -124,6 +124,9 @@ def validate_enclave_config(cfg: Any, role: str, where: str = "enclave config") 
             raise ConfigError(f"{where}.evaluator.mode: one of {EVALUATOR_MODES}")
         if ev.get("worker") is not None and not isinstance(ev.get("worker"), str):
             raise ConfigError(f"{where}.evaluator.worker: an address string or null")
+        t = ev.get("timeout_s")
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= 3600):
+            raise ConfigError(f"{where}.evaluator.timeout_s: seconds in (0, 3600] (GPU worker replies)")
         topk = cfg.get("topk", 5)
         if not isinstance(topk, int) or not 1 <= topk <= 100:
             raise ConfigError(f"{where}.topk: an integer in 1..100")
@@ -324,7 +327,7 @@ class _TorchEnclaveEvaluator:
         return None
 
 
-def make_evaluator(model: Any, mode: str, worker: str | None) -> Any:
+def make_evaluator(model: Any, mode: str, worker: str | None, timeout_s: float | None = None) -> Any:
     """`SecureEvaluator` in the configured mode (falls back to torch for mode "enclave" only)."""
     try:
         from enclave_bridge.protocol import SecureEvaluator
@@ -336,6 +339,8 @@ def make_evaluator(model: Any, mode: str, worker: str | None) -> Any:
         log.info("enclave_bridge.protocol not available; evaluating in-enclave with torch")
         return _TorchEnclaveEvaluator(model)
     kw: dict[str, Any] = {"allow_plaintext": True} if mode == "plaintext" else {}
+    if timeout_s is not None and worker is not None:
+        kw["timeout_s"] = timeout_s  # a hung GPU worker costs a window at most this, then the enclave path
     return SecureEvaluator(model, mode=mode, worker=worker, **kw)
 
 
@@ -370,6 +375,7 @@ class EvaluationEnclave:
         ev = cfg.get("evaluator", {"mode": "enclave"})
         self.mode: str = ev["mode"]
         self.worker: str | None = ev.get("worker")
+        self.worker_timeout_s: float | None = ev.get("timeout_s")
         self.topk = int(cfg.get("topk", 5))
         self._lock = threading.RLock()  # guards model/evaluator/keys/counters
         self._keys: dict[str, tuple[DataKey, float | None]] = {}
@@ -450,7 +456,7 @@ class EvaluationEnclave:
 
         bundle = open_package(package, key)
         model = build_model_checked(bundle)
-        evaluator = make_evaluator(model, self.mode, self.worker)
+        evaluator = make_evaluator(model, self.mode, self.worker, self.worker_timeout_s)
         with self._lock:
             old = self.evaluator
             self.evaluator, self.labels, self.model_kid = evaluator, bundle.labels, key.kid

@@ -53,3 +53,35 @@ def test_hung_then_stopped_worker_times_out_falls_back_and_recovers(model, tmp_p
     finally:
         proxy.close()
         worker.stop()
+
+
+@pytest.mark.slow
+def test_enclave_with_hung_worker_answers_within_its_timeout(tmp_path) -> None:
+    """A paper-mode enclave whose GPU worker hangs (`evaluator.timeout_s: 2`): every window is
+    still evaluated (enclave path) and alerted, the timeouts are in the enclave's stats."""
+    import shutil
+
+    from enclave_bridge.windows import seal_window
+    from tests.enclave_bridge.test_enclave_service_support import make_deployment, window
+    from tests.security.test_security_support import RULES_ALL, provisioned, short_root
+
+    dep = make_deployment(short_root("hng"))
+    worker = GpuWorker(dep.root / "worker.log")
+    proxy = TcpProxy(worker.addr)
+    try:
+        provisioned(dep, {"mode": "paper", "worker": proxy.addr, "timeout_s": 2})
+        with dep.client() as c:
+            c.hello("cam1", RULES_ALL)
+            assert c.submit(seal_window(dep.dk, "cam1", 1, 0.0, 1.0, window(1))).status == "ok"
+            proxy.hang = True
+            proxy.cut()
+            for seq in (2, 3):
+                r = c.submit(seal_window(dep.dk, "cam1", seq, 0.0, 1.0, window(seq)))
+                assert (r.status, len(r.alerts)) == ("ok", 1)
+            ev = c.stats()["evaluator"]
+        assert ev["transport_errors"] == 2 and ev["freivalds_failures"] == 0
+    finally:
+        proxy.close()
+        worker.stop()
+        dep.stop_all()
+        shutil.rmtree(dep.root, ignore_errors=True)
