@@ -44,7 +44,7 @@ from config.schema import (
 from enclave_bridge.keys import DataKey
 from pipeline.errors import ConfigError, StageError, TransportError, VeilcamError
 from pipeline.messages import AlertEnvelope, EndOfStream, Frame, PoseFrame, SealedWindow
-from pipeline.queues import BoundedQueue, QueueClosed, QueueTimeout
+from pipeline.queues import BoundedQueue, QueueClosed
 from pipeline.stats import CameraStats
 from stages.capture import CaptureStage
 from stages.enclave_client import EnclaveLink, EnclaveStage, LocalEnclave, RemoteEnclave, load_model_dir
@@ -296,15 +296,9 @@ class PoseStage:
             worker.start()
             self.worker = worker
         try:
-            while not self.finished:
-                try:
-                    item = self.inq.get(timeout_s=0.2)
-                except QueueTimeout:
-                    if stop.is_set():
-                        return
-                    continue
-                except QueueClosed:
-                    return
+            if self.finished:
+                return
+            for item in self.inq.drain(stop):
                 if isinstance(item, EndOfStream):
                     self.out.put(item)
                     self.finished = True

@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
@@ -168,6 +168,21 @@ class BoundedQueue(Generic[T]):
             self._got += 1
             self._not_full.notify()
             return item
+
+    def drain(self, stop: threading.Event, poll_s: float = 0.2) -> Iterator[T]:
+        """Yield items until the queue is closed and empty, or `stop` is set while it is empty.
+
+        The pull loop every stage shares: a stop request is honoured only between items, so an
+        item already taken is always handled.
+        """
+        while True:
+            try:
+                yield self.get(timeout_s=poll_s)
+            except QueueTimeout:
+                if stop.is_set():
+                    return
+            except QueueClosed:
+                return
 
     def close(self) -> None:
         """Wake every waiter; further puts raise, gets drain what is left then raise."""

@@ -31,7 +31,7 @@ import numpy as np
 
 from pipeline.errors import ConfigError, EnclaveError, IntegrityError, TransportError
 from pipeline.messages import AlertEnvelope, EndOfStream, SealedWindow
-from pipeline.queues import BoundedQueue, QueueClosed, QueueTimeout
+from pipeline.queues import BoundedQueue
 from pipeline.stats import CameraStats
 
 log = logging.getLogger(__name__)
@@ -298,15 +298,9 @@ class EnclaveStage:
     def run(self, stop: threading.Event) -> None:
         if not self._said_hello:
             self.hello()
-        while not self.finished:
-            try:
-                item = self.inq.get(timeout_s=0.2)
-            except QueueTimeout:
-                if stop.is_set():
-                    return
-                continue
-            except QueueClosed:
-                return
+        if self.finished:
+            return
+        for item in self.inq.drain(stop):
             if isinstance(item, EndOfStream):
                 self.finished = True
                 if self.on_end is not None:

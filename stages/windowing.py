@@ -32,7 +32,7 @@ from enclave_bridge.keys import DataKey
 from enclave_bridge.windows import seal_window
 from pipeline.errors import ConfigError, StageError
 from pipeline.messages import EndOfStream, PoseFrame, SealedWindow
-from pipeline.queues import BoundedQueue, QueueClosed, QueueTimeout
+from pipeline.queues import BoundedQueue
 from pipeline.stats import CameraStats
 
 log = logging.getLogger(__name__)
@@ -264,15 +264,9 @@ class WindowingStage:
         self.finished = False
 
     def run(self, stop: threading.Event) -> None:
-        while not self.finished:
-            try:
-                item = self.inq.get(timeout_s=0.2)
-            except QueueTimeout:
-                if stop.is_set():
-                    return
-                continue
-            except QueueClosed:
-                return
+        if self.finished:
+            return
+        for item in self.inq.drain(stop):
             if isinstance(item, EndOfStream):
                 for w in self.windower.flush():
                     self._put(w)
