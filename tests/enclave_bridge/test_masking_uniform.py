@@ -17,7 +17,7 @@ from tests.enclave_bridge.secure_helpers import calibrated_model
 
 # chi-square critical value, 63 degrees of freedom, α = 1e-6 (scipy.stats.chi2.ppf(1 - 1e-6, 63))
 CHI2_63_CRIT = 131.37
-W16 = (1, 16, 1)  # (N, T, M) of the small test windows
+W16 = (1, 8, 1)  # (N, T, M) of the small test windows
 
 
 class RecordingWorker(LocalWorker):
@@ -39,7 +39,7 @@ class RecordingWorker(LocalWorker):
 
 @pytest.fixture(scope="module")
 def model():
-    return calibrated_model(5, seed=1, t=16, m=1)
+    return calibrated_model(5, seed=1, t=8, m=1)
 
 
 def _chi2(values: np.ndarray, bins: int = 64) -> float:
@@ -52,7 +52,7 @@ def _chi2(values: np.ndarray, bins: int = 64) -> float:
 def test_worker_inputs_are_uniform_even_for_a_constant_window(model, mode):
     worker = RecordingWorker()
     ev = SecureEvaluator(model, mode, worker, pool_capacity=0)
-    x = np.full((1, 3, 16, 18, 1), 0.25, dtype=np.float32)  # worst case: one repeated value
+    x = np.full((1, 3, 8, 18, 1), 0.25, dtype=np.float32)  # worst case: one repeated value
     ev.evaluate(x)
     seen = np.concatenate([a.reshape(-1) for a in worker.seen])
     assert seen.dtype == np.uint32 and int(seen.max()) < P
@@ -80,7 +80,7 @@ def test_same_window_twice_gets_fresh_masks(model):
     worker = RecordingWorker()
     ev = SecureEvaluator(model, "paper", worker, pool_window=W16, pool_capacity=2, background_pool=False)
     ev.pool.fill()
-    x = np.random.default_rng(0).uniform(-0.5, 0.5, (1, 3, 16, 18, 1)).astype(np.float32)
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, (1, 3, 8, 18, 1)).astype(np.float32)
     a = ev.evaluate(x)
     n = len(worker.seen)
     b = ev.evaluate(x)
@@ -107,7 +107,7 @@ def test_stage_masks_are_single_use():
 def test_pool_entries_leave_once_and_are_all_distinct(model):
     ev = SecureEvaluator(model, "slalom", None, pool_window=W16, pool_capacity=3, background_pool=False)
     assert ev.pool.fill() == 3 and ev.pool.depth == 3
-    taken = [ev.pool.take((1, 16, 1)) for _ in range(4)]
+    taken = [ev.pool.take(W16) for _ in range(4)]
     assert taken[3] is None and ev.pool.stats.misses == 1 and ev.pool.depth == 0
     r1s = [st.r1.numpy().tobytes() for wm in taken[:3] for st in wm.stages]
     assert len(set(r1s)) == len(r1s)
@@ -122,9 +122,9 @@ def test_background_pool_fills_and_counts(model):
     while ev.pool.depth < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert ev.pool.depth == 1
-    ev.evaluate(np.zeros((1, 3, 16, 18, 1), np.float32))
+    ev.evaluate(np.zeros((1, 3, 8, 18, 1), np.float32))
     assert ev.stats.pool_hits == 1
-    ev.evaluate(np.zeros((1, 3, 20, 18, 1), np.float32))  # another shape: miss, computed on-line
+    ev.evaluate(np.zeros((1, 3, 10, 18, 1), np.float32))  # another shape: miss, computed on-line
     assert ev.stats.pool_misses >= 1
     ev.close()
 
@@ -144,7 +144,7 @@ def test_sealed_persistence_moves_entries_and_deletes_file(model, tmp_path):
     path.write_bytes(blob)
     assert ev.pool.restore(path, key) == 2
     assert not path.exists()
-    x = np.zeros((1, 3, 16, 18, 1), np.float32)
+    x = np.zeros((1, 3, 8, 18, 1), np.float32)
     ref = SecureEvaluator(model, "enclave").evaluate(x)
     assert np.array_equal(ev.evaluate(x), ref)
     ev.close()
@@ -153,12 +153,12 @@ def test_sealed_persistence_moves_entries_and_deletes_file(model, tmp_path):
 def test_pool_keys_itself_to_the_window_shape_in_use(model):
     ev = SecureEvaluator(model, "slalom", None, pool_capacity=1, background_pool=False)
     assert ev.pool is None
-    x = np.zeros((1, 3, 16, 18, 1), np.float32)
+    x = np.zeros((1, 3, 8, 18, 1), np.float32)
     ev.evaluate(x)  # first window: masks made on-line, then the pool is keyed to this shape
-    assert ev.stats.pool_misses == 1 and ev.pool is not None and ev.pool.key == (1, 16, 1)
+    assert ev.stats.pool_misses == 1 and ev.pool is not None and ev.pool.key == (1, 8, 1)
     ev.pool.fill()
     ev.evaluate(x)
     assert ev.stats.pool_hits == 1
-    ev.evaluate(np.zeros((1, 3, 12, 18, 1), np.float32))
-    assert ev.stats.pool_misses == 2 and ev.pool.key == (1, 12, 1)
+    ev.evaluate(np.zeros((1, 3, 10, 18, 1), np.float32))
+    assert ev.stats.pool_misses == 2 and ev.pool.key == (1, 10, 1)
     ev.close()
