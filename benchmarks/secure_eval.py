@@ -317,7 +317,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--fidelity", type=int, default=None, help="windows for the fidelity check")
+    ap.add_argument("--fidelity", type=int, default=None, help="windows for the fidelity check (0: skip)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "secure_eval.json"))
     ap.add_argument("--model", default=None)
     args = ap.parse_args()
@@ -361,25 +361,34 @@ def main() -> int:
             res["gpu_projection"] = gpu_projection(res, macs, bytes_tx)
             print_table(key, res, plain, macs)
             results["windows"][key] = res
+            _save(results, args.out)
         print("\n== exact u3 variants (largest temporal conv as GEMM 2700×2304×256, 1 thread) ==")
         results["u3_variants"] = bench_u3(3 if args.quick else 5)
         for k, v in results["u3_variants"].items():
             if isinstance(v, dict):
                 print(f"  {k:32s} {v['ms']:8.1f} ms  exact={v['exact']}")
-        nf = args.fidelity or (50 if args.quick else 1000)
-        print(f"\n== fidelity over {nf} windows (T=64, M=2) ==", flush=True)
-        results["fidelity"] = fidelity(model, nf, 64, 2)
-        for k, v in results["fidelity"].items():
-            print(f"  {k:34s} {v}")
+        _save(results, args.out)
+        nf = args.fidelity if args.fidelity is not None else (50 if args.quick else 1000)
+        if nf > 0:
+            print(f"\n== fidelity over {nf} windows (T=64, M=2) ==", flush=True)
+            results["fidelity"] = fidelity(model, nf, 64, 2)
+            for k, v in results["fidelity"].items():
+                print(f"  {k:34s} {v}")
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     results["machine"]["loadavg_end"] = os.getloadavg()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=float))
+    out = _save(results, args.out)
     print(f"\nwrote {out}  (load average start {load0}, end {os.getloadavg()})")
     return 0
+
+
+def _save(results: dict[str, Any], path: str) -> Path:
+    """Write the JSON now (also after each section, so a long run keeps partial results)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=float))
+    return out
 
 
 def print_table(key: str, res: dict[str, Any], plain_ms: float, macs: int) -> None:
