@@ -43,6 +43,8 @@ def persistent_broker(d: Path) -> Broker:
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
         f"persistence_location {d / 'mq'}/\nautosave_interval 1\nmax_queued_messages 0\n"
+        # as root, Mosquitto drops to user `mosquitto`, who could not write its database here
+        + ("user root\n" if os.geteuid() == 0 else "")
     )
     return Broker("127.0.0.1", port, conf, d / "mosquitto.log")
 
