@@ -260,22 +260,26 @@ def fidelity(model: STGCN, n: int, t: int, m: int, batch: int = 25) -> dict[str,
     torch.set_num_threads(max(1, os.cpu_count() or 1))  # accuracy only, not timed
     top1 = top5 = 0
     max_rel = max_abs = 0.0
-    near_ties = []
-    gaps = []
+    near_ties: list[float] = []
+    gaps: list[float] = []
+    flips: list[dict[str, float]] = []
     for start in range(0, n, batch):
         x = windows_for(min(batch, n - start), t, m, seed=10_000 + start)
         with torch.no_grad():
             ref = model(torch.from_numpy(x)).double().numpy()
         got = ev.evaluate(x)
         for g, r in zip(got, ref, strict=True):
-            top1 += int(g.argmax() == r.argmax())
-            top5 += int(set(np.argsort(-g)[:5]) == set(np.argsort(-r)[:5]))
             err = float(np.abs(g - r).max())
+            s = np.sort(r)[::-1]
+            same1 = bool(g.argmax() == r.argmax())
+            top1 += int(same1)
+            top5 += int(set(np.argsort(-g)[:5]) == set(np.argsort(-r)[:5]))
             max_abs = max(max_abs, err)
             max_rel = max(max_rel, err / float(np.abs(r).max()))
-            s = np.sort(r)[::-1]
             gaps.append(float(s[0] - s[1]))
             near_ties.append(err)
+            if not same1:
+                flips.append({"float_gap_top1_top2": float(s[0] - s[1]), "max_abs_error": err})
     torch.set_num_threads(1)
     # a window is "at risk" when its float top-1/top-2 gap is below twice the worst observed error
     at_risk = int(sum(g < 2 * max_abs for g in gaps))
@@ -289,6 +293,10 @@ def fidelity(model: STGCN, n: int, t: int, m: int, batch: int = 25) -> dict[str,
         "max_rel_logit_error": max_rel,
         "min_top1_top2_gap": min(gaps),
         "windows_gap_below_2x_max_error": at_risk,
+        "top1_disagreements": flips,
+        "disagreements_with_gap_below_2x_max_error": sum(
+            f["float_gap_top1_top2"] < 2 * max_abs for f in flips
+        ),
     }
 
 
