@@ -10,6 +10,13 @@ Weights: `Ŵ = round(W·2^fw)` with the largest fw such that
 
 so every true integer output |y_o| = |Σ_d x̂_d Ŵ[d, o]| ≤ BX·‖Ŵ_o‖₁ < p/2 and the centred
 representative of the ring result *is* the integer result: no wrap, exact.
+
+Activation limbs: 10-bit activations alone cost about 1 % logit error (enough to flip the top-1
+class of near-ties). So activations are quantised to `ACT_LIMBS` balanced base-2^10 digits,
+x̂ = Σ_i d_i·2^(10·i) with |d_i| ≤ BX (about 20 bits for two limbs). Each digit goes through the
+ring with the *same* weights and the same proven bound; the enclave recombines the exact
+integer results y = Σ_i y_i·2^(10·i) (|y| < 2^41, exact in int64/float64). Weights stay as they
+are, so the worker's GEMMs stay single exact float64 products; the delegated work doubles.
 """
 
 from __future__ import annotations
@@ -21,18 +28,67 @@ import torch
 
 from enclave_bridge.ring import HALF
 
-ACT_BITS = 10
-BX = 2**ACT_BITS - 1
+ACT_BITS = 10  # bits of one activation digit (limb) sent through the ring
+BX = 2**ACT_BITS - 1  # bound on one digit: |d_i| ≤ BX
+ACT_LIMBS = 2  # digits per activation (default); 1 = the fast, ~1 %-error variant
+MAX_LIMBS = 3  # 3 digits × 20-bit weight norms stay < 2^53 for the enclave's direct GEMM
+_HALF_DIGIT = 1 << (ACT_BITS - 1)
+
+
+def limb_bound(limbs: int) -> int:
+    """Largest |x̂| representable by `limbs` balanced digits (top digit ≤ BX, lower ≤ 2^9 − 1)."""
+    if not 1 <= limbs <= MAX_LIMBS:
+        raise ValueError(f"activation limbs must be 1..{MAX_LIMBS}, got {limbs}")
+    low = sum((_HALF_DIGIT - 1) << (ACT_BITS * i) for i in range(limbs - 1))
+    return (BX << (ACT_BITS * (limbs - 1))) + low
+
+
+def split_limbs(xq: torch.Tensor, limbs: int) -> torch.Tensor:
+    """x̂ (int, |x̂| ≤ limb_bound) → its digits stacked on dim 0, lowest digit last.
+
+    Returns int32 (limbs·B, ...): rows [i·B, (i+1)·B) hold digit limbs−1−i, so the top digit
+    comes first. Lower digits are balanced in [−2^9, 2^9 − 1]; the top digit is |d| ≤ BX.
+    """
+    if limbs == 1:
+        return xq.to(torch.int32)
+    rest = xq.to(torch.int64)
+    digits = []
+    for _ in range(limbs - 1):
+        d = ((rest + _HALF_DIGIT) & (2 * _HALF_DIGIT - 1)) - _HALF_DIGIT
+        digits.append(d)
+        rest = (rest - d) >> ACT_BITS
+    digits.append(rest)
+    return torch.cat(digits[::-1], dim=0).to(torch.int32)
+
+
+def join_limbs(y: torch.Tensor, limbs: int) -> torch.Tensor:
+    """Per-digit exact results stacked as by `split_limbs` → Σ_i y_i·2^(10·i).
+
+    Works in y's dtype: int64, or float64 holding integers (|Σ| < 2^53 stays exact).
+    """
+    if limbs == 1:
+        return y
+    parts = y.chunk(limbs, dim=0)
+    acc = parts[0].clone()
+    for part in parts[1:]:
+        acc.mul_(1 << ACT_BITS).add_(part)
+    return acc
 
 
 @dataclass(frozen=True, slots=True)
 class QuantWeight:
-    """Integer weights of one linear op in GEMM form (D, C_out) and their bound."""
+    """Integer weights of one linear op in GEMM form (D, C_out) and their bound.
+
+    Each output column o has its own exponent (Ŵ[:, o] = round(W[:, o]·2^col_exp[o])): a column
+    with a small L1 norm gets more bits instead of inheriting the worst column's scale. The
+    dequantisation multiplies output channel o by 2^−col_exp[o], so this costs nothing on-line.
+    """
 
     w_int: torch.Tensor  # int64 (D, C_out), centred integers
-    exp: int  # Ŵ = round(W·2^exp)
+    exp: int  # min over columns of col_exp (a single exponent when per_column=False)
     col_l1: int  # max_o Σ_d |Ŵ[d, o]|: bounds |y| ≤ BX·col_l1
     row_l1: int  # max_d Σ_o |Ŵ[d, o]|: needed to combine output channels exactly (Freivalds)
+    col_exp: torch.Tensor  # int64 (C_out,)
 
     @property
     def bound(self) -> int:
@@ -40,24 +96,39 @@ class QuantWeight:
         return BX * self.col_l1
 
 
-def quantise_weight(w: torch.Tensor, bx: int = BX, budget: int = HALF) -> QuantWeight:
-    """Quantise a float (D, C_out) GEMM weight with the largest exponent meeting the bound."""
+_EXP_CAP = 60  # columns of (near-)zero weights: keep 2^exp finite and harmless
+
+
+def quantise_weight(w: torch.Tensor, bx: int = BX, budget: int = HALF, per_column: bool = True) -> QuantWeight:
+    """Quantise a float (D, C_out) GEMM weight with the largest exponent(s) meeting the bound."""
     w = w.to(torch.float64)
-    l1 = float(w.abs().sum(dim=0).max().item()) if w.numel() else 0.0
-    if l1 == 0.0:
+    c_out = w.shape[1] if w.ndim == 2 else 0
+    if w.numel() == 0 or float(w.abs().max()) == 0.0:
         zero = torch.zeros(w.shape, dtype=torch.int64)
-        return QuantWeight(zero, 0, 0, 0)
-    # Σ|round(w·2^e)| ≤ l1·2^e + D/2: start from that estimate, then check on the integers.
+        return QuantWeight(zero, 0, 0, 0, torch.zeros(c_out, dtype=torch.int64))
+    l1 = w.abs().sum(dim=0)
+    if not per_column:
+        l1 = l1.max().expand(c_out)
+    # Σ|round(w·2^e)| ≤ l1·2^e + D/2: start one above that estimate, step down until it holds.
     d = w.shape[0]
-    exp = math.floor(math.log2(max((budget / bx - d / 2) / l1, 1e-300)))
+    room = max(budget / bx - d / 2, 1e-300)
+    est = torch.floor(torch.log2(room / l1.clamp(min=1e-300))) + 1
+    exps = est.clamp(max=_EXP_CAP).to(torch.int64)
     while True:
-        w_int = torch.round(w * 2.0**exp).to(torch.int64)
-        col_l1 = int(w_int.abs().sum(dim=0).max().item())
-        if bx * col_l1 <= budget:
-            break
-        exp -= 1
+        scale = torch.pow(2.0, exps.to(torch.float64))
+        w_int = torch.round(w * scale).to(torch.int64)
+        cols = w_int.abs().sum(dim=0)
+        bad = bx * cols > budget
+        if per_column:
+            if not bool(bad.any()):
+                break
+            exps = exps - bad.to(torch.int64)
+        else:
+            if not bool(bad.any()):
+                break
+            exps = exps - 1
     row_l1 = int(w_int.abs().sum(dim=1).max().item())
-    return QuantWeight(w_int, exp, col_l1, row_l1)
+    return QuantWeight(w_int, int(exps.min()), int(cols.max()), row_l1, exps)
 
 
 def act_exponent(max_abs: float, bx: int = BX) -> int:
@@ -82,4 +153,16 @@ def quantise_act(x: torch.Tensor, bx: int = BX) -> tuple[torch.Tensor, int]:
     return xq, e
 
 
-__all__ = ["ACT_BITS", "BX", "QuantWeight", "act_exponent", "quantise_act", "quantise_weight"]
+__all__ = [
+    "ACT_BITS",
+    "ACT_LIMBS",
+    "BX",
+    "MAX_LIMBS",
+    "QuantWeight",
+    "act_exponent",
+    "join_limbs",
+    "limb_bound",
+    "quantise_act",
+    "quantise_weight",
+    "split_limbs",
+]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from enclave_bridge.quant import BX, QuantWeight, quantise_act, quantise_weight
+from enclave_bridge.quant import ACT_LIMBS, BX, QuantWeight, limb_bound, quantise_act, quantise_weight
 from enclave_bridge.stgcn.fold import FoldedSTGCN, fold_batchnorm
 from enclave_bridge.stgcn.model import STGCN, TEMPORAL_KERNEL
 
@@ -198,8 +198,22 @@ class LinearOp:
     weight: torch.Tensor  # float64 (D, C_out)
     q: QuantWeight = field(init=False)
 
+    col_scale: torch.Tensor = field(init=False)  # 2^−col_exp, broadcast to the output layout
+
     def __post_init__(self) -> None:
-        self.q = quantise_weight(self.weight)
+        # agg (the adjacency, 18 inputs) keeps one exponent: its columns map to (partition, joint)
+        # pairs spread over the output channels, and it is already quantised finely.
+        self.q = quantise_weight(self.weight, per_column=self.meta.kind != "agg")
+        s = torch.pow(2.0, -self.q.col_exp.to(torch.float64))
+        kind = self.meta.kind
+        if kind == "dense":
+            self.col_scale = s[None, :]
+        elif kind in ("conv1x1", "tconv"):
+            self.col_scale = s[None, :, None, None]
+        elif kind == "joint":
+            self.col_scale = s.view(-1, self.meta.v)[None, :, None, :]
+        else:
+            self.col_scale = s[:1].reshape(1, 1, 1, 1)
 
     @property
     def c_out(self) -> int:
@@ -229,7 +243,9 @@ class QBlock:
 class QuantModel:
     """The folded ST-GCN re-expressed as ring ops (weights quantised with the proven bound)."""
 
-    def __init__(self, model: STGCN | FoldedSTGCN) -> None:
+    def __init__(self, model: STGCN | FoldedSTGCN, act_limbs: int = ACT_LIMBS) -> None:
+        self.act_limbs = act_limbs
+        self.act_bound = limb_bound(act_limbs)  # |x̂| of every quantised activation
         folded = fold_batchnorm(model.eval()) if isinstance(model, STGCN) else model
         self.folded = folded.double()
         self.num_class = folded.num_class
@@ -264,10 +280,17 @@ class QuantModel:
                     self.ops[op.name] = op
         self.ops[self.fc.name] = self.fc
 
-    def stage_plan(self, n: int, t: int, m: int) -> list[tuple[tuple[int, ...], tuple[str, ...]]]:
-        """(input shape, op names) of every ring stage of one window, in forward order."""
+    def stage_plan(
+        self, n: int, t: int, m: int, limbs: int | None = None
+    ) -> list[tuple[tuple[int, ...], tuple[str, ...]]]:
+        """(input shape, op names) of every ring stage of one window, in forward order.
+
+        Shapes are those of the masked tensors the worker gets: the activation digits are
+        stacked on the batch axis, so the batch is `limbs` (default: the model's) times larger.
+        """
         plan: list[tuple[tuple[int, ...], tuple[str, ...]]] = []
-        b_ = n * m
+        limbs = self.act_limbs if limbs is None else limbs
+        b_ = n * m * limbs
         c = int(self.folded.blocks[0].in_channels)
         v = self.folded.num_joints
         for blk in self.blocks:
@@ -280,13 +303,13 @@ class QuantModel:
             c = blk.tcn.c_out
             plan.append(((b_, c, t, v), (blk.tcn.name,)))
             t = (t - 1) // blk.stride + 1
-        plan.append(((n, c), (self.fc.name,)))
+        plan.append(((n * limbs, c), (self.fc.name,)))
         return plan
 
-    def macs(self, n: int, t: int, m: int) -> int:
-        """Multiply-accumulates of all ring ops for one window."""
+    def macs(self, n: int, t: int, m: int, limbs: int = 1) -> int:
+        """Multiply-accumulates of the linear ops for one window (× `limbs` for the ring work)."""
         total = 0
-        for shape, names in self.stage_plan(n, t, m):
+        for shape, names in self.stage_plan(n, t, m, limbs):
             for name in names:
                 op = self.ops[name]
                 rows = x_rows(op.meta, torch.empty(shape, dtype=torch.float32, device="meta")).shape[0]
@@ -295,14 +318,18 @@ class QuantModel:
 
 
 class RingBackend(Protocol):
-    """Computes exact integer results of a stage: y = x̂·Ŵ for each op (centred int64)."""
+    """Computes exact integer results of a stage: y = x̂·Ŵ for each op (int64 or float64).
+
+    x̂ is the full quantised activation (|x̂| ≤ `QuantModel.act_bound`); a delegating backend
+    splits it into ring-sized digits itself (`quant.split_limbs`).
+    """
 
     def run(self, xq: torch.Tensor, ops: list[LinearOp]) -> list[torch.Tensor]: ...
 
 
 def _deq(y: torch.Tensor, e_x: int, op: LinearOp) -> torch.Tensor:
-    """Integer result → float: y·2^−(fx+fw) (a fresh float64 tensor, safe to modify in place)."""
-    return y.to(torch.float64).mul_(2.0 ** (-(e_x + op.q.exp)))
+    """Integer result → float: y·2^−(fx+fw[o]) (a fresh float64 tensor, safe to modify in place)."""
+    return y.to(torch.float64, copy=True).mul_(2.0 ** (-e_x)).mul_(op.col_scale)
 
 
 def quantised_forward(qm: QuantModel, x: np.ndarray, backend: RingBackend) -> np.ndarray:
@@ -311,8 +338,9 @@ def quantised_forward(qm: QuantModel, x: np.ndarray, backend: RingBackend) -> np
         raise ValueError(f"expected (N, C, T, V, M), got shape {x.shape}")
     n, m = x.shape[0], x.shape[4]
     h = FoldedSTGCN.to_blocks_input(torch.from_numpy(np.ascontiguousarray(x)).to(torch.float64))
+    bx = qm.act_bound
     for blk in qm.blocks:
-        xq, e_x = quantise_act(h)
+        xq, e_x = quantise_act(h, bx)
         res_out = None
         if blk.gcn_joint is not None:
             (g,) = backend.run(xq, [blk.gcn_joint])
@@ -323,11 +351,11 @@ def quantised_forward(qm: QuantModel, x: np.ndarray, backend: RingBackend) -> np
             z = _deq(outs[0], e_x, blk.agg)
             if blk.res is not None:
                 res_out = _deq(outs[1], e_x, blk.res)
-            zq, e_z = quantise_act(z)
+            zq, e_z = quantise_act(z, bx)
             (g,) = backend.run(zq, [blk.gcn])
             g_real = _deq(g, e_z, blk.gcn)
         hh = torch.relu_(g_real.add_(blk.gcn_bias[None, :, None, :]))
-        hq, e_h = quantise_act(hh)
+        hq, e_h = quantise_act(hh, bx)
         (tc,) = backend.run(hq, [blk.tcn])
         out = _deq(tc, e_h, blk.tcn).add_(blk.tcn_bias[None, :, None, None])
         if blk.residual == "identity":
@@ -337,7 +365,7 @@ def quantised_forward(qm: QuantModel, x: np.ndarray, backend: RingBackend) -> np
             out += res_out.add_(blk.res_bias[None, :, None, None])
         h = torch.relu_(out)
     pooled = h.mean(dim=(2, 3)).view(n, m, -1).mean(dim=1)
-    pq, e_p = quantise_act(pooled)
+    pq, e_p = quantise_act(pooled, bx)
     (lg,) = backend.run(pq, [qm.fc])
     logits = _deq(lg, e_p, qm.fc) + qm.fc_bias
     return logits.numpy()
