@@ -99,7 +99,9 @@ class QuantWeight:
 _EXP_CAP = 60  # columns of (near-)zero weights: keep 2^exp finite and harmless
 
 
-def quantise_weight(w: torch.Tensor, bx: int = BX, budget: int = HALF, per_column: bool = True) -> QuantWeight:
+def quantise_weight(
+    w: torch.Tensor, bx: int = BX, budget: int = HALF, per_column: bool = True
+) -> QuantWeight:
     """Quantise a float (D, C_out) GEMM weight with the largest exponent(s) meeting the bound."""
     w = w.to(torch.float64)
     c_out = w.shape[1] if w.ndim == 2 else 0

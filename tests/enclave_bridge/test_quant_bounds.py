@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from enclave_bridge.quant import BX, act_exponent, join_limbs, limb_bound, quantise_act, quantise_weight, split_limbs
+from enclave_bridge.quant import (
+    BX,
+    act_exponent,
+    join_limbs,
+    limb_bound,
+    quantise_act,
+    quantise_weight,
+    split_limbs,
+)
 from enclave_bridge.ring import HALF
 from enclave_bridge.secure_layers import QuantModel, quantised_forward
 from enclave_bridge.stgcn import fold_batchnorm
@@ -80,7 +88,9 @@ def test_quantisation_error_is_small_on_calibrated_weights(qm):
             assert int(xq.abs().max()) > BX  # the full activation has more bits than one digit
             xd = split_limbs(xq, qm.act_limbs)
             return [
-                join_limbs(centred(exact_linear(linear_fn(o.meta, o.q.w_int.double()), xd, BX, o.q.col_l1)), 2)
+                join_limbs(
+                    centred(exact_linear(linear_fn(o.meta, o.q.w_int.double()), xd, BX, o.q.col_l1)), 2
+                )
                 for o in ops
             ]
 
