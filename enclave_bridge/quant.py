@@ -48,17 +48,20 @@ def split_limbs(xq: torch.Tensor, limbs: int) -> torch.Tensor:
 
     Returns int32 (limbs·B, ...): rows [i·B, (i+1)·B) hold digit limbs−1−i, so the top digit
     comes first. Lower digits are balanced in [−2^9, 2^9 − 1]; the top digit is |d| ≤ BX.
+    Written straight into one int32 buffer (|x̂| < 2^31): no int64 temporaries, no concatenation.
     """
+    rest = xq.to(torch.int32)
     if limbs == 1:
-        return xq.to(torch.int32)
-    rest = xq.to(torch.int64)
-    digits = []
-    for _ in range(limbs - 1):
-        d = ((rest + _HALF_DIGIT) & (2 * _HALF_DIGIT - 1)) - _HALF_DIGIT
-        digits.append(d)
-        rest = (rest - d) >> ACT_BITS
-    digits.append(rest)
-    return torch.cat(digits[::-1], dim=0).to(torch.int32)
+        return rest
+    b = rest.shape[0]
+    out = torch.empty((limbs * b, *rest.shape[1:]), dtype=torch.int32)
+    for i in range(limbs - 1, 0, -1):
+        d = out[i * b : (i + 1) * b]
+        torch.add(rest, _HALF_DIGIT, out=d)
+        d.bitwise_and_(2 * _HALF_DIGIT - 1).sub_(_HALF_DIGIT)
+        rest = (rest - d).bitwise_right_shift_(ACT_BITS)
+    out[:b] = rest
+    return out
 
 
 def join_limbs(y: torch.Tensor, limbs: int) -> torch.Tensor:
@@ -69,9 +72,9 @@ def join_limbs(y: torch.Tensor, limbs: int) -> torch.Tensor:
     if limbs == 1:
         return y
     parts = y.chunk(limbs, dim=0)
-    acc = parts[0].clone()
-    for part in parts[1:]:
-        acc.mul_(1 << ACT_BITS).add_(part)
+    acc = torch.add(parts[1], parts[0], alpha=1 << ACT_BITS)
+    for part in parts[2:]:
+        acc = torch.add(part, acc, alpha=1 << ACT_BITS)
     return acc
 
 

@@ -329,7 +329,7 @@ class RingBackend(Protocol):
 
 def _deq(y: torch.Tensor, e_x: int, op: LinearOp) -> torch.Tensor:
     """Integer result → float: y·2^−(fx+fw[o]) (a fresh float64 tensor, safe to modify in place)."""
-    return y.to(torch.float64, copy=True).mul_(2.0 ** (-e_x)).mul_(op.col_scale)
+    return torch.mul(y.to(torch.float64), op.col_scale * 2.0 ** (-e_x))
 
 
 def quantised_forward(qm: QuantModel, x: np.ndarray, backend: RingBackend) -> np.ndarray:
