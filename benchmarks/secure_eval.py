@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from enclave_bridge.keys import generate_data_key  # noqa: E402
 from enclave_bridge.protocol import SecureEvaluator  # noqa: E402
-from enclave_bridge.quant import BX  # noqa: E402
+from enclave_bridge.quant import ACT_LIMBS, BX, limb_bound  # noqa: E402
 from enclave_bridge.ring import HALF, MaskRNG, P, centred, pow2_mod, reduce  # noqa: E402
 from enclave_bridge.stgcn import STGCN  # noqa: E402
 from enclave_bridge.windows import ReplayGuard, open_window, seal_window  # noqa: E402
@@ -137,12 +137,15 @@ def time_plaintext_gpu(model: STGCN, x: np.ndarray, reps: int) -> dict[str, floa
     return {"wall_ms": 1e3 * statistics.median(walls)}
 
 
-def time_mode(model: STGCN, mode: str, x: np.ndarray, reps: int, addr: str | None) -> dict[str, Any]:
+def time_mode(
+    model: STGCN, mode: str, x: np.ndarray, reps: int, addr: str | None, limbs: int = ACT_LIMBS
+) -> dict[str, Any]:
     n, _, t, _, m = x.shape
     ev = SecureEvaluator(
         model,
         mode,
         addr if mode in ("paper", "slalom") else None,
+        act_limbs=limbs,
         pool_window=(n, t, m),
         pool_capacity=reps + 1,
         background_pool=False,
@@ -187,7 +190,9 @@ def time_mode(model: STGCN, mode: str, x: np.ndarray, reps: int, addr: str | Non
         online = res["enclave_cpu_ms"] - res["breakdown_ms"].get("precompute", 0.0)
         res["enclave_online_cpu_ms"] = online
         res["enclave_total_cpu_ms"] = online + res["precompute_ms_per_window"]
-    res["ring_macs"] = ev.qm.macs(n, t, m)
+    res["model_macs"] = ev.qm.macs(n, t, m)
+    # delegated work: every activation digit goes through the ring
+    res["ring_macs"] = ev.qm.macs(n, t, m, ev.qm.act_limbs if mode in ("paper", "slalom") else 1)
     ev.close()
     return res
 
@@ -254,9 +259,9 @@ def bench_u3(reps: int) -> dict[str, Any]:
     return out
 
 
-def fidelity(model: STGCN, n: int, t: int, m: int, batch: int = 25) -> dict[str, Any]:
+def fidelity(model: STGCN, n: int, t: int, m: int, batch: int = 25, limbs: int = ACT_LIMBS) -> dict[str, Any]:
     """Secure (exact ring, = every masked mode) vs float ST-GCN over n windows."""
-    ev = SecureEvaluator(model, "enclave")
+    ev = SecureEvaluator(model, "enclave", act_limbs=limbs)
     torch.set_num_threads(max(1, os.cpu_count() or 1))  # accuracy only, not timed
     top1 = top5 = 0
     max_rel = max_abs = 0.0
@@ -328,6 +333,10 @@ def main() -> int:
     ap.add_argument("--fidelity", type=int, default=None, help="windows for the fidelity check (0: skip)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "secure_eval.json"))
     ap.add_argument("--model", default=None)
+    ap.add_argument(
+        "--act-limbs", type=int, default=ACT_LIMBS, help="activation digits (1: fast, ~1 %% error)"
+    )
+    ap.add_argument("--fidelity-t", type=int, default=None, help="window length T for the fidelity check")
     args = ap.parse_args()
     torch.set_num_threads(1)
     reps = args.reps or (2 if args.quick else 5)
@@ -349,7 +358,13 @@ def main() -> int:
             "worker_threads": 1,
         },
         "model": model_desc,
-        "ring": {"modulus": P, "act_bits": BX.bit_length(), "bound": f"BX·max‖Ŵ_o‖₁ ≤ {HALF}"},
+        "ring": {
+            "modulus": P,
+            "digit_bits": BX.bit_length(),
+            "act_limbs": args.act_limbs,
+            "act_bound": limb_bound(args.act_limbs),
+            "bound": f"BX·max‖Ŵ_o‖₁ ≤ {HALF} per digit",
+        },
         "windows": {},
     }
     try:
@@ -362,7 +377,7 @@ def main() -> int:
                 res["plaintext_gpu"] = time_plaintext_gpu(model, x, reps)
             for mode in ("enclave", "slalom", "paper"):
                 print(f"  {mode} …", flush=True)
-                res[mode] = time_mode(model, mode, x, reps, addr)
+                res[mode] = time_mode(model, mode, x, reps, addr, args.act_limbs)
             plain = res["plaintext_fp32"]["cpu_ms"]
             macs = res["paper"]["ring_macs"]
             bytes_tx = res["paper"]["bytes_to_worker"] + res["paper"]["bytes_from_worker"]
@@ -378,8 +393,9 @@ def main() -> int:
         _save(results, args.out)
         nf = args.fidelity if args.fidelity is not None else (50 if args.quick else 1000)
         if nf > 0:
-            print(f"\n== fidelity over {nf} windows (T=64, M=2) ==", flush=True)
-            results["fidelity"] = fidelity(model, nf, 64, 2)
+            ft = args.fidelity_t or _model_t(args.model) or 64
+            print(f"\n== fidelity over {nf} windows (T={ft}, M=2, {args.act_limbs} digit(s)) ==", flush=True)
+            results["fidelity"] = fidelity(model, nf, ft, 2, limbs=args.act_limbs)
             for k, v in results["fidelity"].items():
                 print(f"  {k:34s} {v}")
     finally:
@@ -389,6 +405,15 @@ def main() -> int:
     out = _save(results, args.out)
     print(f"\nwrote {out}  (load average start {load0}, end {os.getloadavg()})")
     return 0
+
+
+def _model_t(path: str | None) -> int | None:
+    """The window length the model was trained for (its model.json), if known."""
+    meta = (Path(path).parent if path else REPO / "samples" / "default_model") / "model.json"
+    try:
+        return int(json.loads(meta.read_text())["T"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _save(results: dict[str, Any], path: str) -> Path:
