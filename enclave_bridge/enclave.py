@@ -127,6 +127,9 @@ def validate_enclave_config(cfg: Any, role: str, where: str = "enclave config") 
         t = ev.get("timeout_s")
         if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= 3600):
             raise ConfigError(f"{where}.evaluator.timeout_s: seconds in (0, 3600] (GPU worker replies)")
+        limbs = ev.get("act_limbs")
+        if limbs is not None and (isinstance(limbs, bool) or limbs not in (1, 2, 3)):
+            raise ConfigError(f"{where}.evaluator.act_limbs: 1, 2 or 3 activation digits")
         topk = cfg.get("topk", 5)
         if not isinstance(topk, int) or not 1 <= topk <= 100:
             raise ConfigError(f"{where}.topk: an integer in 1..100")
@@ -327,7 +330,13 @@ class _TorchEnclaveEvaluator:
         return None
 
 
-def make_evaluator(model: Any, mode: str, worker: str | None, timeout_s: float | None = None) -> Any:
+def make_evaluator(
+    model: Any,
+    mode: str,
+    worker: str | None,
+    timeout_s: float | None = None,
+    act_limbs: int | None = None,
+) -> Any:
     """`SecureEvaluator` in the configured mode (falls back to torch for mode "enclave" only)."""
     try:
         from enclave_bridge.protocol import SecureEvaluator
@@ -341,6 +350,8 @@ def make_evaluator(model: Any, mode: str, worker: str | None, timeout_s: float |
     kw: dict[str, Any] = {"allow_plaintext": True} if mode == "plaintext" else {}
     if timeout_s is not None and worker is not None:
         kw["timeout_s"] = timeout_s  # a hung GPU worker costs a window at most this, then the enclave path
+    if act_limbs is not None:
+        kw["act_limbs"] = act_limbs  # 1: half the delegated work, ~1 % logit error
     return SecureEvaluator(model, mode=mode, worker=worker, **kw)
 
 
@@ -376,6 +387,7 @@ class EvaluationEnclave:
         self.mode: str = ev["mode"]
         self.worker: str | None = ev.get("worker")
         self.worker_timeout_s: float | None = ev.get("timeout_s")
+        self.act_limbs: int | None = ev.get("act_limbs")
         self.topk = int(cfg.get("topk", 5))
         self._lock = threading.RLock()  # guards model/evaluator/keys/counters
         self._keys: dict[str, tuple[DataKey, float | None]] = {}
@@ -456,7 +468,7 @@ class EvaluationEnclave:
 
         bundle = open_package(package, key)
         model = build_model_checked(bundle)
-        evaluator = make_evaluator(model, self.mode, self.worker, self.worker_timeout_s)
+        evaluator = make_evaluator(model, self.mode, self.worker, self.worker_timeout_s, self.act_limbs)
         with self._lock:
             old = self.evaluator
             self.evaluator, self.labels, self.model_kid = evaluator, bundle.labels, key.kid

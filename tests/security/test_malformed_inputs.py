@@ -159,3 +159,21 @@ def test_malformed_video_files(tmp_path: Path, name: str) -> None:
         assert end is not None and end.reason in {"eof", "truncated"}
         assert all(f.image.ndim == 3 and f.image.size > 0 for f in frames)
         assert [f.seq for f in frames] == list(range(len(frames)))
+
+
+def test_evaluator_act_limbs_is_validated_and_reaches_the_evaluator() -> None:
+    from enclave_bridge.enclave import make_evaluator
+    from tests.enclave_bridge.secure_helpers import calibrated_model
+
+    ok = {**_ENCLAVE_GOOD, "evaluator": {"mode": "enclave", "worker": None, "act_limbs": 1}}
+    validate_enclave_config(ok, "eval")
+    for bad in (0, 4, "2", True, 1.5, None):
+        cfg = {**_ENCLAVE_GOOD, "evaluator": {"mode": "enclave", "worker": None, "act_limbs": bad}}
+        if bad is None:
+            validate_enclave_config(cfg, "eval")  # absent/null: the default
+            continue
+        with pytest.raises(ConfigError, match="act_limbs"):
+            validate_enclave_config(cfg, "eval")
+    model = calibrated_model(4, seed=1, t=8, m=1)
+    assert make_evaluator(model, "enclave", None, None, 1).qm.act_limbs == 1
+    assert make_evaluator(model, "enclave", None).qm.act_limbs == 2
