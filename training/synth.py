@@ -45,6 +45,14 @@ LR_FACE = ((14, 15), (16, 17))
 _MISS_FACTOR = np.array(
     [1.2, 0.3, 0.7, 1.0, 1.5, 0.7, 1.0, 1.5, 0.8, 1.0, 1.3, 0.8, 1.0, 1.3, 1.5, 1.5, 2.0, 2.0]
 )
+# Pieces of a person a bottom-up detector groups on its own when the rest is not linked up.
+_FRAGMENTS = (
+    (0, 14, 15, 16, 17),  # head
+    (0, 1, 14, 15, 16, 17),  # head and neck
+    (0, 1, 2, 3, 4, 5, 6, 7, 14, 15),  # upper body
+    (1, 2, 5, 8, 11),  # shoulders and hips
+    (8, 9, 10, 11, 12, 13),  # legs
+)
 _IMAGE_SIZES = ((320, 240), (384, 288), (640, 360), (640, 480), (768, 576), (1280, 720), (1920, 1080))
 _DEG = math.pi / 180.0
 
@@ -627,7 +635,21 @@ def _corrupt(
         drop |= horizontal & (rng.random(n) < rng.uniform(0.3, 0.9))
     elif mode < 0.5 and may_vanish:
         drop |= horizontal
-    if rng.random() < 0.12:
+    # detector flicker: missed for runs of frames and found again (small people, occlusion, PAF
+    # grouping failures). On real CCTV this happens to walkers as much as to fallers, so a person
+    # vanishing for a while must not by itself look like a fall.
+    if rng.random() < 0.25 + 0.45 * (1 - q):
+        for _ in range(int(rng.integers(1, 4))):
+            s0 = int(rng.integers(0, n))
+            drop[s0 : s0 + int(rng.integers(2, 16))] = True
+    # fragments: on some frames only a piece of the person (head, upper body, legs) is grouped
+    if rng.random() < 0.2 + 0.3 * (1 - q):
+        for _ in range(int(rng.integers(1, 3))):
+            s0 = int(rng.integers(0, n))
+            lost = np.ones(NUM_JOINTS, dtype=bool)
+            lost[list(_FRAGMENTS[int(rng.integers(len(_FRAGMENTS)))])] = False
+            miss[s0 : s0 + int(rng.integers(1, 10))] |= lost
+    if rng.random() < 0.2:
         cut = rng.integers(1, max(2, n // 3))
         if rng.random() < 0.5:
             drop[:cut] = True

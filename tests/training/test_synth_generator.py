@@ -150,3 +150,25 @@ def test_projected_fall_flattens_the_skeleton() -> None:
             ratio = _aspect(x[:, -4:, :, person]) / _aspect(x[:, :4, :, person])
             ratios[cls].append(ratio)
     assert np.nanmedian(ratios[fall_idx]) < 0.75 * np.nanmedian(ratios[stand_idx])
+
+
+def test_walkers_flicker_too_so_vanishing_is_not_a_fall_cue() -> None:
+    """Real detectors lose people for a few frames and find them again, in every class."""
+    walk = CLASSES.index("walking")
+    x, y = generate(9 * 40, seed=3, cfg=CFG)
+    gaps = fragments = 0
+    n = 0
+    for xi in x[y == walk]:
+        vis = (xi[2] > 0).sum(axis=1)  # (T, M) visible joints per frame and slot
+        for m in range(vis.shape[1]):
+            v = vis[:, m]
+            if (v > 0).sum() < 10:
+                continue
+            n += 1
+            seen = np.flatnonzero(v > 0)
+            inner = v[seen[0] : seen[-1] + 1]
+            gaps += int((inner == 0).sum() >= 2)
+            fragments += int(((v > 0) & (v <= 6)).any())
+    assert n >= 30
+    assert gaps / n > 0.2, (gaps, n)
+    assert fragments / n > 0.1, (fragments, n)
