@@ -37,6 +37,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         stride=args.stride,
         threads=args.threads,
         device=args.device,
+        init_from=args.init_from or "",
         classes=CLASSES,
     )
     command = (
@@ -152,6 +153,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0 …")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument(
+        "--init-from", default=None, help="fine-tune: start from this package dir or model.pt (same classes)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_train)

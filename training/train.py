@@ -54,6 +54,7 @@ class TrainConfig:
     stride: int = 10
     threads: int = 2
     device: str = "auto"
+    init_from: str = ""  # start from these weights (a package dir or model.pt): fine-tuning
     classes: tuple[str, ...] = field(default=CLASSES)
 
     def validate(self) -> None:
@@ -122,6 +123,18 @@ def write_package(out: Path, model: STGCN, cfg: TrainConfig, extra: dict[str, An
     (out / "model.json.tmp").replace(out / "model.json")
 
 
+def _load_initial_weights(model: STGCN, cfg: TrainConfig) -> None:
+    """Fine-tuning: strict load of an earlier model of the same classes (package dir or model.pt)."""
+    src = Path(cfg.init_from)
+    path = src / "model.pt" if src.is_dir() else src
+    try:
+        init = STGCN.from_checkpoint(path, num_class=len(cfg.classes))
+    except (OSError, CheckpointError) as e:
+        raise CheckpointError(f"--init-from {src}: {e}") from e
+    model.load_state_dict(init.state_dict())
+    log.info("initial weights from %s", path)
+
+
 def train(
     cfg: TrainConfig,
     out_dir: str | Path,
@@ -141,6 +154,8 @@ def train(
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = STGCN(len(cfg.classes), layout="openpose", strategy="spatial").to(device)
+    if cfg.init_from and not resume:
+        _load_initial_weights(model, cfg)
     opt: torch.optim.Optimizer
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(

@@ -122,3 +122,20 @@ def test_bad_package_is_a_checkpoint_error(tmp_path: Path) -> None:
     (tmp_path / "labels.txt").write_text("a\nb\n")
     with pytest.raises(CheckpointError, match="num_class"):
         load_package(tmp_path)
+
+
+def test_init_from_fine_tunes_an_earlier_package(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    train(TrainConfig(epochs=1, **TINY), base, progress=False, command="base")
+    start = STGCN.from_checkpoint(base / "model.pt").state_dict()
+    tuned = tmp_path / "tuned"
+    cfg = TrainConfig(epochs=1, init_from=str(base), **{**TINY, "lr": 1e-9})
+    train(cfg, tuned, progress=False, command="tuned", max_steps=1)
+    after = STGCN.from_checkpoint(tuned / "model.pt").state_dict()
+    # with a vanishing learning rate the fine-tuned weights stay at the initial ones (not a fresh init)
+    for k, v in start.items():
+        if v.is_floating_point() and "running" not in k:
+            assert torch.allclose(v, after[k], atol=1e-6), k
+    assert json.loads((tuned / "model.json").read_text())["train_config"]["init_from"] == str(base)
+    with pytest.raises(CheckpointError, match="init-from"):
+        train(TrainConfig(epochs=1, init_from=str(tmp_path / "nope"), **TINY), tmp_path / "x", progress=False)
