@@ -337,6 +337,9 @@ def main() -> int:
         "--act-limbs", type=int, default=ACT_LIMBS, help="activation digits (1: fast, ~1 %% error)"
     )
     ap.add_argument("--fidelity-t", type=int, default=None, help="window length T for the fidelity check")
+    ap.add_argument(
+        "--sections", default="timing,u3,fidelity", help="comma-separated subset of timing, u3, fidelity"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     reps = args.reps or (2 if args.quick else 5)
@@ -367,8 +370,9 @@ def main() -> int:
         },
         "windows": {},
     }
+    sections = set(args.sections.split(","))
     try:
-        for n, t, m in shapes:
+        for n, t, m in shapes if "timing" in sections else ():
             x = windows_for(n, t, m, seed=1)
             key = f"({n},3,{t},18,{m})"
             print(f"\n== window {key} ==", flush=True)
@@ -385,13 +389,15 @@ def main() -> int:
             print_table(key, res, plain, macs)
             results["windows"][key] = res
             _save(results, args.out)
-        print("\n== exact u3 variants (largest temporal conv as GEMM 2700×2304×256, 1 thread) ==")
-        results["u3_variants"] = bench_u3(3 if args.quick else 5)
-        for k, v in results["u3_variants"].items():
-            if isinstance(v, dict):
-                print(f"  {k:32s} {v['ms']:8.1f} ms  exact={v['exact']}")
-        _save(results, args.out)
+        if "u3" in sections:
+            print("\n== exact u3 variants (largest temporal conv as GEMM 2700×2304×256, 1 thread) ==")
+            results["u3_variants"] = bench_u3(3 if args.quick else 5)
+            for k, v in results["u3_variants"].items():
+                if isinstance(v, dict):
+                    print(f"  {k:32s} {v['ms']:8.1f} ms  exact={v['exact']}")
+            _save(results, args.out)
         nf = args.fidelity if args.fidelity is not None else (50 if args.quick else 1000)
+        nf = nf if "fidelity" in sections else 0
         if nf > 0:
             ft = args.fidelity_t or _model_t(args.model) or 64
             print(f"\n== fidelity over {nf} windows (T={ft}, M=2, {args.act_limbs} digit(s)) ==", flush=True)
