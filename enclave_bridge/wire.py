@@ -27,7 +27,8 @@ def pack_tensor(arr: np.ndarray) -> dict[str, Any]:
     """Encode an array as raw C-order bytes + dtype + shape (no pickle, ever)."""
     if arr.dtype.name not in _ALLOWED_DTYPES:
         raise TransportError(f"dtype {arr.dtype.name} not allowed on the wire")
-    return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": arr.tobytes(order="C")}
+    data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))  # msgpack copies it once
+    return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": data}
 
 
 def unpack_tensor(obj: Any) -> np.ndarray:
@@ -43,11 +44,12 @@ def unpack_tensor(obj: Any) -> np.ndarray:
         or not all(isinstance(s, int) and 0 <= s < 2**31 for s in shape)
     ):
         raise TransportError("malformed tensor: bad shape")
-    if not isinstance(data, bytes):
+    # memoryview: an in-process round trip of `pack_tensor` (msgpack itself always yields bytes)
+    if not isinstance(data, bytes | memoryview):
         raise TransportError("malformed tensor: data is not bytes")
     dt = np.dtype(dtype)
     n = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if n * dt.itemsize != len(data):
+    if n * dt.itemsize != (data.nbytes if isinstance(data, memoryview) else len(data)):
         raise TransportError(f"malformed tensor: {len(data)} bytes for shape {shape} {dtype}")
     return np.frombuffer(data, dtype=dt).reshape(tuple(shape))
 
@@ -70,30 +72,34 @@ _RECV_CHUNK = 1 << 20
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    # The buffer grows with the bytes actually received: `bytearray(n)` would zero (and so commit)
+    # Memory grows with the bytes actually received: `bytearray(n)` would zero (and so commit)
     # the size a peer merely *announces*, letting a few connections exhaust the service's memory.
-    buf = bytearray()
-    while len(buf) < n:
+    # Chunks are joined once at the end (one copy, not a growing buffer re-copied as it grows).
+    chunks: list[bytes] = []
+    got = 0
+    while got < n:
         try:
-            chunk = sock.recv(min(n - len(buf), _RECV_CHUNK))
+            chunk = sock.recv(min(n - got, _RECV_CHUNK))
         except TimeoutError as e:
             raise TransportError("peer timed out") from e
         except OSError as e:
             raise TransportError(f"socket error: {e.strerror or e}") from e
         if not chunk:
             raise TransportError("peer closed the connection")
-        buf += chunk
-    return bytes(buf)
+        chunks.append(chunk)
+        got += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def send_frame(sock: socket.socket, obj: Any) -> int:
     """Send one frame; returns the number of bytes written (for boundary-traffic metrics)."""
-    data = encode_frame(obj)
+    body = msgpack.packb(obj, use_bin_type=True)
     try:
-        sock.sendall(data)
+        sock.sendall(_HEADER.pack(len(body)))  # header apart: no copy of a large body
+        sock.sendall(body)
     except OSError as e:
         raise TransportError(f"send failed: {e.strerror or e}") from e
-    return len(data)
+    return _HEADER.size + len(body)
 
 
 def recv_frame(sock: socket.socket, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Any:
