@@ -382,8 +382,9 @@ def _lying(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
 
 def _falling(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
     walking = rng.random() < 0.4
+    speed = rng.uniform(0.6, 1.6)
     if walking:
-        _gait(rng, m, t, rng.uniform(0.6, 1.6), run=False)
+        _gait(rng, m, t, speed, run=False)
     else:
         _idle(rng, m, t, gestures=False)
         m.yaw += rng.uniform(-math.pi, math.pi)
@@ -400,6 +401,15 @@ def _falling(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
                 m.angles[name][k:] = m.angles[name][k]
     m.pivot_feet = True
     m.tilt_dir = rng.uniform(-math.pi, math.pi)
+    if walking and rng.random() < 0.7:
+        # tripping while walking: momentum carries the body on along its heading (stumbling
+        # steps) while it goes down, and it lands forward — not a topple about frozen feet
+        k = min(int(np.searchsorted(t, start)), m.n - 1)
+        hx, hy = -math.sin(m.yaw[k]), math.cos(m.yaw[k])
+        carry = speed * dur * (u - 0.5 * u**2) * rng.uniform(0.6, 1.3)
+        m.x = m.x + carry * hx
+        m.y = m.y + carry * hy
+        m.tilt_dir = math.pi + rng.uniform(-0.6, 0.6)  # forward (the spine bends forward at −x rotation)
     collapse = rng.random() < 0.4
     if collapse:  # knees buckle first, then the body topples
         c = _smooth(u / 0.5)
