@@ -96,10 +96,14 @@ def test_each_class_has_its_motion_signature() -> None:
     walk = [_ground_speed(w) for _, w in _clean("walking", 2)]
     run = [_ground_speed(w) for _, w in _clean("running", 3)]
     assert 0.4 < np.median(walk) < 2.0 and np.median(run) > 2.2 and min(run) > max(walk) * 0.9
-    # falling: the hips drop from standing height to near the ground
+    # falling: the hips drop from standing height to near the ground (some falls end on the
+    # knees and hands, hips a little higher)
+    ends = []
     for body, w in _clean("falling", 4):
         hz = _hip_z(w)
-        assert hz[0] > 0.4 * body.height and hz[-1] < 0.3 * body.height
+        assert hz[0] > 0.4 * body.height and hz[-1] < 0.4 * body.height and hz[-1] < 0.6 * hz[0]
+        ends.append(hz[-1] / body.height)
+    assert np.median(ends) < 0.25
     # lying: low the whole time, head near hip height
     for body, w in _clean("lying", 5):
         assert _hip_z(w).max() < 0.35 * body.height
