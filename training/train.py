@@ -33,6 +33,7 @@ from training.synth import CLASSES, SynthConfig
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(slots=True)
@@ -54,6 +55,8 @@ class TrainConfig:
     stride: int = 10
     threads: int = 2
     device: str = "auto"
+    precision: str = "fp32"  # "bf16": autocast matmuls/convs to bfloat16 (≈2× on AVX512-BF16 CPUs)
+    label_smoothing: float = 0.0
     init_from: str = ""  # start from these weights (a package dir or model.pt): fine-tuning
     classes: tuple[str, ...] = field(default=CLASSES)
 
@@ -62,6 +65,10 @@ class TrainConfig:
             raise ConfigError("epochs, train_per_epoch, val_size and batch_size must be ≥ 1")
         if self.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.lr <= 0 or self.stride < 1 or self.T < 4 or self.fps <= 0 or self.M < 1:
             raise ConfigError("lr > 0, stride ≥ 1, T ≥ 4, fps > 0, M ≥ 1 are required")
 
@@ -176,8 +183,10 @@ def train(
             saved = ck["config"]
         except Exception as e:
             raise CheckpointError(f"cannot read {ck_path}: {type(e).__name__}: {e}") from e
-        ignore = {"classes", "device", "threads", "epochs"}
-        if {k: v for k, v in saved.items() if k not in ignore} != {
+        # how fast a run goes (device, threads, precision) may change between resumes; what it learns may not
+        ignore = {"classes", "device", "threads", "epochs", "precision"}
+        defaults = asdict(TrainConfig())
+        if {k: saved.get(k, defaults[k]) for k in defaults if k not in ignore} != {
             k: v for k, v in asdict(cfg).items() if k not in ignore
         }:
             raise CheckpointError(f"{ck_path} was written with a different training configuration")
@@ -207,8 +216,9 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total_steps, cfg)
             xb, yb = xb.to(device), yb.to(device)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                logits = model(xb)
+            loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -278,4 +288,13 @@ def train(
     return history
 
 
-__all__ = ["CHECKPOINT", "TrainConfig", "lr_at", "pick_device", "predict", "train", "write_package"]
+__all__ = [
+    "CHECKPOINT",
+    "PRECISIONS",
+    "TrainConfig",
+    "lr_at",
+    "pick_device",
+    "predict",
+    "train",
+    "write_package",
+]
