@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 V = 18  # OpenPose-18 joints (DESIGN §3)
 
 
+def _drop_scalar_distance_notice(record: logging.LogRecord) -> bool:
+    """Logging filter: False for norfair's "scalar distance function" performance notice."""
+    return not record.getMessage().startswith("You are using a scalar distance function")
+
+
 class SeqCounter:
     """Strictly increasing per-device window numbers, persisted before use.
 
@@ -147,14 +152,23 @@ class Windower:
             detection_threshold=self.tcfg.min_joint_score,
         )
         # distance = 1/(1+matched joints): below 0.34 means at least two joints agree.
-        return Tracker(
-            distance_function=dist,
-            distance_threshold=0.34,
-            detection_threshold=self.tcfg.min_joint_score,
-            hit_counter_max=self.tcfg.max_missed_frames,
-            initialization_delay=min(self.tcfg.initialization_delay_frames, self.tcfg.max_missed_frames - 1),
-            pointwise_hit_counter_max=4,
-        )
+        # norfair warns on the root logger that a per-pair distance is slow; with a handful of people
+        # per frame it is not, and operators should not see that warning on every camera start.
+        root = logging.getLogger()
+        root.addFilter(_drop_scalar_distance_notice)
+        try:
+            return Tracker(
+                distance_function=dist,
+                distance_threshold=0.34,
+                detection_threshold=self.tcfg.min_joint_score,
+                hit_counter_max=self.tcfg.max_missed_frames,
+                initialization_delay=min(
+                    self.tcfg.initialization_delay_frames, self.tcfg.max_missed_frames - 1
+                ),
+                pointwise_hit_counter_max=4,
+            )
+        finally:
+            root.removeFilter(_drop_scalar_distance_notice)
 
     def _track(self, pf: PoseFrame) -> dict[int, np.ndarray]:
         size = (pf.width, pf.height)
