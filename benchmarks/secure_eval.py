@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from enclave_bridge.keys import generate_data_key  # noqa: E402
+from enclave_bridge.model_inputs import apply_input_transform, input_transform_of  # noqa: E402
 from enclave_bridge.protocol import SecureEvaluator  # noqa: E402
 from enclave_bridge.quant import ACT_LIMBS, BX, limb_bound  # noqa: E402
 from enclave_bridge.ring import HALF, MaskRNG, P, centred, pow2_mod, reduce  # noqa: E402
@@ -69,18 +70,19 @@ def load_model(path: str | None) -> tuple[STGCN, str]:
     return calibrated_model(10, seed=0, t=64, m=2), "calibrated random weights (no samples/default_model)"
 
 
-def windows_for(n: int, t: int, m: int, seed: int) -> np.ndarray:
-    """Skeleton-like windows: the project's synthetic generator if available, else random walks."""
+def windows_for(n: int, t: int, m: int, seed: int, transform: str = "reference") -> np.ndarray:
+    """Skeleton-like windows as the model sees them (after its `input_transform`): the project's
+    synthetic generator if available, else random walks."""
     try:
         from training.dataset import SplitSpec, make_arrays
         from training.synth import SynthConfig
 
         x, _ = make_arrays(SplitSpec(seed, "test", n), SynthConfig(T=t, M=m))
-        return x.astype(np.float32)
     except Exception:
         from tests.enclave_bridge.secure_helpers import skeleton_windows
 
-        return skeleton_windows(n, t, m, seed)
+        x = skeleton_windows(n, t, m, seed)
+    return apply_input_transform(x.astype(np.float32), transform)
 
 
 def start_worker() -> tuple[subprocess.Popen[bytes], str]:
@@ -259,7 +261,15 @@ def bench_u3(reps: int) -> dict[str, Any]:
     return out
 
 
-def fidelity(model: STGCN, n: int, t: int, m: int, batch: int = 25, limbs: int = ACT_LIMBS) -> dict[str, Any]:
+def fidelity(
+    model: STGCN,
+    n: int,
+    t: int,
+    m: int,
+    batch: int = 25,
+    limbs: int = ACT_LIMBS,
+    transform: str = "reference",
+) -> dict[str, Any]:
     """Secure (exact ring, = every masked mode) vs float ST-GCN over n windows."""
     ev = SecureEvaluator(model, "enclave", act_limbs=limbs)
     torch.set_num_threads(max(1, os.cpu_count() or 1))  # accuracy only, not timed
@@ -269,7 +279,7 @@ def fidelity(model: STGCN, n: int, t: int, m: int, batch: int = 25, limbs: int =
     gaps: list[float] = []
     flips: list[dict[str, float]] = []
     for start in range(0, n, batch):
-        x = windows_for(min(batch, n - start), t, m, seed=10_000 + start)
+        x = windows_for(min(batch, n - start), t, m, seed=10_000 + start, transform=transform)
         with torch.no_grad():
             ref = model(torch.from_numpy(x)).double().numpy()
         got = ev.evaluate(x)
@@ -371,9 +381,11 @@ def main() -> int:
         "windows": {},
     }
     sections = set(args.sections.split(","))
+    # calibrated random weights take windows as they come; a package may declare its own transform
+    transform = input_transform_of(_model_meta(args.model)) if model_desc.endswith(".pt") else "reference"
     try:
         for n, t, m in shapes if "timing" in sections else ():
-            x = windows_for(n, t, m, seed=1)
+            x = windows_for(n, t, m, seed=1, transform=transform)
             key = f"({n},3,{t},18,{m})"
             print(f"\n== window {key} ==", flush=True)
             res: dict[str, Any] = {"plaintext_fp32": time_plaintext(model, x, reps)}
@@ -401,7 +413,7 @@ def main() -> int:
         if nf > 0:
             ft = args.fidelity_t or _model_t(args.model) or 64
             print(f"\n== fidelity over {nf} windows (T={ft}, M=2, {args.act_limbs} digit(s)) ==", flush=True)
-            results["fidelity"] = fidelity(model, nf, ft, 2, limbs=args.act_limbs)
+            results["fidelity"] = fidelity(model, nf, ft, 2, limbs=args.act_limbs, transform=transform)
             for k, v in results["fidelity"].items():
                 print(f"  {k:34s} {v}")
     finally:
@@ -413,12 +425,21 @@ def main() -> int:
     return 0
 
 
-def _model_t(path: str | None) -> int | None:
-    """The window length the model was trained for (its model.json), if known."""
+def _model_meta(path: str | None) -> dict[str, Any]:
+    """The model's model.json (window length, input transform), or {} when it has none."""
     meta = (Path(path).parent if path else REPO / "samples" / "default_model") / "model.json"
     try:
-        return int(json.loads(meta.read_text())["T"])
-    except (OSError, ValueError, KeyError, TypeError):
+        doc = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _model_t(path: str | None) -> int | None:
+    """The window length the model was trained for (its model.json), if known."""
+    try:
+        return int(_model_meta(path)["T"])
+    except (KeyError, TypeError, ValueError):
         return None
 
 

@@ -60,6 +60,7 @@ from enclave_bridge.errors import (
 )
 from enclave_bridge.keys import DataKey, ModelKey, b64d, fingerprint, raw_public_bytes, verify_ed25519
 from enclave_bridge.measurement import compute_measurement
+from enclave_bridge.model_inputs import apply_input_transform, input_transform_of
 from enclave_bridge.sealing import SealedStore, Sealer
 from enclave_bridge.wire import connect, listen, recv_frame, send_frame
 
@@ -395,6 +396,7 @@ class EvaluationEnclave:
         self.evaluator: Any = None
         self.labels: list[str] = []
         self.model_kid: str | None = None
+        self.input_transform = "reference"  # the model's own pre-processing (model.json), applied inside
         self.policy: Any = None
         self.devices: dict[str, _Device] = {}
         self.engine = RuleEngine()
@@ -469,9 +471,11 @@ class EvaluationEnclave:
         bundle = open_package(package, key)
         model = build_model_checked(bundle)
         evaluator = make_evaluator(model, self.mode, self.worker, self.worker_timeout_s, self.act_limbs)
+        transform = input_transform_of(bundle.meta)
         with self._lock:
             old = self.evaluator
             self.evaluator, self.labels, self.model_kid = evaluator, bundle.labels, key.kid
+            self.input_transform = transform
         if old is not None and hasattr(old, "close"):
             old.close()
 
@@ -589,7 +593,8 @@ class EvaluationEnclave:
                 return self._reject(hdr.device, e.reason, str(e), hdr.seq)
             t = time.perf_counter()
             try:
-                logits = np.asarray(self.evaluator.evaluate(w.data[None]), dtype=np.float64)[0]
+                x = apply_input_transform(w.data[None], self.input_transform)
+                logits = np.asarray(self.evaluator.evaluate(x), dtype=np.float64)[0]
             except VeilcamError as e:  # e.g. GPU worker unreachable: the window is lost, counted
                 self._save_counters()
                 return self._reject(w.device, "eval_error", f"{type(e).__name__}: {e}", w.seq)

@@ -22,6 +22,7 @@ import numpy as np
 
 from enclave_bridge.errors import CheckpointError, ConfigError, IntegrityError, TransportError
 from enclave_bridge.keys import ModelKey
+from enclave_bridge.model_inputs import input_transform_of
 from enclave_bridge.wire import pack_tensor, unpack_tensor
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ def validate_meta(meta: Mapping[str, Any], num_labels: int) -> dict[str, Any]:
         raise ConfigError("model metadata: num_class must be a positive integer")
     if m["num_class"] != num_labels:
         raise ConfigError(f"model metadata: num_class {m['num_class']} but label map has {num_labels} labels")
+    input_transform_of(m)  # an unknown transform is refused when packaging, not at the first window
     return m
 
 

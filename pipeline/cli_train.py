@@ -39,6 +39,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         label_smoothing=args.label_smoothing,
+        input_transform=args.input_transform,
         init_from=args.init_from or "",
         classes=CLASSES,
     )
@@ -159,6 +160,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         choices=["fp32", "bf16"],
         default="fp32",
         help="bf16: mixed precision (autocast), ≈2× faster on CPUs with AVX512-BF16/AMX and on recent GPUs",
+    )
+    p.add_argument(
+        "--input-transform",
+        choices=["reference", "person-centred"],
+        default="reference",
+        help="what the enclave applies to a window before ST-GCN (recorded in model.json)",
     )
     p.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

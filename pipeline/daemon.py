@@ -630,7 +630,7 @@ def make_local_enclave(cfg: VeilcamConfig, key: DataKey, extra_recipients: list[
     from enclave_bridge.policy import ALERT_FIELDS, Recipient
 
     model_dir = cfg.enclave.model_dir or DEFAULT_MODEL_DIR
-    model, labels, _meta = load_model_dir(model_dir)
+    model, labels, meta = load_model_dir(model_dir)
     sk_path = cfg.enclave.signing_key_path or cfg.state_dir / "local-evaluator.key"
     if sk_path.exists():
         try:
@@ -658,7 +658,11 @@ def make_local_enclave(cfg: VeilcamConfig, key: DataKey, extra_recipients: list[
                 counters[device] = SeqCounter(cfg.state_dir / "alerts" / f"{device}.seq")
             return counters[device].next()
 
-    return LocalEnclave({key.kid: key}, model, labels, signer, recipients, next_seq)
+    from enclave_bridge.model_inputs import input_transform_of
+
+    return LocalEnclave(
+        {key.kid: key}, model, labels, signer, recipients, next_seq, input_transform=input_transform_of(meta)
+    )
 
 
 class Daemon:

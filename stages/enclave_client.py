@@ -93,6 +93,7 @@ class RemoteEnclave:
 # -- local stand-in --------------------------------------------------------------------------------
 def load_model_dir(model_dir: Path) -> tuple[Any, list[str], dict[str, Any]]:
     """(STGCN in eval mode, labels, model.json) from a directory like `samples/default_model`."""
+    from enclave_bridge.model_inputs import input_transform_of
     from enclave_bridge.stgcn import STGCN, load_label_map
 
     weights, labels_path, meta_path = (
@@ -110,6 +111,10 @@ def load_model_dir(model_dir: Path) -> tuple[Any, list[str], dict[str, Any]]:
         except ValueError as e:
             raise ConfigError(f"enclave.model_dir: {meta_path} is not valid JSON: {e}") from e
     labels = load_label_map(labels_path)
+    try:
+        input_transform_of(meta)
+    except ConfigError as e:
+        raise ConfigError(f"enclave.model_dir: {meta_path}: {e}") from e
     graph_kw = {k: meta[k] for k in ("layout", "strategy") if isinstance(meta.get(k), str)}
     model = STGCN.from_checkpoint(weights, num_class=len(labels), **graph_kw)
     model.eval()
@@ -134,6 +139,7 @@ class LocalEnclave:
         next_alert_seq: Callable[[str], int],
         *,
         topk: int = 5,
+        input_transform: str = "reference",
     ) -> None:
         from enclave_bridge.rules import RuleEngine
         from enclave_bridge.windows import ReplayGuard
@@ -147,6 +153,7 @@ class LocalEnclave:
         self._recipients = list(recipients)
         self._next_seq = next_alert_seq
         self._topk = max(1, min(topk, len(self._labels)))
+        self._input_transform = input_transform  # the model's pre-processing, as the enclave applies it
         self._guard = ReplayGuard()
         self._engine = RuleEngine()
         self._rules: dict[str, Any] = {}
@@ -183,6 +190,7 @@ class LocalEnclave:
 
         from enclave_bridge.alerts import build_alert
         from enclave_bridge.keys import fingerprint
+        from enclave_bridge.model_inputs import apply_input_transform
         from enclave_bridge.windows import open_window, parse_header
 
         try:
@@ -197,7 +205,8 @@ class LocalEnclave:
         except IntegrityError as e:
             return self._reject(hdr.seq, str(e))
         with torch.inference_mode():
-            logits = self._model(torch.from_numpy(win.data[None]))
+            x = apply_input_transform(win.data[None], self._input_transform)
+            logits = self._model(torch.from_numpy(x))
             probs = torch.softmax(logits.double(), dim=1)[0].numpy()
         order = np.argsort(-probs)[: self._topk]
         topk = [[self._labels[i], float(probs[i])] for i in order]

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from enclave_bridge.errors import CheckpointError
+from enclave_bridge.errors import CheckpointError, ConfigError
+from enclave_bridge.model_inputs import apply_input_transform, input_transform_of
 from enclave_bridge.stgcn import STGCN, load_label_map
 from training.dataset import SplitSpec, make_arrays
 from training.synth import CLASSES, SynthConfig
@@ -37,6 +38,10 @@ def load_package(path: str | Path) -> tuple[STGCN, list[str], dict[str, Any]]:
     for key in ("num_class", "T", "fps", "stride"):
         if key not in meta:
             raise CheckpointError(f"{meta_path} lacks {key!r}")
+    try:
+        input_transform_of(meta)
+    except ConfigError as e:
+        raise CheckpointError(f"{meta_path}: {e}") from e
     if int(meta["num_class"]) != len(labels):
         raise CheckpointError(f"{meta_path}: num_class {meta['num_class']} but {len(labels)} labels")
     model = STGCN.from_checkpoint(
@@ -134,6 +139,7 @@ def evaluate_package(
         raise CheckpointError(f"labels {unknown} have no synthetic generator; cannot evaluate this package")
     cfg = SynthConfig(T=int(meta["T"]), fps=float(meta["fps"]), M=int(meta.get("M", 2)))
     x, y_gen = make_arrays(SplitSpec(seed, "test", n), cfg)
+    x = apply_input_transform(x, input_transform_of(meta))
     # the generator numbers classes in CLASSES order; map them to the package's label order
     y = np.array([labels.index(CLASSES[i]) for i in y_gen], dtype=np.int64)
     logits = predict(model, x, torch.device("cpu"))

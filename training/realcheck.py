@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from enclave_bridge.errors import StageError
+from enclave_bridge.model_inputs import apply_input_transform, input_transform_of
 from training.evaluate import load_package
 from training.synth import normalise
 
@@ -217,7 +218,7 @@ def classify_clip(
     frames, w, h, pose_s = extract_skeletons(path, fps, crop, cache_dir)
     tracked = associate(frames)
     wins = build_windows(tracked, w, h, T, stride, M, fps)
-    x = torch.from_numpy(np.stack([d for *_, d in wins]))
+    x = torch.from_numpy(apply_input_transform(np.stack([d for *_, d in wins]), input_transform_of(meta)))
     with torch.no_grad():
         prob = torch.softmax(model(x), dim=1).numpy()
     windows = []

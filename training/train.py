@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from enclave_bridge.errors import CheckpointError, ConfigError
+from enclave_bridge.model_inputs import INPUT_TRANSFORMS, apply_input_transform
 from enclave_bridge.stgcn import STGCN
 from training.dataset import SplitSpec, batches, epoch_spec, make_arrays
 from training.synth import CLASSES, SynthConfig
@@ -57,6 +58,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"  # "bf16": autocast matmuls/convs to bfloat16 (≈2× on AVX512-BF16 CPUs)
     label_smoothing: float = 0.0
+    input_transform: str = "reference"  # what the enclave applies before ST-GCN (model.json)
     init_from: str = ""  # start from these weights (a package dir or model.pt): fine-tuning
     classes: tuple[str, ...] = field(default=CLASSES)
 
@@ -67,6 +69,10 @@ class TrainConfig:
             raise ConfigError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.input_transform not in INPUT_TRANSFORMS:
+            raise ConfigError(
+                f"input_transform must be one of {', '.join(INPUT_TRANSFORMS)}, got {self.input_transform!r}"
+            )
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.lr <= 0 or self.stride < 1 or self.T < 4 or self.fps <= 0 or self.M < 1:
@@ -123,6 +129,7 @@ def write_package(out: Path, model: STGCN, cfg: TrainConfig, extra: dict[str, An
         "M": cfg.M,
         "seed": cfg.seed,
         "normalisation": "x/W-0.5, y/H-0.5, score; zeros where a joint is missing",
+        "input_transform": cfg.input_transform,
         "train_config": {k: v for k, v in asdict(cfg).items() if k != "classes"},
         **extra,
     }
@@ -195,6 +202,7 @@ def train(
         start_epoch, step, history = ck["epoch"] + 1, ck["step"], ck["history"]
         log.info("resumed from %s at epoch %d (step %d)", ck_path, start_epoch, step)
     vx, vy = make_arrays(SplitSpec(cfg.seed, "val", cfg.val_size), cfg.synth)
+    vx = apply_input_transform(vx, cfg.input_transform)
     cmd = command or " ".join(shlex.quote(a) for a in sys.argv)
     # every invocation that contributed (the first run, then each --resume), in order
     history.setdefault("commands", [])
@@ -202,6 +210,7 @@ def train(
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.monotonic()
         x, y = make_arrays(epoch_spec(cfg.seed, epoch, cfg.train_per_epoch), cfg.synth)
+        x = apply_input_transform(x, cfg.input_transform)
         gen_s = time.monotonic() - t0
         model.train()
         rng = np.random.default_rng([cfg.seed, 7, epoch])

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +15,8 @@ from enclave_bridge.attest import new_nonce
 from enclave_bridge.client import provision_data_key, provision_model
 from enclave_bridge.errors import ConfigError, IntegrityError
 from enclave_bridge.keys import generate_data_key
+from enclave_bridge.model_inputs import apply_input_transform
+from enclave_bridge.model_package import package_model
 from enclave_bridge.stgcn import STGCN
 from enclave_bridge.windows import seal_window
 from tests.enclave_bridge.test_enclave_service_support import (
@@ -189,3 +193,43 @@ def test_window_rejections_are_counted_not_fatal(deployment):  # noqa: F811
     with pytest.raises(RuntimeError, match="modified on disk"):
         dep.start("eval")
     assert_no_secrets([dep.log("eval")], dep.secrets())
+
+
+def test_model_input_transform_is_applied_inside_the_enclave(deployment):  # noqa: F811
+    """A package declaring `input_transform: person-centred` gets it applied after decryption."""
+    dep = deployment
+    meta = json.loads((dep.root / "model.json").read_text())
+    meta["input_transform"] = "person-centred"
+    # a random ST-GCN is nearly uniform whatever its input: sharpen its classifier so inputs matter
+    state = torch.load(dep.root / "model.pt")
+    state["fcn.weight"], state["fcn.bias"] = state["fcn.weight"] * 20, state["fcn.bias"] * 0
+    torch.save(state, dep.root / "sharp.pt")
+    dep.package = package_model(
+        dep.root / "sharp.pt", dep.root / "labels.txt", meta, dep.mk, dep.root / "centred.vcpkg"
+    )
+    _provision_all(dep)
+    # a small person (a few hundredths of the frame) off-centre: the transform changes the input a lot
+    x = (window(3) * 0.05 + 0.2).astype("float32")
+    x[2] = np.abs(x[2]) + 0.1  # every joint present
+    with dep.client() as c:
+        c.set_policy(dep.signed_policy())
+        c.hello("cam1", RULES_ALL)
+        r = c.submit(seal_window(dep.dk, "cam1", 1, 0.0, 1.6, x, (7,)))
+        ev = dep.verifier("eval").verify(c.evidence(nonce := new_nonce()), nonce)
+    assert r.status == "ok"
+    got = AlertOpener(dep.c1, ev.sign_pub).open(r.alerts[0])
+    model = STGCN.from_checkpoint(dep.root / "sharp.pt").eval()
+    with torch.no_grad():
+        want = torch.softmax(model(torch.from_numpy(apply_input_transform(x[None], "person-centred"))), 1)[0]
+        raw = torch.softmax(model(torch.from_numpy(x[None])), 1)[0]
+    for lab, p in got["topk"]:  # exact ring arithmetic: probabilities within ~1e-4 of the float model
+        assert p == pytest.approx(float(want[LABELS.index(lab)]), abs=5e-4)
+    assert float((want - raw).abs().max()) > 2e-3  # the check above would fail without the transform
+
+
+def test_unknown_input_transform_is_refused_at_packaging(deployment):  # noqa: F811
+    dep = deployment
+    meta = json.loads((dep.root / "model.json").read_text())
+    meta["input_transform"] = "mirror"
+    with pytest.raises(ConfigError, match="input_transform"):
+        package_model(dep.root / "model.pt", dep.root / "labels.txt", meta, dep.mk, dep.root / "x.vcpkg")

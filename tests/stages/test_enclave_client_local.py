@@ -197,3 +197,33 @@ def test_stage_counts_rejections_with_a_data_key_hint(model: STGCN, caplog: pyte
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1  # logged once per reason, not per window
     assert "data_key_path" in errors[0].getMessage()
+
+
+def test_local_evaluator_applies_the_model_input_transform(model: STGCN, tmp_path: Path) -> None:
+    from enclave_bridge.model_inputs import apply_input_transform
+
+    key, consumer = generate_data_key(), PartyKey.generate("consumer", "ops")
+    pub = consumer.public
+    enc = LocalEnclave(
+        {key.kid: key},
+        model,
+        LABELS,
+        PartyKey.generate("data-owner", "local-evaluator"),
+        [Recipient(pub.name, pub.rid, pub.kx_pub, tuple(ALERT_FIELDS))],
+        lambda _device: 1,
+        input_transform="person-centred",
+    )
+    enc.hello("cam", {"labels": ["*"], "min_score": 0.0, "debounce_s": 0.0})
+    data = np.random.default_rng(1).normal(0, 0.1, (3, 8, 18, 2)).astype(np.float32)
+    res = enc.submit(window(key, 1))
+    alert = AlertOpener(consumer, enc.verify_key).open(res.alerts[0])
+    with torch.no_grad():
+        x = torch.from_numpy(apply_input_transform(data[None], "person-centred"))
+        probs = torch.softmax(model(x).double(), 1)[0]
+    assert alert["score"] == pytest.approx(float(probs.max()), abs=1e-6)
+    # a package naming an unknown transform is refused when the model directory is loaded
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "labels.txt").write_text("\n".join(LABELS) + "\n")
+    (tmp_path / "model.json").write_text('{"input_transform": "mirror"}')
+    with pytest.raises(ConfigError, match="input_transform"):
+        load_model_dir(tmp_path)

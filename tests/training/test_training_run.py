@@ -139,3 +139,29 @@ def test_init_from_fine_tunes_an_earlier_package(tmp_path: Path) -> None:
     assert json.loads((tuned / "model.json").read_text())["train_config"]["init_from"] == str(base)
     with pytest.raises(CheckpointError, match="init-from"):
         train(TrainConfig(epochs=1, init_from=str(tmp_path / "nope"), **TINY), tmp_path / "x", progress=False)
+
+
+def test_input_transform_and_bf16_are_recorded_and_used(tmp_path: Path) -> None:
+    cfg = TrainConfig(
+        epochs=1, input_transform="person-centred", precision="bf16", label_smoothing=0.1, **TINY
+    )
+    hist = train(cfg, tmp_path / "run", progress=False, command="test")
+    assert np.isfinite(hist["epochs"][0]["loss"])
+    _model, _labels, meta = load_package(tmp_path / "run")
+    assert meta["input_transform"] == "person-centred"
+    assert meta["train_config"]["precision"] == "bf16"
+    res = evaluate_package(tmp_path / "run", n=18, seed=1, report_dir=tmp_path / "eval")
+    assert 0.0 <= res["accuracy"] <= 1.0
+    # speed settings may change on resume; what the model learns from may not
+    train(
+        TrainConfig(epochs=2, **{**TINY, "input_transform": "person-centred", "label_smoothing": 0.1}),
+        tmp_path / "run",
+        resume=True,
+        progress=False,
+    )
+    with pytest.raises(CheckpointError):
+        train(TrainConfig(epochs=3, **TINY), tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(ConfigError):
+        TrainConfig(input_transform="mirror").validate()
+    with pytest.raises(ConfigError):
+        TrainConfig(precision="fp8").validate()
