@@ -55,6 +55,7 @@ _FRAGMENTS = (
 )
 _IMAGE_SIZES = ((320, 240), (384, 288), (640, 360), (640, 480), (768, 576), (1280, 720), (1920, 1080))
 _DEG = math.pi / 180.0
+ID_SWITCH_P = 0.15  # single-person windows whose track is split in two by a tracker id switch
 
 
 @dataclass(frozen=True, slots=True)
@@ -759,11 +760,28 @@ def make_sample(label: str, rng: np.random.Generator, cfg: SynthConfig) -> np.nd
         world = forward_kinematics(Body.sample(rng), mo)
         det = _corrupt(rng, cam, world, _head_forward(world), may_vanish=label != "lying")
         dets.append(normalise(det, cam.width, cam.height_px))
+    if len(dets) < cfg.M and cfg.T >= 8 and rng.random() < ID_SWITCH_P:
+        dets = _id_switch(rng, dets)
     out = np.zeros((3, cfg.T, NUM_JOINTS, cfg.M), dtype=np.float32)
     slots = rng.permutation(cfg.M)
     for k, det in enumerate(dets[: cfg.M]):
         out[:, :, :, slots[k]] = det.transpose(2, 0, 1)
     return out
+
+
+def _id_switch(rng: np.random.Generator, dets: list[np.ndarray]) -> list[np.ndarray]:
+    """The tracker loses the main person and picks them up again under a new id: the window holds
+    one track that ends and another that starts (after a gap of 0–3 frames) where the first ended.
+    Real trackers do this to pedestrians all the time, so a track vanishing while another appears
+    must not look like a fall."""
+    det = dets[0]
+    n = det.shape[0]
+    cut = int(rng.integers(3, n - 3))
+    gap = int(rng.integers(0, 4))
+    before, after = det.copy(), det.copy()
+    before[cut:] = 0.0
+    after[: min(n, cut + gap)] = 0.0
+    return [before, after, *dets[1:]]
 
 
 def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:

@@ -176,3 +176,28 @@ def test_walkers_flicker_too_so_vanishing_is_not_a_fall_cue() -> None:
     assert n >= 30
     assert gaps / n > 0.2, (gaps, n)
     assert fragments / n > 0.1, (fragments, n)
+
+
+def test_id_switch_splits_one_track_into_two_disjoint_ones() -> None:
+    from training.synth import _id_switch
+
+    det = np.random.default_rng(0).uniform(0.1, 1.0, (30, 18, 3)).astype(np.float32)
+    for seed in range(20):
+        before, after = _id_switch(np.random.default_rng(seed), [det])
+        on_a, on_b = before[:, 0, 2] > 0, after[:, 0, 2] > 0
+        assert on_a.any() and on_b.any() and not (on_a & on_b).any()
+        last_a, first_b = np.nonzero(on_a)[0].max(), np.nonzero(on_b)[0].min()
+        assert on_a[: last_a + 1].all() and on_b[first_b:].all()  # one ends, then the other starts
+        assert 1 <= first_b - last_a <= 4  # after a gap of 0-3 frames
+        assert np.array_equal(before[on_a], det[on_a]) and np.array_equal(after[on_b], det[on_b])
+    # in generated data some single-person windows show the switch (two slots, never both present)
+    x, _y = generate(90, seed=3, split="train", cfg=SynthConfig(T=30, M=2))
+    present = (x[:, 2] > 0).any(axis=2)  # (n, T, M)
+    switched = [
+        i
+        for i in range(len(x))
+        if present[i, :, 0].any()
+        and present[i, :, 1].any()
+        and not (present[i, :, 0] & present[i, :, 1]).any()
+    ]
+    assert switched
