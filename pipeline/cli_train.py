@@ -98,14 +98,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_realcheck(args: argparse.Namespace) -> int:
     from training.realcheck import run_realcheck
 
-    report: dict[str, Any] = run_realcheck(args.model, args.clips, cache_dir=args.cache, threads=args.threads)
+    report: dict[str, Any] = run_realcheck(
+        args.model,
+        args.clips,
+        cache_dir=args.cache,
+        threads=args.threads,
+        **({} if args.min_score is None else {"min_score": args.min_score}),
+    )
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         for clip in report["clips"]:
             print(
                 f"{clip['name']}: {clip['frames']} frames, {len(clip['windows'])} windows, "
-                f"{clip['fall_windows']} falling (max p {clip['max_fall_p']:.2f}); "
+                f"{clip['fall_windows']} falling (max p {clip['max_fall_p']:.2f}), "
+                f"{clip['fall_alerts']} fall alert(s) at min_score {clip['min_score']}; "
                 f"pose {clip['pose_s']:.1f} s"
             )
             for w in clip["windows"]:
@@ -202,6 +209,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     r.add_argument("--cache", default=None, help="skeleton cache dir (default: ~/.cache/veilcam/realcheck)")
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--json", action="store_true", help="print the report as JSON")
+    r.add_argument(
+        "--min-score", type=float, default=None, help="alert rule: top-1 score for a fall alert (default 0.5)"
+    )
     r.set_defaults(func=_cmd_realcheck)
 
 

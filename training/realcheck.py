@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import torch
 
+from config.schema import RulesConfig
 from enclave_bridge.errors import StageError
 from enclave_bridge.model_inputs import apply_input_transform, input_transform_of
 from training.evaluate import load_package
@@ -38,6 +39,7 @@ KNOWN_CROPS: dict[str, tuple[int, int, int, int]] = {"fall-01-cam0.mp4": (320, 0
 DEFAULT_CLIPS = ("fall-01-cam0.mp4", "vtest.avi")
 POSE_BACKEND = "opencv-openpose"
 FALL_LABEL = "falling"
+DEFAULT_MIN_SCORE = RulesConfig().min_score  # the daemon's default alert rule
 
 
 @dataclass(slots=True)
@@ -212,8 +214,9 @@ def classify_clip(
     path: str | Path,
     crop: tuple[int, int, int, int] | None = None,
     cache_dir: str | Path | None = None,
+    min_score: float = DEFAULT_MIN_SCORE,
 ) -> dict[str, Any]:
-    """Per-window top-3 labels for one clip."""
+    """Per-window top-3 labels for one clip, and the fall alerts a `min_score` rule would raise."""
     T, stride, fps, M = int(meta["T"]), int(meta["stride"]), float(meta["fps"]), int(meta.get("M", 2))
     frames, w, h, pose_s = extract_skeletons(path, fps, crop, cache_dir)
     tracked = associate(frames)
@@ -235,6 +238,8 @@ def classify_clip(
         )
     fall = sum(1 for wi in windows if wi["label"] == FALL_LABEL)
     fall_p = prob[:, labels.index(FALL_LABEL)] if FALL_LABEL in labels else np.zeros(len(prob))
+    # what the enclave's rule engine would alert on (top-1 label at or above min_score)
+    alerts = [wi for wi in windows if wi["label"] == FALL_LABEL and wi["top"][0][1] >= min_score]
     return {
         "name": Path(path).name,
         "frames": len(frames),
@@ -245,6 +250,9 @@ def classify_clip(
         "fall_windows": fall,
         "max_fall_p": round(float(fall_p.max()), 3) if len(fall_p) else 0.0,
         "fall_times": [(wi["t0"], wi["t1"]) for wi in windows if wi["label"] == FALL_LABEL],
+        "min_score": min_score,
+        "fall_alerts": len(alerts),
+        "fall_alert_times": [(wi["t0"], wi["t1"]) for wi in alerts],
     }
 
 
@@ -253,12 +261,15 @@ def run_realcheck(
     clips: list[str] | tuple[str, ...] = (),
     cache_dir: str | Path | None = None,
     threads: int = 2,
+    min_score: float = DEFAULT_MIN_SCORE,
 ) -> dict[str, Any]:
     """Classify each clip (default: the shared fall and pedestrian samples)."""
     torch.set_num_threads(threads)
     model, labels, meta = load_package(model_dir)
     paths = [Path(c) for c in clips] or [SHARED_SAMPLES / c for c in DEFAULT_CLIPS]
-    results = [classify_clip(model, labels, meta, p, KNOWN_CROPS.get(p.name), cache_dir) for p in paths]
+    results = [
+        classify_clip(model, labels, meta, p, KNOWN_CROPS.get(p.name), cache_dir, min_score) for p in paths
+    ]
     return {
         "model": str(model_dir),
         "T": meta["T"],
