@@ -40,6 +40,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         precision=args.precision,
         label_smoothing=args.label_smoothing,
         input_transform=args.input_transform,
+        ema_decay=args.ema_decay,
         init_from=args.init_from or "",
         classes=CLASSES,
     )
@@ -173,6 +174,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         choices=["reference", "person-centred"],
         default="reference",
         help="what the enclave applies to a window before ST-GCN (recorded in model.json)",
+    )
+    p.add_argument(
+        "--ema-decay", type=float, default=0.0, help="ship an EMA of the weights (e.g. 0.998; 0 = off)"
     )
     p.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

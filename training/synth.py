@@ -56,6 +56,8 @@ _FRAGMENTS = (
 _IMAGE_SIZES = ((320, 240), (384, 288), (640, 360), (640, 480), (768, 576), (1280, 720), (1920, 1080))
 _DEG = math.pi / 180.0
 ID_SWITCH_P = 0.15  # single-person windows whose track is split in two by a tracker id switch
+CAMERA_MOVE_P = 0.08  # windows in which the camera is bumped or panned
+STALL_P = 0.05  # windows in which the stream stalls (frames repeat exactly)
 
 
 @dataclass(frozen=True, slots=True)
@@ -762,10 +764,33 @@ def make_sample(label: str, rng: np.random.Generator, cfg: SynthConfig) -> np.nd
         dets.append(normalise(det, cam.width, cam.height_px))
     if len(dets) < cfg.M and cfg.T >= 8 and rng.random() < ID_SWITCH_P:
         dets = _id_switch(rng, dets)
+    dets = _camera_artefacts(rng, dets)
     out = np.zeros((3, cfg.T, NUM_JOINTS, cfg.M), dtype=np.float32)
     slots = rng.permutation(cfg.M)
     for k, det in enumerate(dets[: cfg.M]):
         out[:, :, :, slots[k]] = det.transpose(2, 0, 1)
+    return out
+
+
+def _camera_artefacts(rng: np.random.Generator, dets: list[np.ndarray]) -> list[np.ndarray]:
+    """Whole-scene artefacts of real CCTV streams, applied to every person alike (so they are never
+    an action cue): the camera is bumped or panned (every skeleton jumps or drifts together) and the
+    stream stalls (a run of frames repeats the last one exactly, no detector jitter)."""
+    n = dets[0].shape[0]
+    out = [d.copy() for d in dets]
+    if rng.random() < CAMERA_MOVE_P:
+        shift = rng.uniform(-0.08, 0.08, 2)
+        start = int(rng.integers(1, n))
+        ramp = np.clip((np.arange(n) - start + 1) / max(1, int(rng.integers(1, 6))), 0.0, 1.0)
+        for d in out:
+            present = d[:, :, 2] > 0
+            d[:, :, :2] += np.where(present[..., None], ramp[:, None, None] * shift, 0.0)
+            d[(np.abs(d[:, :, :2]) >= 0.5).any(axis=2)] = 0.0  # moved out of the picture
+    if rng.random() < STALL_P and n >= 6:
+        k = int(rng.integers(1, n - 2))
+        run = int(rng.integers(3, 16))
+        for d in out:
+            d[k : k + run] = d[k - 1]
     return out
 
 

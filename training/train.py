@@ -18,11 +18,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from enclave_bridge.errors import CheckpointError, ConfigError
@@ -59,6 +60,7 @@ class TrainConfig:
     precision: str = "fp32"  # "bf16": autocast matmuls/convs to bfloat16 (≈2× on AVX512-BF16 CPUs)
     label_smoothing: float = 0.0
     input_transform: str = "reference"  # what the enclave applies before ST-GCN (model.json)
+    ema_decay: float = 0.0  # > 0: validate and ship an exponential moving average of the weights
     init_from: str = ""  # start from these weights (a package dir or model.pt): fine-tuning
     classes: tuple[str, ...] = field(default=CLASSES)
 
@@ -73,6 +75,8 @@ class TrainConfig:
             raise ConfigError(
                 f"input_transform must be one of {', '.join(INPUT_TRANSFORMS)}, got {self.input_transform!r}"
             )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.lr <= 0 or self.stride < 1 or self.T < 4 or self.fps <= 0 or self.M < 1:
@@ -177,6 +181,14 @@ def train(
         )
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # weight averaging: one epoch's weights vary a lot in how they carry over to real footage; an
+    # average over the last few hundred steps (BatchNorm statistics included) is steadier
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        if cfg.ema_decay > 0
+        else None
+    )
+    shipped = cast(STGCN, ema.module) if ema is not None else model
     steps_per_epoch = math.ceil(cfg.train_per_epoch / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     history: dict[str, Any] = {"epochs": [], "best_val_acc": -1.0, "best_epoch": -1, "train_s": 0.0}
@@ -199,6 +211,8 @@ def train(
             raise CheckpointError(f"{ck_path} was written with a different training configuration")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(ck["ema"])
         start_epoch, step, history = ck["epoch"] + 1, ck["step"], ck["history"]
         log.info("resumed from %s at epoch %d (step %d)", ck_path, start_epoch, step)
     vx, vy = make_arrays(SplitSpec(cfg.seed, "val", cfg.val_size), cfg.synth)
@@ -231,6 +245,8 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                ema.update_parameters(model)
             step += 1
             losses.append(float(loss.detach()))
             correct += int((logits.argmax(1) == yb).sum())
@@ -238,7 +254,7 @@ def train(
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", acc=f"{correct / max(1, seen):.3f}")
         bar.close()
         train_s = time.monotonic() - t0
-        pred = predict(model, vx, device).argmax(1)
+        pred = predict(shipped, vx, device).argmax(1)
         val_acc = float((pred == vy).mean())
         rec = {
             "epoch": epoch,
@@ -268,7 +284,7 @@ def train(
             history["best_val_acc"], history["best_epoch"] = val_acc, epoch
             write_package(
                 pkg,
-                model,
+                shipped,
                 cfg,
                 {
                     "command": history["commands"][0],
@@ -283,6 +299,7 @@ def train(
         ck = {
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
+            **({"ema": ema.state_dict()} if ema is not None else {}),
             "epoch": epoch,
             "step": step,
             "history": history,

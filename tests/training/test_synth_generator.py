@@ -201,3 +201,47 @@ def test_id_switch_splits_one_track_into_two_disjoint_ones() -> None:
         and not (present[i, :, 0] & present[i, :, 1]).any()
     ]
     assert switched
+
+
+def test_camera_artefacts_move_everyone_alike_and_stalls_repeat_frames() -> None:
+    from training import synth
+
+    rng0 = np.random.default_rng(0)
+    dets = [
+        np.concatenate([rng0.uniform(-0.3, 0.3, (30, 18, 2)), rng0.uniform(0.1, 1.0, (30, 18, 1))], 2).astype(
+            np.float32
+        )
+        for _ in range(2)
+    ]
+    dets[1][:, 5] = 0.0  # a missing joint stays (0, 0, 0)
+    moved = stalled = 0
+    for seed in range(200):
+        out = synth._camera_artefacts(np.random.default_rng(seed), dets)
+        assert (out[1][:, 5] == 0).all()
+        assert all((np.abs(o[:, :, :2]) < 0.5).all() for o in out)  # nothing outside the picture
+        if all(np.array_equal(o, d) for o, d in zip(out, dets, strict=True)):
+            continue
+        frozen = [t for t in range(1, 30) if np.array_equal(out[0][t], out[0][t - 1])]
+        if frozen:
+            stalled += 1
+            continue
+        # a pure camera move: one offset per frame for every (still visible) joint of every person
+        moved += 1
+        for o, d in zip(out, dets, strict=True):
+            vis = o[:, :, 2] > 0
+            assert np.allclose(o[:, :, 2][vis], d[:, :, 2][vis])
+        off = np.array(
+            [
+                (out[0][t, :, :2] - dets[0][t, :, :2])[out[0][t, :, 2] > 0].mean(0)
+                if (out[0][t, :, 2] > 0).any()
+                else (0, 0)
+                for t in range(30)
+            ]
+        )
+        for o, d in zip(out, dets, strict=True):
+            vis = o[:, :, 2] > 0
+            delta = (o[:, :, :2] - d[:, :, :2])[vis]
+            assert np.allclose(delta, np.broadcast_to(off[:, None], (30, 18, 2))[vis], atol=1e-6)
+        assert np.abs(off).max() <= 0.08 + 1e-6
+    assert moved > 5 and stalled > 3  # both happen, in a minority of windows
+    assert moved + stalled < 60

@@ -143,7 +143,12 @@ def test_init_from_fine_tunes_an_earlier_package(tmp_path: Path) -> None:
 
 def test_input_transform_and_bf16_are_recorded_and_used(tmp_path: Path) -> None:
     cfg = TrainConfig(
-        epochs=1, input_transform="person-centred", precision="bf16", label_smoothing=0.1, **TINY
+        epochs=1,
+        input_transform="person-centred",
+        precision="bf16",
+        label_smoothing=0.1,
+        ema_decay=0.9,
+        **TINY,
     )
     hist = train(cfg, tmp_path / "run", progress=False, command="test")
     assert np.isfinite(hist["epochs"][0]["loss"])
@@ -153,8 +158,16 @@ def test_input_transform_and_bf16_are_recorded_and_used(tmp_path: Path) -> None:
     res = evaluate_package(tmp_path / "run", n=18, seed=1, report_dir=tmp_path / "eval")
     assert 0.0 <= res["accuracy"] <= 1.0
     # speed settings may change on resume; what the model learns from may not
+    ck0 = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)
+    shipped = torch.load(tmp_path / "run" / "model.pt")
+    # the package holds the averaged weights, not the last step's
+    assert all(torch.equal(shipped[k], ck0["ema"]["module." + k]) for k in shipped)
+    assert any(not torch.equal(shipped[k], ck0["model"][k]) for k in shipped if k.endswith("weight"))
     train(
-        TrainConfig(epochs=2, **{**TINY, "input_transform": "person-centred", "label_smoothing": 0.1}),
+        TrainConfig(
+            epochs=2,
+            **{**TINY, "input_transform": "person-centred", "label_smoothing": 0.1, "ema_decay": 0.9},
+        ),
         tmp_path / "run",
         resume=True,
         progress=False,
