@@ -88,6 +88,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--keep", type=Path, help="keep the keys/state/logs in this directory instead of a temp dir"
     )
     p.add_argument("--min-score", type=float, default=0.0, help="alert threshold for the demo rules")
+    p.add_argument(
+        "--crop",
+        type=int,
+        nargs=4,
+        metavar=("X", "Y", "W", "H"),
+        help="region of interest of the clip (e.g. 320 0 320 240: the RGB half of the shared fall clip)",
+    )
     p.add_argument("--json", action="store_true", help="print alerts as JSON lines")
     p.set_defaults(func=cmd_demo)
 
@@ -205,6 +212,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         mode=args.mode,
         keep_dir=args.keep,
         min_score=args.min_score,
+        crop=tuple(args.crop) if args.crop else None,
         as_json=args.json,
         out=sys.stdout,
     )

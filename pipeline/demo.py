@@ -140,6 +140,7 @@ def run_demo(
     mode: str = "paper",
     keep_dir: Path | None = None,
     min_score: float = 0.0,
+    crop: tuple[int, ...] | None = None,
     as_json: bool = False,
     out: TextIO = sys.stdout,
 ) -> int:
@@ -251,7 +252,7 @@ def run_demo(
 
         # 4. the camera daemon replays the clip --------------------------------------------------------
         cfg_path = _write_daemon_config(
-            work, clip, max_frames, broker.host, broker.port, meta, min_score, mqtt5=broker.mqtt5
+            work, clip, max_frames, broker.host, broker.port, meta, min_score, mqtt5=broker.mqtt5, crop=crop
         )
         frames = f"{max_frames} frames of " if max_frames else ""
         demo.say(f"veilcam run: replaying {frames}{clip.name} (pose → windows → enclave → MQTT) …")
@@ -342,8 +343,11 @@ def _write_daemon_config(
     meta: dict[str, Any],
     min_score: float,
     mqtt5: bool = True,
+    crop: tuple[int, ...] | None = None,
 ) -> Path:
     camera: dict[str, Any] = {"source": str(clip), "device_id": DEVICE}
+    if crop:
+        camera["crop"] = list(crop)
     if max_frames:
         camera["max_frames"] = int(max_frames)
     if "fps" in meta:

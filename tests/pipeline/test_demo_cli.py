@@ -52,6 +52,37 @@ def test_demo_one_command_prints_decrypted_alerts_and_cleans_up(tmp_path: Path) 
     _no_children_left(tmp_path)
 
 
+@pytest.mark.broker
+def test_demo_on_the_fall_clip_raises_a_fall_alert_end_to_end(tmp_path: Path, shared_sample) -> None:
+    """Real footage through the whole secure system: pose, sealed windows, attested enclave, MQTT,
+    consumer decryption — the window covering the fall (~3.0-3.7 s) arrives as `falling`."""
+    if mosquitto_path() is None and not embedded_available():
+        pytest.skip("no broker: mosquitto or the embedded one (pip install 'veilcam[demo]')")
+    clip = shared_sample("fall-01-cam0.mp4")
+    r = _demo(
+        tmp_path,
+        "--clip",
+        str(clip),
+        "--crop",
+        "320",
+        "0",
+        "320",
+        "240",
+        "--max-frames",
+        "0",
+        "--mode",
+        "enclave",
+        "--min-score",
+        "0.5",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    alerts = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    falls = [a for a in alerts if a["label"] == "falling"]
+    assert any(a["t0"] <= 3.2 and a["t1"] >= 3.5 for a in falls), alerts
+    _no_children_left(tmp_path)
+
+
 @pytest.mark.slow
 @pytest.mark.broker
 def test_demo_paper_mode_with_embedded_broker_keep_dir(tmp_path: Path) -> None:
