@@ -5,7 +5,8 @@ released with) step by step, so its published thresholds mean the same thing her
 
 1. heatmaps (19, h, w) and PAFs (38, h, w) are upsampled by `upsample` (cubic);
 2. the heatmaps are Gaussian-smoothed and peaks are 3x3 local maxima above `thresh_heat`; a peak's
-   score is the *unsmoothed* upsampled heatmap value;
+   score is the *unsmoothed* upsampled heatmap value, and a peak whose score is not positive is
+   dropped (score 0 means "missing" in the output);
 3. for every limb type, every (A, B) candidate pair is scored by sampling the PAF at `step_paf`
    points along the segment A→B and projecting it on the unit vector A→B; a pair is kept when more
    than `thresh_vector_cnt1` samples exceed `thresh_vector_score` and the mean score, penalised for
@@ -154,6 +155,12 @@ def find_peaks(heat: np.ndarray, blurred: np.ndarray, thresh: float) -> Peaks:
             n += tied
     score = np.clip(heat[ys, xs, part].astype(np.float64), 0.0, 1.0)
     xy = np.stack([xs + sx / n, ys + sy / n], axis=1)
+    # A maximum of the *smoothed* map can sit on a raw value <= 0 (a dip between strong
+    # neighbours). Its score would be 0, which the output reserves for "missing joint": a person
+    # built on it would show fewer joints than it was counted with (even none). Such a peak is
+    # no evidence of a joint, so it is not a candidate.
+    real = score > 0
+    part, xy, score = part[real], xy[real], score[real]
     bounds = np.searchsorted(part, np.arange(p + 1))
     by_part = tuple(np.arange(bounds[i], bounds[i + 1]) for i in range(p))
     return Peaks(xy=xy, score=score, part=part.astype(np.int64), by_part=by_part)

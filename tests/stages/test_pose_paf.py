@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from enclave_bridge.errors import StageError
@@ -205,8 +205,12 @@ def test_bad_maps_and_params_raise_stage_errors() -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), upsample=st.sampled_from([1.0, 2.0, 4.0]))
+# Found by Hypothesis: smoothed maxima on raw values <= 0 became joints with score 0 (= "missing"),
+# so people came out with no visible joint, or fewer than thresh_part_cnt.
+@example(seed=32666402, upsample=1.0)
 def test_random_maps_always_give_well_formed_distinct_people(seed: int, upsample: float) -> None:
-    """Noise in, contract out: shapes, scores in [0, 1], no peak shared by two people."""
+    """Noise in, contract out: shapes, scores in [0, 1], at least `thresh_part_cnt` visible joints
+    per person, no peak shared by two people."""
     rng = np.random.default_rng(seed)
     heat = rng.uniform(-0.1, 1.0, (19, 12, 14)).astype(np.float32)
     paf = rng.uniform(-1.0, 1.0, (38, 12, 14)).astype(np.float32)
@@ -217,7 +221,7 @@ def test_random_maps_always_give_well_formed_distinct_people(seed: int, upsample
     present = out[..., 2] > 0
     assert np.all((out[..., 0] >= 0) & (out[..., 0] <= 13) & (out[..., 1] >= 0) & (out[..., 1] <= 11))
     assert np.all(out[~present] == 0)
-    assert np.all(present.sum(axis=1) >= 1)
+    assert np.all(present.sum(axis=1) >= params.thresh_part_cnt)
     for j in range(18):
         pts = out[present[:, j], j, :2]
         assert len(np.unique(pts, axis=0)) == len(pts)  # each peak belongs to one person at most
