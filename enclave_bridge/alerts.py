@@ -115,6 +115,11 @@ def parse_alert(payload: bytes) -> dict[str, Any]:
     return env
 
 
+class NoGrantError(IntegrityError):
+    """A genuine alert (enclave signature verified) that grants this consumer nothing: the policy
+    names other recipients only. Not a forgery; retrying with this key can never succeed."""
+
+
 class AlertOpener:
     """Consumer side: verify the enclave signature, unwrap this consumer's field keys, decrypt.
 
@@ -151,7 +156,7 @@ class AlertOpener:
         verify_ed25519(self._verify_key, env["sig"], _signed_bytes(env), "alert")
         mine = [r for r in env["recipients"] if r["rid"] == self._rid]
         if not mine:
-            raise IntegrityError(f"alert {env['device']}/{env['seq']} has no grant for recipient {self._rid}")
+            raise NoGrantError(f"alert {env['device']}/{env['seq']} has no grant for recipient {self._rid}")
         header = _header(env["device"], env["seq"], env["ts"], env["kid"])
         try:
             wrapped = msgpack.unpackb(mine[0]["wrapped_key"], raw=False)
@@ -179,4 +184,4 @@ class AlertOpener:
         return out
 
 
-__all__ = ["ALERT_VERSION", "AlertOpener", "build_alert", "parse_alert"]
+__all__ = ["ALERT_VERSION", "AlertOpener", "NoGrantError", "build_alert", "parse_alert"]
