@@ -62,7 +62,7 @@ from enclave_bridge.keys import DataKey, ModelKey, b64d, fingerprint, raw_public
 from enclave_bridge.measurement import compute_measurement
 from enclave_bridge.model_inputs import apply_input_transform, input_transform_of
 from enclave_bridge.sealing import SealedStore, Sealer
-from enclave_bridge.wire import connect, listen, recv_frame, send_frame
+from enclave_bridge.wire import ConnectionLimiter, connect, listen, recv_frame, send_frame, unlink_socket
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ DATA_KEYS_INFO = b"veilcam-data-keys"
 DATA_KEYS_SIG_DOMAIN = b"veilcam-data-keys-v1\0"
 EVALUATOR_MODES = ("paper", "slalom", "enclave", "plaintext")
 KEY_REFRESH_S = 60.0
+DEFAULT_MAX_CONNECTIONS = 64  # cameras + owners + monitoring; more are refused at accept
+DEFAULT_IDLE_TIMEOUT_S = 600.0  # a silent connection is closed (the daemon reconnects on demand)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,39 +170,43 @@ Handler = Callable[[Connection, dict[str, Any]], dict[str, Any]]
 
 
 class RequestServer:
-    """Thread-per-connection request/response loop over wire frames; errors become typed replies."""
+    """Thread-per-connection request/response loop over wire frames; errors become typed replies.
+
+    Bounded: at most `max_connections` at once (more are closed at accept, counted), a connection
+    silent for `idle_timeout_s` is closed, and running out of file descriptors (EMFILE) makes the
+    accept loop back off instead of ending the process (`wire.ConnectionLimiter`)."""
 
     def __init__(
-        self, name: str, handlers: Mapping[str, Handler], max_request_bytes: int = MAX_REQUEST_BYTES
+        self,
+        name: str,
+        handlers: Mapping[str, Handler],
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        *,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S,
     ):
         self.name = name
         self.handlers = dict(handlers)
         self.max_request_bytes = max_request_bytes
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
-        self.connections = 0
+        self.limiter = ConnectionLimiter(name, max_connections, idle_timeout_s, log)
         self.request_errors = 0
+        self.junk_closed = 0
+
+    @property
+    def connections(self) -> int:
+        return self.limiter.accepted
 
     def serve(self, addr: str, ready: Callable[[], None] | None = None) -> None:
         self._sock = listen(addr)
-        self._sock.settimeout(0.5)
         log.info("%s listening on %s", self.name, addr)
         if ready:
             ready()
         try:
-            while not self._stop.is_set():
-                try:
-                    conn, peer = self._sock.accept()
-                except TimeoutError:
-                    continue
-                except OSError:
-                    if self._stop.is_set():
-                        break
-                    raise
-                self.connections += 1
-                t = threading.Thread(target=self._handle, args=(conn, str(peer) or "unix"), daemon=True)
-                t.start()
+            self.limiter.serve(self._sock, self._handle, self._stop)
         finally:
+            unlink_socket(self._sock)
             self._sock.close()
             log.info("%s stopped", self.name)
 
@@ -209,18 +215,27 @@ class RequestServer:
 
     def _handle(self, sock: socket.socket, peer: str) -> None:
         conn = Connection(peer)
-        sock.settimeout(None)
-        with contextlib.closing(sock):
-            while not self._stop.is_set():
-                try:
-                    req = recv_frame(sock, self.max_request_bytes)
-                except TransportError:
-                    return
-                reply = self._dispatch(conn, req)
-                try:
-                    send_frame(sock, reply)
-                except TransportError:
-                    return
+        while not self._stop.is_set():
+            try:
+                req = recv_frame(sock, self.max_request_bytes)
+            except TransportError as e:
+                self._closed(peer, str(e))
+                return
+            reply = self._dispatch(conn, req)
+            try:
+                send_frame(sock, reply)
+            except TransportError:
+                return
+
+    def _closed(self, peer: str, why: str) -> None:
+        """Say why a connection ended when it was not the peer's orderly close (never the payload)."""
+        if why == "peer closed the connection":
+            return
+        if why == "peer timed out":
+            log.info("%s: closing connection %s: idle for %s s", self.name, peer, self.limiter.idle_timeout_s)
+            return
+        self.junk_closed += 1
+        log.warning("%s: closing connection %s on bad framing: %s", self.name, peer, why)
 
     def _dispatch(self, conn: Connection, req: Any) -> dict[str, Any]:
         rid = req.get("id") if isinstance(req, dict) else None

@@ -229,10 +229,17 @@ def serve(
     core: WorkerCore,
     ready: Callable[[str], None] | None = None,
     stop: threading.Event | None = None,
+    *,
+    max_connections: int = 16,
+    idle_timeout_s: float | None = 600.0,
 ) -> None:
-    """Accept connections on `addr` forever (or until `stop`), one thread per connection."""
+    """Accept connections on `addr` until `stop`, one thread per connection, at most
+    `max_connections` at once; a connection idle for `idle_timeout_s` is closed (the enclave's
+    worker client reconnects on its next request), and EMFILE at accept backs off instead of
+    ending the worker (`wire.ConnectionLimiter`). A Unix socket file is removed on exit."""
+    from enclave_bridge.wire import ConnectionLimiter, unlink_socket
+
     sock = listen(addr)
-    sock.settimeout(0.5)
     bound = sock.getsockname()
     shown = f"{bound[0]}:{bound[1]}" if isinstance(bound, tuple) else f"unix:{bound}"
     log.info(
@@ -244,14 +251,11 @@ def serve(
     )
     if ready is not None:
         ready(shown)
+    limiter = ConnectionLimiter("gpu worker", max_connections, idle_timeout_s, log)
     try:
-        while stop is None or not stop.is_set():
-            try:
-                conn, peer = sock.accept()
-            except TimeoutError:
-                continue
-            threading.Thread(target=_serve_conn, args=(core, conn, str(peer)), daemon=True).start()
+        limiter.serve(sock, lambda conn, peer: _serve_conn(core, conn, peer), stop or threading.Event())
     finally:
+        unlink_socket(sock)
         sock.close()
 
 

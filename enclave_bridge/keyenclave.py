@@ -192,7 +192,10 @@ def run_key_enclave(config_path: str, state_dir: str, listen_addr: str, platform
         ke.measurement,
         ke.identity.kid,
     )
-    server = RequestServer("key-enclave", ke.handlers(), max_request_bytes=1024 * 1024)
+    # few, short requests (the evaluation enclave's key fetch, owners' provisioning): tight limits
+    server = RequestServer(
+        "key-enclave", ke.handlers(), max_request_bytes=1024 * 1024, max_connections=32, idle_timeout_s=60.0
+    )
     install_signal_handlers(server)
     server.serve(listen_addr)
     return 0

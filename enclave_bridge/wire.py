@@ -7,8 +7,15 @@ allocation, so a hostile peer cannot make us buffer unbounded memory.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
+import os
 import socket
+import stat
 import struct
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -137,24 +144,204 @@ def connect(addr: str, timeout_s: float = 30.0) -> socket.socket:
     return sock
 
 
-def listen(addr: str, backlog: int = 16) -> socket.socket:
-    """Bind a listening socket on `addr`; a stale Unix socket file is replaced."""
-    import os
+_BOUND_INODES: dict[str, int] = {}  # socket path -> inode of the file this process bound
 
+
+def _probe_unix(path: str) -> bool:
+    """True when a live process accepts connections on the Unix socket `path`."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False  # refused / not a socket: nobody listens (a stale file from a dead process)
+    finally:
+        probe.close()
+    return True
+
+
+def listen(addr: str, backlog: int = 16) -> socket.socket:
+    """Bind a listening socket on `addr`.
+
+    For a Unix socket the directory is created (mode 0750) when missing; an existing socket file is
+    probed first: if a live process answers, we refuse to start (unlinking it would silently cut
+    that process off), a stale file left by a dead one is replaced. Every failure is a
+    `TransportError` naming the path, in one line.
+    """
     family, target = parse_address(addr)
     sock = socket.socket(family, socket.SOCK_STREAM)
-    if family == socket.AF_UNIX:
-        if os.path.exists(target):
-            os.unlink(target)
-    else:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(target)
-    sock.listen(backlog)
+    try:
+        if family == socket.AF_UNIX:
+            path = str(target)
+            parent = os.path.dirname(path) or "."
+            try:
+                os.makedirs(parent, mode=0o750, exist_ok=True)
+            except OSError as e:
+                raise TransportError(
+                    f"cannot create the socket directory {parent} for {path}: {e.strerror or e}"
+                ) from e
+            if os.path.lexists(path):
+                if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                    raise TransportError(f"{path} exists and is not a socket: refusing to replace it")
+                if _probe_unix(path):
+                    raise TransportError(
+                        f"{path}: another process is listening on this socket; stop it first "
+                        "or choose another --listen path"
+                    )
+                os.unlink(path)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(target)
+            sock.listen(backlog)
+            if family == socket.AF_UNIX:
+                _BOUND_INODES[str(target)] = os.lstat(str(target)).st_ino
+        except OSError as e:
+            raise TransportError(f"cannot listen on {addr}: {e.strerror or e}") from e
+    except BaseException:
+        sock.close()
+        raise
     return sock
+
+
+def unlink_socket(sock: socket.socket) -> None:
+    """Remove a listening Unix socket's file on exit, if it is still the one we bound (another
+    instance may have replaced a stale file since; its socket must stay)."""
+    if sock.family != socket.AF_UNIX:
+        return
+    try:
+        path = sock.getsockname()
+    except OSError:
+        return
+    if not isinstance(path, str) or not path:
+        return
+    ino = _BOUND_INODES.pop(path, None)
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if stat.S_ISSOCK(st.st_mode) and st.st_ino == ino:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def set_idle_timeout(conn: socket.socket, seconds: float | None) -> None:
+    """Bound how long one read or write on `conn` may wait. Set twice: as Python's socket timeout
+    and as the kernel's SO_RCVTIMEO/SO_SNDTIMEO, so a handler that makes the socket blocking again
+    (`settimeout(None)`) is still bounded (its recv then fails with EAGAIN → `TransportError`)."""
+    conn.settimeout(seconds)
+    if seconds is None:
+        return
+    whole = int(seconds)
+    tv = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+    with contextlib.suppress(OSError):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+_ACCEPT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class ConnectionLimiter:
+    """Accept loop shared by every socket service: a connection cap, an idle timeout per
+    connection, and an `accept` that survives running out of file descriptors (EMFILE)."""
+
+    def __init__(
+        self,
+        name: str,
+        max_connections: int = 64,
+        idle_timeout_s: float | None = 300.0,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.name = name
+        self.max_connections = max_connections
+        self.idle_timeout_s = idle_timeout_s
+        self.log = logger or logging.getLogger(__name__)
+        self.active = 0
+        self.accepted = 0
+        self.refused = 0
+        self.accept_errors = 0
+        self._lock = threading.Lock()
+
+    def serve(
+        self,
+        sock: socket.socket,
+        handle: Callable[[socket.socket, str], None],
+        stop: threading.Event,
+    ) -> None:
+        """Accept until `stop`; each connection runs `handle(conn, peer)` in its own thread with
+        `conn`'s timeout set to the idle timeout (a peer silent that long is disconnected)."""
+        sock.settimeout(0.5)
+        backoff = 0.05
+        while not stop.is_set():
+            try:
+                conn, peer = sock.accept()
+            except TimeoutError:
+                continue
+            except OSError as e:
+                if stop.is_set():
+                    break
+                if e.errno not in _ACCEPT_ERRNOS:
+                    raise
+                self.accept_errors += 1
+                if self.accept_errors == 1 or self.accept_errors % 100 == 0:
+                    self.log.warning(
+                        "%s: accept failed (%s, %d so far; %d connections open): backing off %.2f s",
+                        self.name,
+                        errno.errorcode.get(e.errno or 0, e.errno),
+                        self.accept_errors,
+                        self.active,
+                        backoff,
+                    )
+                if stop.wait(backoff):
+                    break
+                backoff = min(backoff * 2, 1.0)
+                continue
+            backoff = 0.05
+            with self._lock:
+                full = self.active >= self.max_connections
+                if not full:
+                    self.active += 1
+                    self.accepted += 1
+            if full:
+                self.refused += 1
+                if self.refused == 1 or self.refused % 100 == 0:
+                    self.log.warning(
+                        "%s: connection limit %d reached; closing a new connection (%d refused so far)",
+                        self.name,
+                        self.max_connections,
+                        self.refused,
+                    )
+                with contextlib.suppress(OSError):
+                    conn.close()
+                continue
+            set_idle_timeout(conn, self.idle_timeout_s)
+            peer_s = str(peer) or "unix"
+            try:
+                threading.Thread(target=self._run, args=(handle, conn, peer_s), daemon=True).start()
+            except RuntimeError as e:  # cannot start a thread: the same shortage as EMFILE
+                self._release()
+                with contextlib.suppress(OSError):
+                    conn.close()
+                self.log.warning("%s: cannot start a connection thread (%s)", self.name, e)
+                stop.wait(backoff)
+
+    def _run(self, handle: Callable[[socket.socket, str], None], conn: socket.socket, peer: str) -> None:
+        try:
+            handle(conn, peer)
+        finally:
+            with contextlib.suppress(OSError):
+                conn.close()
+            self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            self.active -= 1
 
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
+    "ConnectionLimiter",
     "connect",
     "decode_body",
     "encode_frame",
@@ -163,5 +350,7 @@ __all__ = [
     "parse_address",
     "recv_frame",
     "send_frame",
+    "set_idle_timeout",
+    "unlink_socket",
     "unpack_tensor",
 ]
