@@ -1,5 +1,6 @@
-"""A local MQTT broker for `veilcam demo` and trials: Mosquitto when installed, else an embedded
-Python broker (amqtt, MQTT 3.1.1 only — the publisher falls back to 3.1.1 automatically).
+"""A local MQTT broker for `veilcam demo`, `veilcam broker` and trials: Mosquitto when installed
+(and working), else an embedded Python broker (amqtt, a regular dependency; MQTT 3.1.1 only — the
+publisher falls back to 3.1.1 automatically).
 
 Production deployments run their own broker (Mosquitto/EMQX with TLS and ACLs); this module only
 makes the one-command demo work on a fresh install. Both kinds run as a child process on
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -93,8 +95,8 @@ class LocalBroker:
         else:
             if not embedded_available():
                 raise ConfigError(
-                    "no MQTT broker: install Mosquitto (apt-get install -y mosquitto) or the embedded "
-                    "one (pip install 'veilcam[demo]')"
+                    "no MQTT broker: the embedded one (amqtt, a dependency of veilcam) is not importable; "
+                    "reinstall veilcam (pip install -e .) or install Mosquitto (apt-get install -y mosquitto)"
                 )
             argv = [sys.executable, "-m", "pipeline.broker", "--host", self.host, "--port", str(self.port)]
         with self.log_path.open("ab") as logf:
@@ -132,16 +134,71 @@ class LocalBroker:
         self.stop()
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail in one line before starting anything when `host:port` is taken (e.g. a system
+    Mosquitto on 1883): both brokers would otherwise die with a log only they can read."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: {e.strerror or e} (another broker there? "
+                "use it, or choose another --port)"
+            ) from e
+
+
 def start_broker(
     kind: BrokerKind = "auto", host: str = "127.0.0.1", port: int = 0, workdir: Path | None = None
 ) -> LocalBroker:
-    """Start a local broker: Mosquitto if installed (or asked for), else the embedded amqtt one."""
-    if kind == "auto":
-        kind = "mosquitto" if mosquitto_path() else "embedded"
+    """Start a local broker: Mosquitto if installed (or asked for), else the embedded amqtt one.
+
+    `auto` falls back to the embedded broker when Mosquitto is absent *or fails to start* (an old
+    version, a config it refuses), so a demo never depends on a system package working.
+    """
+    port = port or free_port(host)
+    check_port_free(host, port)
     workdir = workdir or Path(tempfile.mkdtemp(prefix="veilcam-broker-"))
-    broker = LocalBroker(kind, host, port or free_port(host), workdir)
+    if kind == "auto" and mosquitto_path():
+        try:
+            broker = LocalBroker("mosquitto", host, port, workdir)
+            broker.start()
+            return broker
+        except (ConfigError, TransportError) as e:
+            log.warning("mosquitto did not start (%s); using the embedded broker", str(e).splitlines()[0])
+    broker = LocalBroker("embedded" if kind == "auto" else kind, host, port, workdir)
     broker.start()
     return broker
+
+
+def serve_broker(
+    kind: BrokerKind = "auto", host: str = "127.0.0.1", port: int = 1883, workdir: Path | None = None
+) -> int:
+    """`veilcam broker`: run a local broker in the foreground until SIGTERM/SIGINT.
+
+    Prints `<kind> MQTT broker on HOST:PORT` once it accepts connections (stdout, flushed, so a
+    script or test can wait for it). Exit 0 on a signal, 1 when the broker process dies.
+    """
+    own_dir = workdir is None
+    work = workdir or Path(tempfile.mkdtemp(prefix="veilcam-broker-"))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    broker = start_broker(kind, host, port, work)
+    code = 0
+    try:
+        proto = "MQTT 5 and 3.1.1" if broker.mqtt5 else "MQTT 3.1.1"
+        print(f"{broker.kind} MQTT broker on {broker.address} ({proto}); Ctrl-C stops it", flush=True)
+        while not stop.wait(0.5):
+            if broker.proc is None or broker.proc.poll() is not None:
+                tail = broker.log_path.read_text(errors="replace").strip().splitlines()[-3:]
+                print(f"veilcam: error: {broker.kind} broker exited: " + " | ".join(tail), file=sys.stderr)
+                code = 1
+                break
+    finally:
+        broker.stop()
+        if own_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    return code
 
 
 # -- embedded broker child process ---------------------------------------------------------------
@@ -177,4 +234,12 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["LocalBroker", "embedded_available", "free_port", "mosquitto_path", "start_broker"]
+__all__ = [
+    "LocalBroker",
+    "check_port_free",
+    "embedded_available",
+    "free_port",
+    "mosquitto_path",
+    "serve_broker",
+    "start_broker",
+]

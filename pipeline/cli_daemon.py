@@ -28,7 +28,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("clip", help="video file (avi, mp4, …)")
     p.add_argument("--config", "-c", help="YAML config (default: throw-away key, shipped model, defaults)")
     p.add_argument("--camera", help="which camera of the config provides the settings (default: first)")
-    p.add_argument("--plot", metavar="PNG", help="write a timeline of alert labels/scores")
+    p.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="write every window's score per label over time, the alert threshold and the alerts",
+    )
     p.add_argument("--max-frames", type=int, help="stop after this many frames")
     p.add_argument("--fps", type=float, help="target fps (surplus frames dropped by timestamp)")
     p.add_argument("--crop", type=int, nargs=4, metavar=("X", "Y", "W", "H"), help="region of interest")
@@ -61,7 +65,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         err = camera_error(cam)
         if err is not None:
             print(f"veilcam: error: {err}", file=sys.stderr)
-    return code
+    problems = [p for cam in daemon.cameras.values() if (p := unproductive_camera(cam)) is not None]
+    for problem in problems:
+        print(f"veilcam: error: {problem}", file=sys.stderr)
+    return code or (1 if problems else 0)
+
+
+def unproductive_camera(cam: Any) -> str | None:
+    """Why a camera did no useful work, or None: every window it submitted was rejected (e.g. a data
+    key the enclave was never given), or its source ended without one window evaluated. A daemon
+    that exits 0 then would hide a misconfigured camera from systemd, scripts and CI.
+
+    A camera stopped by a signal before its first window is not flagged (a live camera stopped early).
+    """
+    submitted = cam.stats.get("windows_submitted")
+    rejected = cam.stats.get("windows_rejected")
+    if rejected and rejected >= submitted:
+        return (
+            f"camera {cam.device}: the enclave rejected all {rejected} window(s) "
+            "(reason logged above; unknown_kid = a data key the enclave was never given)"
+        )
+    ended = cam.end is not None and cam.end.reason in ("eof", "max_frames", "truncated")
+    if ended and submitted == 0:
+        return (
+            f"camera {cam.device}: no window was evaluated ({cam.stats.get('frames_captured')} frame(s) "
+            f"captured, {cam.stats.get('windows_sealed')} window(s) sealed, "
+            f"{cam.stats.get('windows_dropped')} dropped: source shorter than one window, or enclave "
+            "unreachable)"
+        )
+    return None
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -90,7 +122,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
             from enclave_bridge.keys import PartyKey
 
             consumer = PartyKey.load(args.consumer_key)
-        report = run_replay(args.clip, cfg, progress=not args.no_progress, consumer_key=consumer)
+        report = run_replay(
+            args.clip,
+            cfg,
+            progress=not args.no_progress,
+            consumer_key=consumer,
+            score_windows=bool(args.plot),
+        )
     if args.json:
         print(json.dumps(_report_json(report), indent=2, sort_keys=True))
     else:

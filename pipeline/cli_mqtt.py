@@ -1,4 +1,5 @@
-"""MQTT-area subcommands: `veilcam subscribe` (alert consumer) and `veilcam demo` (one-command tour).
+"""MQTT-area subcommands: `veilcam subscribe` (alert consumer), `veilcam broker` (a local broker
+for trials) and `veilcam demo` (one-command tour).
 
 Secrets follow the project's CLI rule: key files are 0600 files, their passphrase comes from
 `--passphrase-file` or `$VEILCAM_PASSPHRASE`, the broker password from a file or an environment
@@ -12,6 +13,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +67,30 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--username", help="MQTT user name")
     p.add_argument("--password-file", type=Path, help="file holding the MQTT password")
     p.add_argument("--ca-file", type=Path, help="CA bundle for TLS to the broker")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="keep retrying while the broker is unreachable (default: exit 1 after connect_timeout 10 s)",
+    )
     p.set_defaults(func=cmd_subscribe)
+
+    p = sub.add_parser(
+        "broker",
+        help="run a local MQTT broker for trials: Mosquitto if installed, else the embedded one",
+        description="Runs a broker in the foreground on HOST:PORT (anonymous, no TLS: for trials and "
+        "`veilcam run` on one machine) and prints its address; Ctrl-C or SIGTERM stops it. Production "
+        "runs its own broker with TLS and ACLs (README, 'Alerts over MQTT').",
+    )
+    p.add_argument("--port", type=int, default=1883, help="TCP port (default 1883)")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument(
+        "--kind",
+        default="auto",
+        choices=("auto", "mosquitto", "embedded"),
+        help="auto = Mosquitto if installed and working, else the embedded (amqtt, MQTT 3.1.1) one",
+    )
+    p.add_argument("--workdir", type=Path, help="keep the broker's config and log here (default: temp dir)")
+    p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser(
         "demo",
@@ -156,6 +181,10 @@ def build_opener(args: argparse.Namespace) -> Any:
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
+    """Exit 0 after `--count`/`--timeout-s`/a signal; 1 when this key has no grant in the policy or
+    (without `--wait`) the broker cannot be reached — a consumer that would silently print nothing
+    must not look like one that is working."""
+    from enclave_bridge.errors import TransportError
     from pipeline.subscriber import AlertSubscriber, alert_json, format_alert, stats_json
 
     cfg = _broker_cfg(args)
@@ -185,21 +214,46 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     sub.start()
-    if not sub.subscribed.wait(min(args.timeout_s or 30.0, 30.0)):
-        log.warning("not subscribed yet (broker %s unreachable?); still retrying", args.broker)
-    else:
-        print(f"# subscribed to {sub.topic} on {args.broker}", file=sys.stderr, flush=True)
-    done.wait(args.timeout_s)
+    deadline = None if args.timeout_s is None else time.monotonic() + args.timeout_s
+    connect_by = time.monotonic() + cfg.connect_timeout_s
+    announced = False
+    while not (done.is_set() or sub.no_grant.is_set()):
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            break
+        if not announced and sub.subscribed.is_set():
+            announced = True
+            print(f"# subscribed to {sub.topic} on {args.broker}", file=sys.stderr, flush=True)
+        if not announced and not args.wait and (sub.connect_failed.is_set() or now >= connect_by):
+            break
+        done.wait(0.1)
     sub.stop()
+    if not sub.subscribed.is_set() and not args.wait and not done.is_set():
+        why = sub.connect_error or f"no answer within {cfg.connect_timeout_s:.0f} s"
+        raise TransportError(f"broker {args.broker}: {why} (add --wait to keep retrying)")
     st = sub.stats
     if args.json:
         print(stats_json(st), flush=True)
     print(
         f"# {st.delivered} alert(s), {st.duplicates} duplicate(s) dropped, "
-        f"{st.rejected_forged} forged and {st.rejected_replayed} replayed rejected",
+        f"{st.rejected_forged} forged and {st.rejected_replayed} replayed rejected"
+        + (f", {st.rejected_no_grant} without a grant for this key" if st.rejected_no_grant else ""),
         file=sys.stderr,
     )
+    if sub.no_grant.is_set():
+        print(
+            f"veilcam: error: this key has no grant in the policy: alerts signed by the attested enclave "
+            f"carry no field for {args.consumer_key} (ask both owners to add its .pub to the policy)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from pipeline.broker import serve_broker
+
+    return serve_broker(args.kind, args.host, args.port, args.workdir)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

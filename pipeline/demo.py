@@ -3,7 +3,7 @@
 It runs exactly the public commands a deployment runs (`veilcam platform init`, `keygen`,
 `model package`, `enclave-config`, `key-enclave`, `provision data-key`, `gpu-worker`, `enclave`,
 `provision model`, `policy create/sign`, `provision policy`, `attest`, `run`) as child processes,
-starts a local MQTT broker (Mosquitto, else the embedded one), and prints the alerts the way a
+starts a local MQTT broker first (Mosquitto, else the embedded one), and prints the alerts the way a
 consumer holding the control-room key sees them (`pipeline.subscriber.AlertSubscriber`: enclave
 signature checked against the attested key, fields decrypted, duplicates dropped).
 
@@ -160,6 +160,10 @@ def run_demo(
     subscriber = None
     try:
         demo.say(f"working in {work}")
+        # 0. the broker first: a missing or broken one fails in a second, not after the set-up.
+        # `auto` = Mosquitto if installed and working, else the embedded one (a regular dependency).
+        broker = start_broker(broker_kind, workdir=work / "broker")  # type: ignore[arg-type]
+        demo.say(f"{broker.kind} MQTT broker on {broker.address}")
         # 1. parties and keys --------------------------------------------------------------------
         demo.veilcam("platform", "init", "--dir", "platform")
         for role, name in (("data-owner", "city"), ("model-owner", "vendor"), ("consumer", "control-room")):
@@ -245,9 +249,7 @@ def run_demo(
         else:
             demo.say(f"secure evaluation mode {mode!r}: linear layers on the GPU-worker process (CPU here)")
 
-        # 3. broker and subscriber -------------------------------------------------------------------
-        broker = start_broker(broker_kind, workdir=work / "broker")  # type: ignore[arg-type]
-        demo.say(f"{broker.kind} MQTT broker on {broker.address}")
+        # 3. subscriber ------------------------------------------------------------------------------
         subscriber, received = _start_subscriber(demo, broker.host, broker.port, measurement, as_json)
 
         # 4. the camera daemon replays the clip --------------------------------------------------------

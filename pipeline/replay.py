@@ -1,16 +1,17 @@
 """`veilcam replay CLIP`: run one clip through the whole pipeline, deterministically, and report.
 
 A replay is a camera whose source is a file and whose queues all `block` (nothing dropped). It
-prints a summary table of per-stage latency and the alerts; `--plot` writes a PNG timeline of the
-alerts' labels and scores over media time. With the in-process local evaluator the replay adds a
-throw-away consumer key as an alert recipient, so it can open (verify + decrypt) the alerts it
-shows — exactly what a subscriber would see. With a remote enclave only alert counts are shown
-unless `consumer_key`/`enclave_verify_key` are given.
+prints a summary table of per-stage latency and the alerts; `--plot` writes a PNG of every
+window's score per label over media time, with the alert threshold and the alerts. With the
+in-process local evaluator the replay adds a throw-away consumer key as an alert recipient, so
+it can open (verify + decrypt) the alerts it shows — exactly what a subscriber would see. With a
+remote enclave only alert counts are shown unless `consumer_key`/`enclave_verify_key` are given.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -53,6 +54,10 @@ class ReplayReport:
     windows_timeline: list[tuple[int, float, float, str]] = field(default_factory=list)
     error: str | None = None
     rejection_reasons: list[str] = field(default_factory=list)
+    # window seq -> the model's top-k [(label, score)] for *every* evaluated window, alerting or not
+    # (filled with `score_windows=True` and the in-process evaluator only; see `_ScoringLink`).
+    window_scores: dict[int, list[tuple[str, float]]] = field(default_factory=dict)
+    min_score: float | None = None  # the rules' alert threshold, for the plot
 
     @property
     def exit_code(self) -> int:
@@ -125,8 +130,13 @@ def run_replay(
     enclave_verify_key: bytes | None = None,
     sink: Any = None,
     on_window: Callable[[SealedWindow, Any, float], None] | None = None,
+    score_windows: bool = False,
 ) -> ReplayReport:
-    """Replay `clip` (a config from `replay_config`, or defaults) and return the report."""
+    """Replay `clip` (a config from `replay_config`, or defaults) and return the report.
+
+    `score_windows` (for `--plot`, in-process evaluator only) records every window's top-k scores,
+    not just those of windows that raised an alert.
+    """
     from enclave_bridge.alerts import AlertOpener
 
     cfg = cfg or replay_config(clip)
@@ -152,6 +162,10 @@ def run_replay(
         opener = AlertOpener(consumer_key, link.verify_key)
     elif consumer_key is not None and enclave_verify_key is not None:
         opener = AlertOpener(consumer_key, enclave_verify_key)
+    scoring: _ScoringLink | None = None
+    if score_windows and isinstance(link, LocalEnclave):
+        scoring = _ScoringLink(link, _shadow_evaluator(cfg, key))
+        link = scoring
 
     # Progress bar total: frames after the fps throttle.
     params = window_params(cfg, cam_cfg)
@@ -223,7 +237,80 @@ def run_replay(
         windows_timeline=timeline,
         error=error,
         rejection_reasons=reasons,
+        window_scores=dict(scoring.scores) if scoring is not None else {},
+        min_score=float(cfg.rules.min_score),
     )
+
+
+def _shadow_evaluator(cfg: VeilcamConfig, key: DataKey) -> tuple[LocalEnclave, Any]:
+    """A second in-process evaluator of the same model that alerts on every window (its own
+    throw-away signer and recipient, alert numbers in memory only), and the opener for it."""
+    import itertools
+
+    from config.schema import DEFAULT_MODEL_DIR
+    from enclave_bridge.alerts import AlertOpener
+    from enclave_bridge.model_inputs import input_transform_of
+    from enclave_bridge.policy import ALERT_FIELDS, Recipient
+    from stages.enclave_client import load_model_dir
+
+    model, labels, meta = load_model_dir(cfg.enclave.model_dir or DEFAULT_MODEL_DIR)
+    signer = PartyKey.generate("data-owner", "plot-scores")
+    reader = PartyKey.generate("consumer", "plot-scores")
+    seqs = itertools.count(1)
+    shadow = LocalEnclave(
+        {key.kid: key},
+        model,
+        labels,
+        signer,
+        [Recipient("plot", reader.public.rid, reader.public.kx_pub, tuple(ALERT_FIELDS))],
+        lambda _device: next(seqs),
+        topk=len(labels),
+        input_transform=input_transform_of(meta),
+    )
+    return shadow, AlertOpener(reader, shadow.verify_key)
+
+
+class _ScoringLink:
+    """`EnclaveLink` that forwards every window to the real (local) evaluator and also to a shadow
+    one whose rules alert on everything, keeping each window's scores for the plot.
+
+    Only for the in-process evaluator, which is a development stand-in anyway: a real enclave never
+    reveals the scores of windows that raise no alert. Costs one more ST-GCN pass per window.
+    """
+
+    def __init__(self, inner: LocalEnclave, shadow: tuple[LocalEnclave, Any]) -> None:
+        self.inner = inner
+        self.shadow, self._opener = shadow
+        self.scores: dict[int, list[tuple[str, float]]] = {}
+
+    def hello(self, device: str, rules: dict[str, Any]) -> dict[str, Any]:
+        self.shadow.hello(device, {"labels": ["*"], "min_score": 0.0, "debounce_s": 0.0})
+        return self.inner.hello(device, rules)
+
+    def submit(self, blob: bytes) -> Any:
+        result = self.inner.submit(blob)
+        if result.status == "ok":
+            for payload in self.shadow.submit(blob).alerts:
+                try:
+                    a = self._opener.open(payload)
+                except IntegrityError as e:  # cannot happen with our own keys; never fatal for a plot
+                    log.warning("replay plot: window %d scores unreadable: %s", result.window_seq, e)
+                    continue
+                self.scores[int(a["window_seq"])] = [(str(k[0]), float(k[1])) for k in a["topk"]]
+        return result
+
+    def evidence(self, nonce: bytes) -> dict[str, Any]:
+        return self.inner.evidence(nonce)
+
+    @property
+    def verify_key(self) -> bytes:
+        return self.inner.verify_key
+
+    def stats(self) -> dict[str, Any]:
+        return self.inner.stats()
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 class _NoBar:
@@ -289,34 +376,74 @@ def format_summary(r: ReplayReport) -> str:
     return "\n".join(lines)
 
 
+def timeline_series(r: ReplayReport) -> tuple[list[float], dict[str, list[float]]]:
+    """What `--plot` draws: one time per window (its end, media seconds, in window order) and, per
+    label, that window's score (NaN when unknown: a rejected window, a label outside the top-k, or
+    a remote enclave, which only reveals the scores of windows that alerted).
+
+    Every window of `windows_timeline` has a point in time, so a gap in a series is visible as such.
+    """
+    nan = float("nan")
+    windows = sorted(r.windows_timeline, key=lambda w: w[0])
+    times = [float(t1) for _seq, _t0, t1, _status in windows]
+    by_seq: dict[int, list[tuple[str, float]]] = dict(r.window_scores)
+    for a in r.alerts:  # a remote enclave: alerts carry the top-k of the windows that alerted
+        seq = a.get("window_seq")
+        if isinstance(seq, int) and seq not in by_seq and isinstance(a.get("topk"), list):
+            by_seq[seq] = [(str(k[0]), float(k[1])) for k in a["topk"]]
+    labels = sorted({lab for topk in by_seq.values() for lab, _ in topk})
+    series: dict[str, list[float]] = {lab: [nan] * len(windows) for lab in labels}
+    for i, (seq, _t0, _t1, status) in enumerate(windows):
+        if status != "ok":
+            continue
+        for lab, score in by_seq.get(seq, []):
+            series[lab][i] = score
+    return times, series
+
+
 def plot_timeline(r: ReplayReport, path: str | Path) -> Path:
-    """PNG: evaluated windows as spans on the media-time axis, alerts as labelled score points."""
+    """PNG: every window's score per label over media time (one line per label, the labels that
+    ever reach the threshold first), the rules' threshold, alerts as stars, rejected windows in red."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out = Path(path)
-    fig, ax = plt.subplots(figsize=(10, 4), dpi=100)
-    for _seq, t0, t1, status in r.windows_timeline:
-        ax.hlines(-0.05, t0, t1, colors="tab:gray" if status == "ok" else "tab:red", linewidth=6, alpha=0.3)
-    labels = sorted({str(a.get("label")) for a in r.alerts})
+    times, series = timeline_series(r)
+    fig, ax = plt.subplots(figsize=(11, 4.5), dpi=100)
     cmap = plt.get_cmap("tab10")
-    for i, label in enumerate(labels):
-        pts = [a for a in r.alerts if str(a.get("label")) == label]
+    # Most relevant first (highest peak), so colours and legend order are stable and useful.
+    order = sorted(series, key=lambda lab: -max((v for v in series[lab] if not math.isnan(v)), default=0.0))
+    for i, label in enumerate(order):
+        ax.plot(times, series[label], marker=".", linewidth=1.2, color=cmap(i % 10), label=label)
+    if r.alerts:
         ax.scatter(
-            [float(a.get("t1", 0.0)) for a in pts],
-            [float(a.get("score", 0.0)) for a in pts],
-            label=label,
-            color=cmap(i % 10),
-            zorder=3,
+            [float(a.get("t1", 0.0)) for a in r.alerts],
+            [float(a.get("score", 0.0)) for a in r.alerts],
+            marker="*",
+            s=160,
+            color="black",
+            zorder=4,
+            label=f"alert ({len(r.alerts)})",
         )
-    ax.set_ylim(-0.1, 1.05)
-    ax.set_xlabel("media time (s)")
-    ax.set_ylabel("alert score")
-    ax.set_title(f"{Path(r.clip).name}: {r.windows} windows, {len(r.alerts) or r.alert_envelopes} alerts")
-    if labels:
-        ax.legend(loc="upper right", fontsize="small")
+    if r.min_score is not None:
+        ax.axhline(
+            r.min_score, color="tab:red", linestyle="--", linewidth=1, label=f"threshold {r.min_score:g}"
+        )
+    for _seq, t0, t1, status in r.windows_timeline:
+        if status != "ok":
+            ax.axvspan(t0, t1, color="tab:red", alpha=0.12)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("media time (s), window end")
+    ax.set_ylabel("score")
+    note = "" if r.window_scores else " (scores of alerting windows only)"
+    ax.set_title(
+        f"{Path(r.clip).name}: {r.windows} windows, {len(r.alerts) or r.alert_envelopes} alerts{note}",
+        fontsize="medium",
+    )
+    if order or r.alerts or r.min_score is not None:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     try:
@@ -328,4 +455,11 @@ def plot_timeline(r: ReplayReport, path: str | Path) -> Path:
     return out
 
 
-__all__ = ["ReplayReport", "format_summary", "plot_timeline", "replay_config", "run_replay"]
+__all__ = [
+    "ReplayReport",
+    "format_summary",
+    "plot_timeline",
+    "replay_config",
+    "run_replay",
+    "timeline_series",
+]

@@ -30,7 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from config.broker import BrokerConfig
-from enclave_bridge.alerts import AlertOpener
+from enclave_bridge.alerts import AlertOpener, NoGrantError
 from enclave_bridge.errors import AttestationError, ConfigError, IntegrityError, StageError, TransportError
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class SubscriberStats:
     duplicates: int = 0
     rejected_forged: int = 0
     rejected_replayed: int = 0
+    rejected_no_grant: int = 0  # genuine alerts the policy grants this consumer nothing of
 
 
 class SeenSet:
@@ -125,6 +126,12 @@ class AlertSubscriber:
         self.stats = SubscriberStats()
         self.seen = SeenSet(state_path)
         self.subscribed = threading.Event()
+        # Set when a connection attempt fails (refused, unreachable, bad credentials): a caller that
+        # is not asked to wait can stop at once instead of retrying silently.
+        self.connect_failed = threading.Event()
+        self.connect_error = ""
+        # Set on the first genuine alert that grants this key nothing (see `NoGrantError`).
+        self.no_grant = threading.Event()
         self._lock = threading.Lock()
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -144,6 +151,7 @@ class AlertSubscriber:
             )
             self._client.tls_insecure_set(cfg.tls.insecure)
         self._client.on_connect = self._on_connect
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
 
@@ -162,8 +170,14 @@ class AlertSubscriber:
     def _on_connect(self, c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
         if rc.is_failure:
             log.warning("broker %s:%d refused the subscriber: %s", self.cfg.host, self.cfg.port, rc)
+            self.connect_error = f"the broker refused the connection: {rc}"
+            self.connect_failed.set()
             return
         c.subscribe(self.topic, qos=1)
+
+    def _on_connect_fail(self, _c: mqtt.Client, _u: Any) -> None:
+        self.connect_error = "cannot connect (nothing listening, or unreachable)"
+        self.connect_failed.set()
 
     def _on_subscribe(self, *_a: Any) -> None:
         log.info("subscribed to %s on %s:%d", self.topic, self.cfg.host, self.cfg.port)
@@ -186,6 +200,12 @@ class AlertSubscriber:
             topic_device = parts[-2] if len(parts) >= 2 else ""
             try:
                 alert = self.opener.open(payload)
+            except NoGrantError:
+                self.stats.rejected_no_grant += 1
+                if not self.no_grant.is_set():
+                    log.error("alert on %s is genuine but this key has no grant in the policy", topic)
+                self.no_grant.set()
+                return None
             except IntegrityError as e:
                 self.stats.rejected_forged += 1
                 log.warning("rejected alert on %s (%d bytes): %s", topic, len(payload), e)
