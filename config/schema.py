@@ -81,8 +81,15 @@ class WindowConfig(_Model):
         description="M: the most confident tracks kept per window (null: model.json M, else 2)",
     )
     flush_partial: bool = Field(
-        True, description="at end of a replay, emit one zero-padded window if none was emitted yet"
+        True, description="at end of stream, a stream shorter than T still yields one zero-padded window"
     )
+    min_frames: int | None = Field(
+        None,
+        ge=0,
+        le=10_000,
+        description="windows with fewer frames showing a person are not evaluated (null: T/3)",
+    )
+    min_joints: int = Field(4, ge=0, le=18, description="joints a person needs to count in a frame")
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
 
 
@@ -105,9 +112,25 @@ class RulesConfig(_Model):
     )
     min_score: float = Field(0.5, ge=0, le=1, description="softmax score needed for an alert")
     debounce_s: float = Field(10.0, ge=0, description="per track and label: quiet time between alerts")
+    label_min_score: dict[str, float] = Field(
+        default_factory=dict, description="per-label min_score (overrides min_score for that label)"
+    )
+    min_windows: dict[str, int] = Field(
+        default_factory=dict,
+        description="per label: consecutive matching windows before the first alert (default 1)",
+    )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"labels": list(self.labels), "min_score": self.min_score, "debounce_s": self.debounce_s}
+        out: dict[str, Any] = {
+            "labels": list(self.labels),
+            "min_score": self.min_score,
+            "debounce_s": self.debounce_s,
+        }
+        if self.label_min_score:
+            out["label_min_score"] = dict(self.label_min_score)
+        if self.min_windows:
+            out["min_windows"] = dict(self.min_windows)
+        return out
 
 
 class CameraConfig(_Model):
@@ -183,10 +206,16 @@ class EnclaveConfig(_Model):
     )
     timeout_s: float = Field(30.0, gt=0, description="per-request socket timeout")
     retry_backoff_s: float = Field(
-        1.0, gt=0, description="wait before retrying a window after a transport error"
+        1.0, gt=0, description="first wait before retrying a window after a transport error (doubles, ≤ 5 s)"
     )
-    max_retries: int = Field(
-        3, ge=0, description="transport retries per window before it is dropped (counted)"
+    retry_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="keep retrying a window this long (outlasts an enclave restart); then it is dropped, "
+        "counted in windows_dropped, and the daemon exits non-zero",
+    )
+    max_retries: int | None = Field(
+        None, ge=0, description="optional cap on retries per window as well (null: bounded by time only)"
     )
     model_dir: Path | None = Field(
         None,

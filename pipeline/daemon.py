@@ -47,7 +47,14 @@ from pipeline.messages import AlertEnvelope, EndOfStream, Frame, PoseFrame, Seal
 from pipeline.queues import BoundedQueue, QueueClosed
 from pipeline.stats import CameraStats
 from stages.capture import CaptureStage
-from stages.enclave_client import EnclaveLink, EnclaveStage, LocalEnclave, RemoteEnclave, load_model_dir
+from stages.enclave_client import (
+    EnclaveLink,
+    EnclaveStage,
+    LocalEnclave,
+    RemoteEnclave,
+    WindowJournal,
+    load_model_dir,
+)
 from stages.windowing import SeqCounter, Windower, WindowingStage
 
 log = logging.getLogger(__name__)
@@ -149,6 +156,7 @@ class PoseProcess:
         self._proc: Any = None
         self._conn: multiprocessing.connection.Connection | None = None
         self._listener: logging.handlers.QueueListener | None = None
+        self._close_lock = threading.Lock()
 
     def start(self) -> None:
         ctx = mp.get_context("spawn")
@@ -171,31 +179,36 @@ class PoseProcess:
         if isinstance(reply, _PoseFailure):
             self.close()
             raise StageError(f"camera {self.camera_id}: {reply.message}")
-        log.info(
-            "camera %s: pose backend %s ready in child pid %d", self.camera_id, self.backend, self._proc.pid
-        )
+        log.info("camera %s: pose backend %s ready in child pid %s", self.camera_id, self.backend, self.pid)
 
     def _recv(self, timeout_s: float) -> Any:
-        assert self._conn is not None
-        if not self._conn.poll(timeout_s):
-            alive = self._proc is not None and self._proc.is_alive()
+        conn, proc = self._conn, self._proc
+        if conn is None:
+            raise StageError(f"camera {self.camera_id}: pose process closed")
+        try:
+            ready = conn.poll(timeout_s)
+        except (EOFError, OSError) as e:  # closed by another thread meanwhile
+            raise StageError(f"camera {self.camera_id}: pose process closed") from e
+        if not ready:
+            alive = proc is not None and proc.is_alive()
             self.close()
             raise StageError(
                 f"camera {self.camera_id}: pose process "
                 + (f"did not answer within {timeout_s:.0f} s" if alive else "died")
             )
         try:
-            return self._conn.recv()
+            return conn.recv()
         except (EOFError, OSError) as e:
-            code = self._proc.exitcode if self._proc is not None else None
+            code = proc.exitcode if proc is not None else None
             self.close()
             raise StageError(f"camera {self.camera_id}: pose process died (exit code {code})") from e
 
     def process(self, frame: Frame) -> PoseFrame | _PoseFailure:
-        if self._conn is None:
+        conn = self._conn
+        if conn is None:
             raise StageError(f"camera {self.camera_id}: pose process not started")
         try:
-            self._conn.send(frame)
+            conn.send(frame)
         except (BrokenPipeError, OSError) as e:
             self.close()
             raise StageError(f"camera {self.camera_id}: pose process died") from e
@@ -206,23 +219,27 @@ class PoseProcess:
 
     @property
     def pid(self) -> int | None:
-        return None if self._proc is None else int(self._proc.pid)
+        proc = self._proc
+        return None if proc is None else int(proc.pid)
 
     def close(self) -> None:
-        if self._conn is not None:
+        """Stop the child; safe to call again and from several threads at once (the pose stage and
+        the camera's failure handler both close it), each part is taken out before it is closed."""
+        with self._close_lock:
+            conn, self._conn = self._conn, None
+            proc, self._proc = self._proc, None
+            listener, self._listener = self._listener, None
+        if conn is not None:
             with contextlib.suppress(BrokenPipeError, OSError):
-                self._conn.send(None)
-            self._conn.close()
-            self._conn = None
-        if self._proc is not None:
-            self._proc.join(5)
-            if self._proc.is_alive():
-                self._proc.terminate()
-                self._proc.join(5)
-            self._proc = None
-        if self._listener is not None:
-            self._listener.stop()
-            self._listener = None
+                conn.send(None)
+            conn.close()
+        if proc is not None:
+            proc.join(5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+        if listener is not None:
+            listener.stop()
 
 
 class _ForwardHandler(logging.Handler):
@@ -323,9 +340,9 @@ class PoseStage:
                 self.close()
 
     def close(self) -> None:
-        if self.worker is not None:
-            self.worker.close()
-            self.worker = None
+        worker, self.worker = self.worker, None
+        if worker is not None:
+            worker.close()
 
 
 # -- supervisor -------------------------------------------------------------------------------------
@@ -455,6 +472,19 @@ def window_params(cfg: VeilcamConfig, cam: CameraConfig) -> WindowParams:
     return WindowParams(T, stride, fps, persons)
 
 
+def file_source_key(cam: CameraConfig) -> str | None:
+    """Identity of a file camera's video (path, size, mtime): the replay progress recorded for it
+    applies only to this very file. None for live sources (their media time restarts at 0)."""
+    if cam.source_kind != "file":
+        return None
+    path = str(cam.source).removeprefix("file://")
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+
+
 class CameraPipeline:
     """Queues, stages and supervisor of one camera. `start()`, then `wait()` or `request_stop()`."""
 
@@ -468,6 +498,7 @@ class CameraPipeline:
         *,
         on_pose: Callable[[PoseFrame], None] | None = None,
         on_result: Callable[[SealedWindow, Any, float], None] | None = None,
+        journal: WindowJournal | None = None,
     ) -> None:
         cam = cfg.cameras[name]
         self.name = name
@@ -504,6 +535,8 @@ class CameraPipeline:
             tracker=cam.window.tracker,
             stats=self.stats,
             flush_partial=cam.window.flush_partial,
+            min_frames=cam.window.min_frames,
+            min_joints=cam.window.min_joints,
         )
         self.windowing = WindowingStage(windower, self.poses, self.windows, self.stats)
         self.end: EndOfStream | None = None
@@ -516,8 +549,11 @@ class CameraPipeline:
             self.stats,
             max_retries=cfg.enclave.max_retries,
             retry_backoff_s=cfg.enclave.retry_backoff_s,
+            retry_timeout_s=cfg.enclave.retry_timeout_s,
             on_result=on_result,
             on_end=self._on_end,
+            journal=journal,
+            source_key=file_source_key(cam) if journal is not None else None,
         )
         self.stop_capture = threading.Event()
         self.halt = threading.Event()
@@ -661,7 +697,14 @@ def make_local_enclave(cfg: VeilcamConfig, key: DataKey, extra_recipients: list[
     from enclave_bridge.model_inputs import input_transform_of
 
     return LocalEnclave(
-        {key.kid: key}, model, labels, signer, recipients, next_seq, input_transform=input_transform_of(meta)
+        {key.kid: key},
+        model,
+        labels,
+        signer,
+        recipients,
+        next_seq,
+        input_transform=input_transform_of(meta),
+        last_results_path=cfg.state_dir / "alerts" / "last-results.json",
     )
 
 
@@ -688,9 +731,18 @@ class Daemon:
         self.link = link or build_link(cfg, self.key)
         self.publisher = publisher
         self.sink: AlertSink = sink or ListSink()
+        # the outbox as the alert sink is also the window journal (crash-safe hand-over, see outbox)
+        journal = outbox if outbox is not None and self.sink is outbox else None
         self.cameras = {
             name: CameraPipeline(
-                name, cfg, self.key, self.link, self.sink, on_pose=on_pose, on_result=on_result
+                name,
+                cfg,
+                self.key,
+                self.link,
+                self.sink,
+                on_pose=on_pose,
+                on_result=on_result,
+                journal=journal,
             )
             for name in cfg.cameras
         }
@@ -812,7 +864,14 @@ class Daemon:
             log.debug("enclave link close: %s", e)
         failed = [c for c in self.cameras.values() if c.stats.status == "failed"]
         truncated = [c for c in self.cameras.values() if c.end is not None and c.end.reason == "truncated"]
-        return 1 if failed or truncated else 0
+        dropped = [c for c in self.cameras.values() if c.stats.get("windows_dropped")]
+        for c in dropped:
+            log.error(
+                "camera %s: %d window(s) dropped (enclave unreachable past enclave.retry_timeout_s)",
+                c.device,
+                c.stats.get("windows_dropped"),
+            )
+        return 1 if failed or truncated or dropped else 0
 
 
 def build_daemon(cfg: VeilcamConfig) -> Daemon:

@@ -8,6 +8,16 @@ full, size cap reached, I/O error) rolls back its own transaction and never touc
 
 Rows are kept in insertion order (`oid`, AUTOINCREMENT so ids are never reused) and are unique by
 `(camera_id, seq)`: putting the same alert twice (a retry after an error) stores it once.
+
+The same database is the daemon's window journal, which closes the gap between "the enclave
+numbered and sealed an alert" and "the alert is in the outbox": a sealed window is committed
+(`put_window`) before it is submitted, and its alerts are stored in the same transaction that
+removes it (`commit_window`). A daemon killed in between finds the window at its next start and
+resubmits it flagged `resend`, which the enclave answers with the very same alert envelopes
+(same `seq`), so nothing is lost and nothing is numbered twice. One window per camera is in flight
+at a time, so the journal holds at most one per camera. `progress` records, per file camera, the
+media time up to which windows were evaluated, so a restarted replay of the same file does not
+evaluate (and alert on) the same media times again under new window numbers.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from enclave_bridge.errors import StageError
-from pipeline.messages import AlertEnvelope
+from pipeline.messages import AlertEnvelope, SealedWindow
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +46,26 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload BLOB NOT NULL,
     stored_ts REAL NOT NULL,
     UNIQUE (camera_id, seq)
+)
+"""
+_SCHEMA_WINDOWS = """
+CREATE TABLE IF NOT EXISTS windows (
+    camera_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    capture_ts REAL NOT NULL,
+    t0 REAL NOT NULL,
+    t1 REAL NOT NULL,
+    kid TEXT NOT NULL,
+    blob BLOB NOT NULL,
+    stored_ts REAL NOT NULL,
+    PRIMARY KEY (camera_id, seq)
+)
+"""
+_SCHEMA_PROGRESS = """
+CREATE TABLE IF NOT EXISTS progress (
+    camera_id TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    t1 REAL NOT NULL
 )
 """
 _SELECT_PENDING = (
@@ -88,6 +118,8 @@ class Outbox:
             if check is None or check[0] != "ok":
                 raise sqlite3.DatabaseError(f"quick_check: {check[0] if check else 'no answer'}")
             self._db.execute(_SCHEMA)
+            self._db.execute(_SCHEMA_WINDOWS)
+            self._db.execute(_SCHEMA_PROGRESS)
             if max_bytes is not None:
                 page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
                 pages = max(2, max_bytes // page)
@@ -181,6 +213,127 @@ class Outbox:
                 raise self._error("delete acknowledged alerts", e) from e
             self._acked += n
             return n
+
+    # -- the window journal ----------------------------------------------------------------------
+    def put_window(self, w: SealedWindow) -> None:
+        """Commit a sealed window durably before it is submitted to the enclave."""
+        with self._lock:
+            try:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO windows (camera_id, seq, capture_ts, t0, t1, kid, blob, "
+                    "stored_ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        w.camera_id,
+                        int(w.seq),
+                        float(w.capture_ts),
+                        float(w.t0),
+                        float(w.t1),
+                        w.kid,
+                        bytes(w.blob),
+                        time.time(),
+                    ),
+                )
+            except sqlite3.Error as e:
+                self._errors += 1
+                raise self._error("journal window", e) from e
+
+    def commit_window(
+        self, w: SealedWindow, envelopes: list[AlertEnvelope], source: str | None = None
+    ) -> list[int]:
+        """In one transaction: store the window's alerts, forget the window and (file cameras)
+        advance the camera's `progress` to the window's end. Returns the alerts' `oid`s."""
+        for env in envelopes:
+            if not isinstance(env.payload, bytes | bytearray) or not env.payload:
+                raise StageError(f"outbox: alert {env.camera_id}/{env.seq} has an empty payload")
+        oids: list[int] = []
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                for env in envelopes:
+                    cur = self._db.execute(
+                        "INSERT OR IGNORE INTO outbox (camera_id, seq, capture_ts, window_seq, payload, "
+                        "stored_ts) VALUES (?, ?, ?, ?, ?, ?)",
+                        (
+                            env.camera_id,
+                            int(env.seq),
+                            float(env.capture_ts),
+                            int(env.window_seq),
+                            bytes(env.payload),
+                            time.time(),
+                        ),
+                    )
+                    if cur.rowcount == 1 and cur.lastrowid is not None:
+                        oids.append(int(cur.lastrowid))
+                    else:
+                        self._duplicates += 1
+                self._db.execute(
+                    "DELETE FROM windows WHERE camera_id = ? AND seq = ?", (w.camera_id, int(w.seq))
+                )
+                if source is not None:
+                    self._db.execute(
+                        "INSERT INTO progress (camera_id, source, t1) VALUES (?, ?, ?) "
+                        "ON CONFLICT(camera_id) DO UPDATE SET source = excluded.source, t1 = excluded.t1",
+                        (w.camera_id, source, float(w.t1)),
+                    )
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                self._errors += 1
+                raise self._error("store alerts of a window", e) from e
+            self._stored += len(oids)
+            listeners = list(self._listeners)
+        if envelopes:
+            for fn in listeners:
+                fn()
+        return oids
+
+    def forget_window(self, w: SealedWindow) -> None:
+        """Remove a journalled window that will not be resubmitted (dropped, counted elsewhere)."""
+        with self._lock:
+            try:
+                self._db.execute(
+                    "DELETE FROM windows WHERE camera_id = ? AND seq = ?", (w.camera_id, int(w.seq))
+                )
+            except sqlite3.Error as e:
+                self._errors += 1
+                raise self._error("forget window", e) from e
+
+    def pending_windows(self, camera_id: str) -> list[SealedWindow]:
+        """Windows journalled but never answered (a crash in flight), oldest first."""
+        with self._lock:
+            try:
+                rows = self._db.execute(
+                    "SELECT seq, capture_ts, t0, t1, kid, blob FROM windows WHERE camera_id = ? ORDER BY seq",
+                    (camera_id,),
+                ).fetchall()
+            except sqlite3.Error as e:
+                raise self._error("read journalled windows", e) from e
+        return [
+            SealedWindow(camera_id, int(q), float(ts), float(t0), float(t1), str(kid), bytes(blob))
+            for q, ts, t0, t1, kid, blob in rows
+        ]
+
+    def progress(self, camera_id: str, source: str) -> float | None:
+        """Media time up to which this camera's file `source` was evaluated (None: not started, or
+        another file now)."""
+        with self._lock:
+            try:
+                row = self._db.execute(
+                    "SELECT source, t1 FROM progress WHERE camera_id = ?", (camera_id,)
+                ).fetchone()
+            except sqlite3.Error as e:
+                raise self._error("read progress", e) from e
+        return float(row[1]) if row is not None and row[0] == source else None
+
+    def clear_progress(self, camera_id: str) -> None:
+        """The file was evaluated to its end: the next run starts it over (a new replay)."""
+        with self._lock:
+            try:
+                self._db.execute("DELETE FROM progress WHERE camera_id = ?", (camera_id,))
+            except sqlite3.Error as e:
+                self._errors += 1
+                raise self._error("clear progress", e) from e
 
     # -- reads -----------------------------------------------------------------------------------
     def pending(self, limit: int | None = None, after_oid: int = 0) -> list[OutboxItem]:

@@ -140,6 +140,8 @@ class CameraStats:
         "windows_rejected",
         "enclave_errors",
         "windows_dropped",
+        "windows_resubmitted",
+        "windows_skipped_done",
         "pose_errors",
         "alerts",
         "stage_restarts",

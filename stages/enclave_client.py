@@ -53,7 +53,7 @@ class EnclaveLink(Protocol):
 
     def hello(self, device: str, rules: dict[str, Any]) -> dict[str, Any]: ...
 
-    def submit(self, blob: bytes) -> Any: ...
+    def submit(self, blob: bytes) -> Any: ...  # links that can also take `resend=True` (a lost reply)
 
     def stats(self) -> dict[str, Any]: ...
 
@@ -75,8 +75,10 @@ class RemoteEnclave:
     def hello(self, device: str, rules: dict[str, Any]) -> dict[str, Any]:
         return dict(self._client.hello(device, rules))
 
-    def submit(self, blob: bytes) -> Any:
-        return self._client.submit(blob)
+    def submit(self, blob: bytes, resend: bool = False) -> Any:
+        """`resend=True`: the window may have been answered before (a reply or its outbox commit
+        was lost); the enclave then returns that very answer instead of a `replay` rejection."""
+        return self._client.submit(blob, retry=True if resend else None)
 
     def stats(self) -> dict[str, Any]:
         return dict(self._client.stats())
@@ -140,6 +142,7 @@ class LocalEnclave:
         *,
         topk: int = 5,
         input_transform: str = "reference",
+        last_results_path: Path | None = None,
     ) -> None:
         from enclave_bridge.rules import RuleEngine
         from enclave_bridge.windows import ReplayGuard
@@ -155,6 +158,10 @@ class LocalEnclave:
         self._topk = max(1, min(topk, len(self._labels)))
         self._input_transform = input_transform  # the model's pre-processing, as the enclave applies it
         self._guard = ReplayGuard()
+        # per device: the last window's (seq, digest, alerts), persisted before the reply, so a
+        # `resend` after a daemon crash returns the same numbered alerts (see EnclaveStage)
+        self._last_path = last_results_path
+        self._last: dict[str, tuple[int, str, list[bytes]]] = self._load_last()
         self._engine = RuleEngine()
         self._rules: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -185,7 +192,38 @@ class LocalEnclave:
         """No attestation is possible in-process; says so and gives the alert verify key."""
         return {"backend": "local-insecure", "sign_pub": self.verify_key, "nonce": bytes(nonce)}
 
-    def submit(self, blob: bytes) -> SubmitResult:
+    def _load_last(self) -> dict[str, tuple[int, str, list[bytes]]]:
+        if self._last_path is None or not self._last_path.is_file():
+            return {}
+        try:
+            doc = json.loads(self._last_path.read_text())
+            return {
+                str(d): (int(v["seq"]), str(v["digest"]), [bytes.fromhex(a) for a in v["alerts"]])
+                for d, v in doc.items()
+            }
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"state_dir: local evaluator results {self._last_path} unreadable: {e}") from e
+
+    def _save_last(self) -> None:
+        if self._last_path is None:
+            return
+        import os
+
+        doc = {
+            d: {"seq": q, "digest": h, "alerts": [a.hex() for a in al]}
+            for d, (q, h, al) in self._last.items()
+        }
+        self._last_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._last_path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(doc))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._last_path)
+
+    def submit(self, blob: bytes, resend: bool = False) -> SubmitResult:
+        import hashlib
+
         import torch
 
         from enclave_bridge.alerts import build_alert
@@ -200,6 +238,10 @@ class LocalEnclave:
         rules = self._rules.get(hdr.device)
         if rules is None:
             return self._reject(hdr.seq, f"device {hdr.device!r} has not said hello")
+        digest = hashlib.sha256(blob).hexdigest()
+        last = self._last.get(hdr.device)
+        if resend and last is not None and last[:2] == (hdr.seq, digest):
+            return SubmitResult("ok", None, list(last[2]), hdr.seq)
         try:
             win = open_window(blob, self._keys, self._guard)
         except IntegrityError as e:
@@ -237,6 +279,8 @@ class LocalEnclave:
         with self._lock:
             self._stats["windows_ok"] += 1
             self._stats["alerts"] += len(alerts)
+            self._last[win.device] = (win.seq, digest, alerts)
+            self._save_last()
         return SubmitResult("ok", None, alerts, win.seq)
 
     def _reject(self, seq: int, reason: str) -> SubmitResult:
@@ -265,8 +309,37 @@ def alert_header(payload: bytes) -> tuple[int, str | None]:
     return int(env["seq"]), dev if isinstance(dev, str) else None
 
 
+class WindowJournal(Protocol):
+    """Durable record of windows in flight (the outbox database, `pipeline.outbox.Outbox`)."""
+
+    def put_window(self, w: SealedWindow) -> None: ...
+
+    def commit_window(
+        self, w: SealedWindow, envelopes: list[AlertEnvelope], source: str | None = None
+    ) -> list[int]: ...
+
+    def forget_window(self, w: SealedWindow) -> None: ...
+
+    def pending_windows(self, camera_id: str) -> list[SealedWindow]: ...
+
+    def progress(self, camera_id: str, source: str) -> float | None: ...
+
+    def clear_progress(self, camera_id: str) -> None: ...
+
+
 class EnclaveStage:
-    """The thread feeding sealed windows to an `EnclaveLink` and alerts to the outbox `sink`."""
+    """The thread feeding sealed windows to an `EnclaveLink` and alerts to the outbox `sink`.
+
+    With a `journal` (the daemon's outbox) every window is committed to disk before it is
+    submitted and its alerts are stored in the transaction that removes it, so a crash at any
+    instant leaves either the window (resubmitted flagged `resend` at the next start; the enclave
+    answers with the same alerts) or its alerts — never neither, never both twice. `source_key`
+    (file cameras) lets a restarted replay of the same file skip media times already evaluated.
+
+    Transport errors are retried with backoff for up to `retry_timeout_s` seconds (long enough for
+    an enclave restart); a window still unanswered then is dropped, counted in `windows_dropped`,
+    which makes the daemon exit non-zero.
+    """
 
     def __init__(
         self,
@@ -277,10 +350,13 @@ class EnclaveStage:
         sink: Callable[[AlertEnvelope], None],
         stats: CameraStats,
         *,
-        max_retries: int = 3,
+        max_retries: int | None = None,
         retry_backoff_s: float = 1.0,
+        retry_timeout_s: float = 60.0,
         on_result: Callable[[SealedWindow, Any, float], None] | None = None,
         on_end: Callable[[EndOfStream], None] | None = None,
+        journal: WindowJournal | None = None,
+        source_key: str | None = None,
     ) -> None:
         self.device = device
         self.link = link
@@ -290,11 +366,16 @@ class EnclaveStage:
         self.stats = stats
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
+        self.retry_timeout_s = retry_timeout_s
         self.on_result = on_result
         self.on_end = on_end
+        self.journal = journal
+        self.source_key = source_key
         self._timing = stats.stage("enclave")
         self._e2e = stats.stage("end_to_end")
         self._said_hello = False
+        self._recovered = journal is None
+        self._done_until: float | None = None
         self._seen_reasons: set[str] = set()
         self.finished = False
 
@@ -304,42 +385,112 @@ class EnclaveStage:
         log.info("camera %s: registered with the enclave (%s)", self.device, info.get("backend", "remote"))
         return info
 
+    def _hello_until_deadline(self, stop: threading.Event) -> None:
+        """Say hello, retrying transport errors for `retry_timeout_s` (an enclave still starting)."""
+        deadline = time.monotonic() + self.retry_timeout_s
+        delay = self.retry_backoff_s
+        while True:
+            try:
+                self.hello()
+                return
+            except TransportError as e:
+                if time.monotonic() >= deadline or stop.is_set():
+                    raise
+                wait = max(0.0, min(delay, deadline - time.monotonic()))
+                log.warning(
+                    "camera %s: enclave unreachable (%s); hello again in %.1f s", self.device, e, wait
+                )
+                if stop.wait(wait):
+                    raise
+                delay = min(delay * 2, 5.0)
+
     def run(self, stop: threading.Event) -> None:
         if not self._said_hello:
-            self.hello()
+            self._hello_until_deadline(stop)
+        if not self._recovered:
+            self._recover(stop)
         if self.finished:
             return
         for item in self.inq.drain(stop):
             if isinstance(item, EndOfStream):
                 self.finished = True
+                if self.journal is not None and self.source_key is not None and item.reason != "shutdown":
+                    self.journal.clear_progress(self.device)  # evaluated to its end: a new run starts over
                 if self.on_end is not None:
                     self.on_end(item)
                 return
+            if self._already_done(item):
+                continue
             self._submit(item, stop)
 
-    def _submit(self, w: SealedWindow, stop: threading.Event) -> None:
+    def _recover(self, stop: threading.Event) -> None:
+        """Resubmit what a previous run left in flight (its reply or its outbox commit was lost)."""
+        assert self.journal is not None
+        if self.source_key is not None:
+            self._done_until = self.journal.progress(self.device, self.source_key)
+            if self._done_until is not None:
+                log.info(
+                    "camera %s: resuming the replay after media time %.2f s (evaluated by a previous run)",
+                    self.device,
+                    self._done_until,
+                )
+        for w in self.journal.pending_windows(self.device):
+            log.info(
+                "camera %s: resubmitting window seq %d left in flight by a previous run", self.device, w.seq
+            )
+            self.stats.inc("windows_resubmitted")
+            self._submit(w, stop, resend=True, journalled=True)
+            if stop.is_set():
+                return
+        self._recovered = True
+
+    def _already_done(self, w: SealedWindow) -> bool:
+        if self._done_until is None or w.t1 > self._done_until + 1e-6:
+            return False
+        self.stats.inc("windows_skipped_done")
+        return True
+
+    def _call(self, w: SealedWindow, resend: bool) -> Any:
+        if resend:
+            return self.link.submit(w.blob, resend=True)  # type: ignore[call-arg]
+        return self.link.submit(w.blob)
+
+    def _submit(
+        self, w: SealedWindow, stop: threading.Event, *, resend: bool = False, journalled: bool = False
+    ) -> None:
+        if self.journal is not None and not journalled:
+            self.journal.put_window(w)  # durable before the enclave can number an alert for it
         delay = self.retry_backoff_s
         t = time.monotonic()
-        for attempt in range(self.max_retries + 1):
+        deadline = t + self.retry_timeout_s
+        attempt = 0
+        while True:
+            attempt += 1
             try:
-                result = self.link.submit(w.blob)
+                result = self._call(w, resend)
                 break
             except TransportError as e:
                 self.stats.inc("enclave_errors")
-                if attempt >= self.max_retries:
+                out_of_time = time.monotonic() >= deadline
+                out_of_tries = self.max_retries is not None and attempt > self.max_retries
+                if out_of_time or out_of_tries:
                     log.error(
-                        "camera %s: window seq %d dropped after %d attempts: %s",
+                        "camera %s: window seq %d dropped: enclave unreachable for %.1f s (%d attempts): %s",
                         self.device,
                         w.seq,
-                        attempt + 1,
+                        time.monotonic() - t,
+                        attempt,
                         e,
                     )
                     self.stats.inc("windows_dropped")
+                    if self.journal is not None:
+                        self.journal.forget_window(w)
                     return
-                log.warning("camera %s: enclave unreachable (%s); retry in %.1f s", self.device, e, delay)
-                if stop.wait(delay):
-                    return
-                delay *= 2
+                wait = max(0.0, min(delay, deadline - time.monotonic()))
+                log.warning("camera %s: enclave unreachable (%s); retry in %.1f s", self.device, e, wait)
+                if stop.wait(wait):
+                    return  # shutting down: a journalled window is resubmitted at the next start
+                delay = min(delay * 2, 5.0)
                 # The enclave may have restarted and forgotten us.
                 try:
                     self.hello()
@@ -348,13 +499,14 @@ class EnclaveStage:
         latency = time.monotonic() - t
         self._timing.observe(latency)
         self.stats.inc("windows_submitted")
+        envelopes: list[AlertEnvelope] = []
         if result.status != "ok":
             self.stats.inc("windows_rejected")
             self._log_rejection(w, result.reason or "unspecified")
         else:
             for payload in result.alerts:
                 seq, _ = alert_header(payload)
-                self.sink(
+                envelopes.append(
                     AlertEnvelope(
                         camera_id=self.device,
                         seq=seq,
@@ -363,7 +515,13 @@ class EnclaveStage:
                         window_seq=w.seq,
                     )
                 )
-                self.stats.inc("alerts")
+        if self.journal is not None:
+            self.journal.commit_window(w, envelopes, self.source_key)
+        else:
+            for env in envelopes:
+                self.sink(env)
+        self.stats.inc("alerts", len(envelopes))
+        if result.status == "ok":
             self._e2e.observe(max(0.0, time.time() - w.capture_ts))
         if self.on_result is not None:
             self.on_result(w, result, latency)
@@ -389,6 +547,7 @@ __all__ = [
     "LocalEnclave",
     "RemoteEnclave",
     "SubmitResult",
+    "WindowJournal",
     "alert_header",
     "load_model_dir",
 ]
