@@ -1,12 +1,22 @@
-"""Frames per second of each available pose backend on a sample clip.
+"""Frames per second of every pose backend and input size on sample clips, in one interleaved run.
 
-    python benchmarks/pose_fps.py [--clip samples/vtest.avi] [--frames 30] [--sizes 432x368,320x272]
+    python benchmarks/pose_fps.py [--clip samples/vtest.avi] [--frames 30]
+        [--backends opencv-openpose,openvino-openpose,openvino-openpose:f32]
+        [--sizes 432x368,320x272,person=80]
 
-For `opencv-openpose` the per-frame time is split into the network forward pass and the PAF
-post-processing (upsampling, smoothing, peaks, grouping). `openpose-json` replays the skeletons the
-first opencv-openpose run found, written in OpenPose's `--write_json` format, so its number is the
-cost of reading real-sized files. Backends that are not installed are listed with the reason.
-Decoding is excluded (frames are decoded up front). Writes `benchmarks/results/pose_fps.json`.
+Every (backend, size) pair of the OpenPose-graph runtimes runs on every frame in turn — frame 1 on
+each, then frame 2 on each, … — so a machine shared with other jobs slows all of them alike and
+the ratios stay meaningful even when the absolute numbers do not. `openvino-openpose:f32` is the
+same backend forced to float32. A size is `WxH` (the frame is stretched to it) or `person=H`
+(expected person height H px in the frame; the input size follows from it, aspect kept).
+
+Per row: ms/frame split into network forward and PAF grouping, people per frame, `vs_opencv` (its
+fps over opencv-openpose's at the same size), and its agreement with opencv-openpose at the same
+size on the same frames (people matched one to one, mean joint distance in image pixels).
+`openpose-json` replays the skeletons opencv-openpose found, in OpenPose's `--write_json` format,
+so its number is the cost of reading real-sized files. Backends that are not installed are listed
+with the reason. Decoding is excluded (frames are decoded up front). Writes
+`benchmarks/results/pose_fps.json`.
 """
 
 from __future__ import annotations
@@ -30,6 +40,9 @@ sys.path.insert(0, str(REPO))
 
 from enclave_bridge.errors import StageError  # noqa: E402
 from stages.pose import create_backend  # noqa: E402
+from stages.pose.compare import Agreement  # noqa: E402
+
+NET_BACKENDS = ("opencv-openpose", "openvino-openpose")
 
 
 def decode(clip: Path, n: int, start: int, crop: tuple[int, int, int, int] | None) -> list[np.ndarray]:
@@ -54,8 +67,39 @@ def decode(clip: Path, n: int, start: int, crop: tuple[int, int, int, int] | Non
     return frames
 
 
+def size_options(size: str) -> dict[str, Any]:
+    """'432x368' → input_width/height; 'person=80' → person_height_px."""
+    if size.startswith("person="):
+        return {"person_height_px": float(size.split("=", 1)[1])}
+    iw, ih = (int(v) for v in size.lower().split("x"))
+    return {"input_width": iw, "input_height": ih}
+
+
+def backend_options(spec: str) -> tuple[str, dict[str, Any]]:
+    """'openvino-openpose:f32' → ('openvino-openpose', {'precision': 'f32'})."""
+    name, _, precision = spec.partition(":")
+    return name, ({"precision": precision} if precision else {})
+
+
+def summarize(totals: list[float], fwd: list[float], grp: list[float], people: list[int]) -> dict[str, Any]:
+    med = statistics.median(totals)
+    row: dict[str, Any] = {
+        "frames": len(totals),
+        "ms_median": round(med * 1e3, 2),
+        "ms_mean": round(statistics.fmean(totals) * 1e3, 2),
+        "ms_p90": round(float(np.percentile(totals, 90)) * 1e3, 2),
+        "fps": round(1.0 / med, 2),
+        "people_mean": round(statistics.fmean(people), 2),
+    }
+    if fwd:
+        row["forward_ms_median"] = round(statistics.median(fwd) * 1e3, 2)
+        row["grouping_ms_median"] = round(statistics.median(grp) * 1e3, 2)
+        row["grouping_share"] = round(statistics.median(grp) / med, 3)
+    return row
+
+
 def run(backend: Any, frames: list[np.ndarray], warmup: int) -> tuple[dict[str, Any], list[np.ndarray]]:
-    """Per-frame wall time (and forward/grouping split when the backend reports it), skeletons."""
+    """One backend alone: per-frame wall time (and forward/grouping split), skeletons."""
     for img in frames[:warmup]:
         backend.infer(img)
     totals, fwd, grp, people, skeletons = [], [], [], [], []
@@ -69,20 +113,45 @@ def run(backend: Any, frames: list[np.ndarray], warmup: int) -> tuple[dict[str, 
         if isinstance(timing, dict) and timing.get("forward_s"):
             fwd.append(timing["forward_s"])
             grp.append(timing["grouping_s"])
-    med = statistics.median(totals)
-    row: dict[str, Any] = {
-        "frames": len(frames),
-        "ms_median": round(med * 1e3, 2),
-        "ms_mean": round(statistics.fmean(totals) * 1e3, 2),
-        "ms_p90": round(float(np.percentile(totals, 90)) * 1e3, 2),
-        "fps": round(1.0 / med, 2),
-        "people_mean": round(statistics.fmean(people), 2),
+    return summarize(totals, fwd, grp, people), skeletons
+
+
+def run_interleaved(
+    configs: list[tuple[str, str, Any]], frames: list[np.ndarray], warmup: int
+) -> tuple[list[dict[str, Any]], dict[tuple[str, str], list[np.ndarray]]]:
+    """Every config on frame 1, then every config on frame 2, …; rows and skeletons per config."""
+    for _, _, b in configs:
+        for img in frames[:warmup]:
+            b.infer(img)
+    acc: dict[tuple[str, str], dict[str, list[Any]]] = {
+        (s, z): {"t": [], "f": [], "g": [], "p": [], "k": []} for s, z, _ in configs
     }
-    if fwd:
-        row["forward_ms_median"] = round(statistics.median(fwd) * 1e3, 2)
-        row["grouping_ms_median"] = round(statistics.median(grp) * 1e3, 2)
-        row["grouping_share"] = round(statistics.median(grp) / med, 3)
-    return row, skeletons
+    for img in frames:
+        for spec, size, b in configs:
+            a = acc[(spec, size)]
+            t0 = time.perf_counter()
+            kp = b.infer(img)
+            a["t"].append(time.perf_counter() - t0)
+            a["f"].append(b.last_timing["forward_s"])
+            a["g"].append(b.last_timing["grouping_s"])
+            a["p"].append(len(kp))
+            a["k"].append(kp)
+    rows = []
+    h, w = frames[0].shape[:2]
+    for spec, size, b in configs:
+        a = acc[(spec, size)]
+        iw, ih = b.input_size_for((w, h))
+        label = size if size.startswith("person=") else f"{iw}x{ih}"
+        row = {
+            "backend": spec,
+            "input": label,
+            "input_px": f"{iw}x{ih}",
+            **summarize(a["t"], a["f"], a["g"], a["p"]),
+        }
+        if hasattr(b, "precision"):
+            row["precision"] = b.precision
+        rows.append(row)
+    return rows, {k: v["k"] for k, v in acc.items()}
 
 
 def write_json_dir(directory: Path, skeletons: list[np.ndarray]) -> None:
@@ -95,20 +164,37 @@ def write_json_dir(directory: Path, skeletons: list[np.ndarray]) -> None:
 
 
 def bench_clip(clip: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Every backend on the first `--frames` frames of `clip`; returns the clip's result record."""
+    """Every backend × size on the first `--frames` frames of `clip`; returns the clip's record."""
     crop = tuple(int(v) for v in args.crop.split(",")) if args.crop else None
     frames = decode(clip, args.frames, args.start, crop)  # type: ignore[arg-type]
     h, w = frames[0].shape[:2]
     rows: list[dict[str, Any]] = []
-    replay: list[np.ndarray] | None = None
-
-    for size in args.sizes.split(","):
-        iw, ih = (int(v) for v in size.lower().split("x"))
-        b = create_backend("opencv-openpose", input_width=iw, input_height=ih)
-        row, skeletons = run(b, frames, args.warmup)
-        rows.append({"backend": "opencv-openpose", "input": f"{iw}x{ih}", **row})
-        replay = replay or skeletons
+    configs: list[tuple[str, str, Any]] = []
+    for spec in args.backends.split(","):
+        name, opts = backend_options(spec)
+        for size in args.sizes.split(","):
+            try:
+                b = create_backend(name, threads=args.threads, **opts, **size_options(size))
+            except StageError as e:
+                rows.append({"backend": spec, "input": size, "unavailable": str(e).split(";")[0]})
+                break
+            configs.append((spec, size, b))
+    net_rows, skeletons = run_interleaved(configs, frames, args.warmup)
+    by_key = {(r["backend"], r["input"]): r for r in net_rows}
+    for (spec, size, _), row in zip(configs, net_rows, strict=True):
+        ref_key = ("opencv-openpose", size)
+        if spec != "opencv-openpose" and ref_key in skeletons:
+            ref_row = by_key[("opencv-openpose", row["input"])]
+            row["vs_opencv"] = round(row["fps"] / ref_row["fps"], 2)
+            ag = Agreement(match_px=args.match_px)
+            for r, c in zip(skeletons[ref_key], skeletons[(spec, size)], strict=True):
+                ag.add(r, c)
+            row["agreement"] = ag.summary()
+    rows = net_rows + rows
+    for _, _, b in configs:
         b.close()
+    replay = next((skeletons[(s, z)] for s, z, _ in configs if s == "opencv-openpose"), None)
+    replay = replay or next(iter(skeletons.values()), None)
 
     with tempfile.TemporaryDirectory() as tmp:
         write_json_dir(Path(tmp), replay or [])
@@ -127,16 +213,27 @@ def bench_clip(clip: Path, args: argparse.Namespace) -> dict[str, Any]:
         b.close()
 
     print(f"\n{clip.name} ({w}x{h}{', crop ' + args.crop if crop else ''}, {len(frames)} frames)")
-    print(f"{'backend':<17}{'input':<9}{'ms/frame':>9}{'fps':>7}{'forward':>9}{'grouping':>10}{'people':>8}")
+    print(
+        f"{'backend':<23}{'input':<12}{'px':<9}{'ms/frame':>9}{'fps':>7}{'forward':>9}{'grouping':>10}"
+        f"{'people':>8}{'vs cv':>7}{'same P':>8}{'matched':>9}{'joint px':>9}"
+    )
     for r in rows:
         if "unavailable" in r:
-            print(f"{r['backend']:<17}{'-':<9}  unavailable: {r['unavailable'][:70]}")
+            print(f"{r['backend']:<23}{r['input']:<12}  unavailable: {r['unavailable'][:70]}")
             continue
         fw = f"{r['forward_ms_median']:.1f}" if "forward_ms_median" in r else "-"
         gr = f"{r['grouping_ms_median']:.1f}" if "grouping_ms_median" in r else "-"
+        vs = f"{r['vs_opencv']:.2f}" if "vs_opencv" in r else "-"
+        ag = r.get("agreement")
+        agree = (
+            f"{ag['same_people_count_share']:>8.2f}{ag['ref_people_matched_share']:>9.2f}"
+            f"{ag['mean_joint_distance_px']:>9.2f}"
+            if ag
+            else f"{'-':>8}{'-':>9}{'-':>9}"
+        )
         print(
-            f"{r['backend']:<17}{r['input']:<9}{r['ms_median']:>9.1f}{r['fps']:>7.1f}{fw:>9}{gr:>10}"
-            f"{r['people_mean']:>8.1f}"
+            f"{r['backend']:<23}{r['input']:<12}{r.get('input_px', '-'):<9}{r['ms_median']:>9.1f}"
+            f"{r['fps']:>7.1f}{fw:>9}{gr:>10}{r['people_mean']:>8.2f}{vs:>7}{agree}"
         )
     return {
         "clip": clip.name,
@@ -154,8 +251,16 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=0, help="first frame index used")
     ap.add_argument("--crop", default=None, help="x0,y0,x1,y1 (e.g. 320,0,640,240 for fall-01-cam0)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--sizes", default="432x368", help="opencv-openpose input sizes, WxH comma list")
-    ap.add_argument("--threads", type=int, default=None, help="cv2.setNumThreads (default: OpenCV's)")
+    ap.add_argument(
+        "--backends",
+        default="opencv-openpose,openvino-openpose,openvino-openpose:f32",
+        help="comma list of OpenPose-graph backends; NAME:f32/bf16 forces openvino's precision",
+    )
+    ap.add_argument("--sizes", default="432x368", help="comma list of WxH or person=H (px)")
+    ap.add_argument("--threads", type=int, default=None, help="runtime threads (default: the runtime's)")
+    ap.add_argument(
+        "--match-px", type=float, default=10.0, help="agreement: max mean joint distance of a pair"
+    )
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "pose_fps.json")
     args = ap.parse_args()
 
@@ -163,11 +268,18 @@ def main() -> None:
         cv2.setNumThreads(args.threads)
     load_start = os.getloadavg()[0]
     runs = [bench_clip(c, args) for c in (args.clip or [REPO / "samples" / "vtest.avi"])]
+    try:
+        import openvino
+
+        ov_version = openvino.__version__
+    except ImportError:
+        ov_version = None
     machine = {
         "cpus": os.cpu_count(),
         "processor": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "opencv": cv2.__version__,
+        "openvino": ov_version,
         "cv2_threads": cv2.getNumThreads(),
         # the CPU may be shared: a 1-minute load above the CPU count inflates every number
         "loadavg_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],
@@ -176,7 +288,7 @@ def main() -> None:
     args.out.write_text(json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
     print(
         f"\n{machine['cpus']} CPUs ({machine['processor']}), cv2 threads {machine['cv2_threads']}, "
-        f"load avg {machine['loadavg_1m']}; wrote {args.out}"
+        f"openvino {ov_version}, load avg {machine['loadavg_1m']}; wrote {args.out}"
     )
 
 

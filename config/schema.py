@@ -47,13 +47,27 @@ class ReconnectConfig(_Model):
 class PoseConfig(_Model):
     """Which pose backend turns frames into 18-joint skeletons (`stages.pose.create_backend`)."""
 
-    backend: str = Field(
-        "opencv-openpose", description="opencv-openpose | openpose | mediapipe | openpose-json"
+    backend: Literal[
+        "auto", "openvino-openpose", "opencv-openpose", "openpose", "mediapipe", "openpose-json"
+    ] = Field(
+        "auto", description="auto = openvino-openpose where openvino is installed, else opencv-openpose"
     )
     options: dict[str, Any] = Field(default_factory=dict, description="backend keyword options")
+    person_height_px: float | None = Field(
+        None,
+        gt=0,
+        description="expected height of a standing person in frame pixels; sizes the OpenPose input "
+        "so such a person is ~96 px tall there (null: fixed 432x368 or options.input_width/height)",
+    )
     in_process: bool = Field(
         False, description="run pose in the daemon process instead of a child process (debugging only)"
     )
+
+    def backend_options(self) -> dict[str, Any]:
+        """`options` plus `person_height_px` when set: the keyword options `create_backend` gets."""
+        if self.person_height_px is None:
+            return dict(self.options)
+        return {**self.options, "person_height_px": self.person_height_px}
 
 
 class TrackerConfig(_Model):

@@ -304,8 +304,8 @@ class PoseStage:
     def _new_worker(self) -> PoseProcess | _InProcessPose:
         p = self.cam.pose
         if p.in_process:
-            return _InProcessPose(self.camera_id, p.backend, p.options)
-        return PoseProcess(self.camera_id, p.backend, p.options)
+            return _InProcessPose(self.camera_id, p.backend, p.backend_options())
+        return PoseProcess(self.camera_id, p.backend, p.backend_options())
 
     def run(self, stop: threading.Event) -> None:
         if self.worker is None:

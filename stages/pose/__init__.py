@@ -6,7 +6,9 @@ pickled, so a child gets `(name, options)` and builds its own).
 
 | name | what | needs |
 |---|---|---|
-| `opencv-openpose` (default) | OpenPose mobilenet_thin via `cv2.dnn` + PAF grouping | nothing extra |
+| `auto` (default) | `openvino-openpose` when openvino imports, else `opencv-openpose` | - |
+| `openvino-openpose` | mobilenet_thin on OpenVINO + PAF grouping (~3x `cv2.dnn`) | `openvino` (a dep.) |
+| `opencv-openpose` | the same graph via `cv2.dnn` + the same PAF grouping (fallback) | nothing extra |
 | `openpose` | CMU OpenPose Python bindings (`pyopenpose`) | an OpenPose build |
 | `mediapipe` | MediaPipe Pose, one person, mapped to 18 joints | `pip install veilcam[mediapipe]` |
 | `openpose-json` | replays OpenPose `--write_json` output directories | the JSON files |
@@ -14,6 +16,7 @@ pickled, so a child gets `(name, options)` and builds its own).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -22,6 +25,8 @@ import numpy as np
 from enclave_bridge.errors import StageError
 from stages.pose.estimator import PoseEstimator, validate_keypoints
 from stages.pose.paf import NUM_PARTS
+
+log = logging.getLogger(__name__)
 
 KEYPOINT_NAMES: tuple[str, ...] = (
     "nose",
@@ -45,7 +50,9 @@ KEYPOINT_NAMES: tuple[str, ...] = (
 )
 """OpenPose/COCO-18 joint order (DESIGN §3); index = joint id."""
 
-DEFAULT_BACKEND = "opencv-openpose"
+DEFAULT_BACKEND = "auto"
+AUTO_ORDER: tuple[str, ...] = ("openvino-openpose", "opencv-openpose")
+"""What `auto` tries, fastest first (README "Pose backends"); the first whose runtime imports wins."""
 
 
 @runtime_checkable
@@ -70,6 +77,12 @@ def _opencv(**o: Any) -> PoseBackend:
     return OpenCVOpenPose(**o)
 
 
+def _openvino(**o: Any) -> PoseBackend:
+    from stages.pose.openvino_openpose import OpenVINOOpenPose
+
+    return OpenVINOOpenPose(**o)
+
+
 def _openpose(**o: Any) -> PoseBackend:
     from stages.pose.pyopenpose_backend import PyOpenPoseBackend
 
@@ -89,6 +102,7 @@ def _json(**o: Any) -> PoseBackend:
 
 
 BACKENDS: dict[str, Callable[..., PoseBackend]] = {
+    "openvino-openpose": _openvino,
     "opencv-openpose": _opencv,
     "openpose": _openpose,
     "mediapipe": _mediapipe,
@@ -99,15 +113,37 @@ BACKENDS: dict[str, Callable[..., PoseBackend]] = {
 def create_backend(name: str = DEFAULT_BACKEND, **options: Any) -> PoseBackend:
     """Build the backend called `name` with its keyword `options` (config `pose.options`).
 
-    Raises `StageError` for an unknown name, a missing optional dependency/model, or bad options.
+    `auto` builds the first of `AUTO_ORDER` whose runtime is installed. Raises `StageError` for an
+    unknown name, a missing optional dependency/model, or bad options.
     """
+    if name == "auto":
+        name = resolve_auto()
+        if name == AUTO_ORDER[0]:
+            try:
+                return create_backend(name, **options)
+            except StageError as e:  # e.g. the CPU plugin cannot compile here: fall back, loudly
+                log.warning("pose backend auto: %s failed (%s); using %s", name, e, AUTO_ORDER[1])
+            name = AUTO_ORDER[1]
+        # the fallback has no OpenVINO knobs: drop them rather than fail on them
+        options = {k: v for k, v in options.items() if k not in _OPENVINO_ONLY}
     factory = BACKENDS.get(name)
     if factory is None:
-        raise StageError(f"unknown pose backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        raise StageError(f"unknown pose backend {name!r}; choose auto or one of {', '.join(BACKENDS)}")
     try:
         return factory(**options)
     except TypeError as e:
         raise StageError(f"pose backend {name!r}: bad options {sorted(options)}: {e}") from e
+
+
+_OPENVINO_ONLY = frozenset({"precision", "device"})
+
+
+def resolve_auto() -> str:
+    """The backend `auto` stands for on this machine (both take the same options, except
+    `precision`/`device`, which only openvino-openpose reads)."""
+    from stages.pose.openvino_openpose import available
+
+    return AUTO_ORDER[0] if available() else AUTO_ORDER[1]
 
 
 def create_backend_from_options(name: str, options: dict[str, Any]) -> PoseBackend:
@@ -116,6 +152,7 @@ def create_backend_from_options(name: str, options: dict[str, Any]) -> PoseBacke
 
 
 __all__ = [
+    "AUTO_ORDER",
     "BACKENDS",
     "DEFAULT_BACKEND",
     "KEYPOINT_NAMES",
@@ -125,5 +162,6 @@ __all__ = [
     "StageError",
     "create_backend",
     "create_backend_from_options",
+    "resolve_auto",
     "validate_keypoints",
 ]

@@ -43,7 +43,7 @@ def test_example_config_validates() -> None:
 def test_defaults_and_source_kinds() -> None:
     cfg = parse_config(MINIMAL)
     cam = cfg.cameras["door"]
-    assert cam.pose.backend == "opencv-openpose"
+    assert cam.pose.backend == "auto"
     assert cam.window.persons is None and cam.window.length_frames is None
     assert cfg.rules.labels == ["*"]
     assert CameraConfig(source=0).source_kind == "webcam"
