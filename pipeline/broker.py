@@ -138,6 +138,8 @@ def check_port_free(host: str, port: int) -> None:
     """Fail in one line before starting anything when `host:port` is taken (e.g. a system
     Mosquitto on 1883): both brokers would otherwise die with a log only they can read."""
     with socket.socket() as s:
+        # as the brokers do: connections of a previous broker in TIME_WAIT do not block the port
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
