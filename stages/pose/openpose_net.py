@@ -57,17 +57,17 @@ def default_model_path() -> Path:
     return next((p for p in candidates if p.exists()), candidates[0])
 
 
-def _round8(v: float) -> int:
-    return int(min(MAX_INPUT_SIDE, max(MIN_INPUT_SIDE, 8 * round(v / 8))))
-
-
 def input_size_for_person(image_wh: tuple[int, int], person_height_px: float) -> tuple[int, int]:
     """Network input (w, h), multiples of 8, that makes a `person_height_px`-tall person
-    `TARGET_PERSON_INPUT_PX` tall, frame aspect kept, each side clamped to [128, 1024]."""
+    `TARGET_PERSON_INPUT_PX` tall, frame aspect kept; the scale is clamped so the short side is at
+    least `MIN_INPUT_SIDE` and the long side at most `MAX_INPUT_SIDE` (cost grows with the area)."""
     if not person_height_px > 0:
         raise StageError(f"pose: person_height_px must be > 0, got {person_height_px}")
+    w, h = image_wh
     scale = TARGET_PERSON_INPUT_PX / float(person_height_px)
-    return _round8(image_wh[0] * scale), _round8(image_wh[1] * scale)
+    scale = max(scale, MIN_INPUT_SIDE / min(w, h))
+    scale = min(scale, MAX_INPUT_SIDE / max(w, h))
+    return max(8, 8 * round(w * scale / 8)), max(8, 8 * round(h * scale / 8))
 
 
 class OpenPoseNet:

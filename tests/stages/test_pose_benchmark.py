@@ -1,4 +1,5 @@
-"""benchmarks/pose_fps.py runs end to end on a real clip and writes its JSON table."""
+"""benchmarks/pose_fps.py runs end to end on a real clip and writes its JSON table: every
+OpenPose-graph runtime and size, interleaved, with ratios and agreement against opencv-openpose."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def test_pose_fps_benchmark_writes_rows(tmp_path: Path) -> None:
             "0",
             "--threads",
             "1",
+            "--sizes",
+            "432x368,person=150",
             "--out",
             str(out),
         ],
@@ -40,10 +43,27 @@ def test_pose_fps_benchmark_writes_rows(tmp_path: Path) -> None:
     assert doc["machine"]["cpus"] >= 1
     (run,) = doc["runs"]
     assert run["clip"] == "vtest.avi" and run["frame_size"] == "768x576" and run["frames"] == 2
-    rows = {r["backend"]: r for r in run["rows"]}
-    cv = rows["opencv-openpose"]
+    rows = {(r["backend"], r["input"]): r for r in run["rows"]}
+    cv = rows[("opencv-openpose", "432x368")]
     assert cv["fps"] > 0 and cv["forward_ms_median"] > 0 and cv["grouping_ms_median"] > 0
     assert cv["people_mean"] >= 2
     # the JSON replay re-reads exactly what opencv-openpose found
-    assert rows["openpose-json"]["people_mean"] == cv["people_mean"]
-    assert set(rows) == {"opencv-openpose", "openpose-json", "mediapipe", "openpose"}
+    assert rows[("openpose-json", "json")]["people_mean"] == cv["people_mean"]
+    ov32 = rows[("openvino-openpose:f32", "432x368")]
+    assert ov32["precision"] == "f32" and ov32["vs_opencv"] > 0
+    agree = ov32["agreement"]
+    assert agree["frames"] == 2 and agree["mean_joint_distance_px"] < 0.05
+    assert agree["people_per_frame_cand"] == agree["people_per_frame_ref"] == cv["people_mean"]
+    ov = rows[("openvino-openpose", "432x368")]
+    assert ov["fps"] > 0 and "agreement" in ov and "vs_opencv" in ov
+    # person=150 on a 768x576 frame: scale 96/150 → 488x368 (multiples of 8)
+    sized = rows[("openvino-openpose", "person=150")]
+    assert sized["input_px"] == "488x368" and "agreement" in sized
+    assert {b for b, _ in rows} == {
+        "opencv-openpose",
+        "openvino-openpose",
+        "openvino-openpose:f32",
+        "openpose-json",
+        "mediapipe",
+        "openpose",
+    }
