@@ -90,8 +90,8 @@ def unproductive_camera(cam: Any) -> str | None:
         return (
             f"camera {cam.device}: no window was evaluated ({cam.stats.get('frames_captured')} frame(s) "
             f"captured, {cam.stats.get('windows_sealed')} window(s) sealed, "
-            f"{cam.stats.get('windows_dropped')} dropped: source shorter than one window, or enclave "
-            "unreachable)"
+            f"{cam.stats.get('windows_dropped')} dropped: nobody in view, a source shorter than one "
+            "window, or the enclave unreachable)"
         )
     return None
 
