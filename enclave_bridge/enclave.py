@@ -71,7 +71,7 @@ PROVISION_MODEL_DOMAIN = b"veilcam-provision-model-v1\0"
 MODEL_KEY_INFO = b"veilcam-model-key"
 DATA_KEYS_INFO = b"veilcam-data-keys"
 DATA_KEYS_SIG_DOMAIN = b"veilcam-data-keys-v1\0"
-EVALUATOR_MODES = ("paper", "slalom", "enclave", "plaintext")
+EVALUATOR_MODES = ("paper", "slalom", "split2", "split3", "enclave", "plaintext")
 KEY_REFRESH_S = 60.0
 DEFAULT_MAX_CONNECTIONS = 64  # cameras + owners + monitoring; more are refused at accept
 DEFAULT_IDLE_TIMEOUT_S = 600.0  # a silent connection is closed (the daemon reconnects on demand)
@@ -127,6 +127,14 @@ def validate_enclave_config(cfg: Any, role: str, where: str = "enclave config") 
             raise ConfigError(f"{where}.evaluator.mode: one of {EVALUATOR_MODES}")
         if ev.get("worker") is not None and not isinstance(ev.get("worker"), str):
             raise ConfigError(f"{where}.evaluator.worker: an address string or null")
+        wl = ev.get("workers")
+        need = {"split2": 2, "split3": 3}.get(str(ev.get("mode")), 0)
+        if wl is not None and (
+            not isinstance(wl, list) or not all(isinstance(a, str) for a in wl) or len(set(wl)) != len(wl)
+        ):
+            raise ConfigError(f"{where}.evaluator.workers: a list of distinct worker addresses")
+        if need and wl is not None and len(wl) != need:
+            raise ConfigError(f"{where}.evaluator.workers: mode {ev.get('mode')} needs {need} workers")
         t = ev.get("timeout_s")
         if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= 3600):
             raise ConfigError(f"{where}.evaluator.timeout_s: seconds in (0, 3600] (GPU worker replies)")
@@ -352,6 +360,7 @@ def make_evaluator(
     worker: str | None,
     timeout_s: float | None = None,
     act_limbs: int | None = None,
+    workers: list[str] | None = None,
 ) -> Any:
     """`SecureEvaluator` in the configured mode (falls back to torch for mode "enclave" only)."""
     try:
@@ -364,10 +373,12 @@ def make_evaluator(
         log.info("enclave_bridge.protocol not available; evaluating in-enclave with torch")
         return _TorchEnclaveEvaluator(model)
     kw: dict[str, Any] = {"allow_plaintext": True} if mode == "plaintext" else {}
-    if timeout_s is not None and worker is not None:
+    if timeout_s is not None and (worker is not None or workers):
         kw["timeout_s"] = timeout_s  # a hung GPU worker costs a window at most this, then the enclave path
-    if act_limbs is not None:
-        kw["act_limbs"] = act_limbs  # 1: half the delegated work, ~1 % logit error
+    if act_limbs not in (None, 1):
+        log.warning("evaluator.act_limbs is obsolete (activations are one 20-bit ring element); ignored")
+    if workers:
+        return SecureEvaluator(model, mode=mode, workers=list(workers), **kw)
     return SecureEvaluator(model, mode=mode, worker=worker, **kw)
 
 
@@ -404,6 +415,7 @@ class EvaluationEnclave:
         self.worker: str | None = ev.get("worker")
         self.worker_timeout_s: float | None = ev.get("timeout_s")
         self.act_limbs: int | None = ev.get("act_limbs")
+        self.workers: list[str] | None = ev.get("workers")
         self.topk = int(cfg.get("topk", 5))
         self._lock = threading.RLock()  # guards model/evaluator/keys/counters
         self._keys: dict[str, tuple[DataKey, float | None]] = {}
@@ -485,7 +497,9 @@ class EvaluationEnclave:
 
         bundle = open_package(package, key)
         model = build_model_checked(bundle)
-        evaluator = make_evaluator(model, self.mode, self.worker, self.worker_timeout_s, self.act_limbs)
+        evaluator = make_evaluator(
+            model, self.mode, self.worker, self.worker_timeout_s, self.act_limbs, self.workers
+        )
         transform = input_transform_of(bundle.meta)
         with self._lock:
             old = self.evaluator

@@ -1,81 +1,90 @@
-"""Freivalds verification of every worker reply, in the unmasked domain.
+"""Freivalds verification of every worker reply, as a bilinear form (see `kernels` for the proof).
 
-After unmasking, the enclave holds y (claimed x̂·Ŵ mod p). For both masking modes
-y − x̂·Ŵ ≡ ȳ − x̄·W_worker (mod p) — the unmasking terms cancel exactly — so checking
-`y·S ≡ x̂·(Ŵ·S) (mod p)` catches any deviation of the worker's reply. S is (C_out, reps) uniform
-over F_p from the enclave's CSPRNG, fresh per check; a wrong reply passes one column with
-probability ≤ 1/p, so `reps = 2` gives soundness error ≤ p⁻² < 2⁻⁶¹ (≤ 2⁻⁴⁰ required).
+For one op the enclave draws fresh secret vectors t (GEMM rows) and s (output columns) uniform in
+[0, 2^23) from its CSPRNG and accepts the (combined, unmasked) result Y iff
 
-Cost per check (a random combination of output channels, ≈ layer cost · reps / C_out):
-- Ŵ·S: D·C_out·reps, tiny;
-- x̂·(ŴS): one exact float64 pass over x̂ (|x̂| ≤ 2^10, |ŴS| ≤ p/2, D ≤ 4608 → < 2^53);
-- y·S: one float64 pass over y with S split into L limbs as L·reps columns of one GEMM.
-Nothing here touches the large masked operands.
+    tᵀ·Y·s ≡ (tᵀ·X̂)·(Ŵ·s)   (mod p),  REPS = 2 times  →  soundness error ≤ 2^-44.
+
+- tᵀY is accumulated by the same fused pass that unmasks and dequantises Y (`kernels.finish`),
+- tᵀX̂ by one pass over the op's quantised input (`kernels.x_project`, taps of the conv included),
+- Ŵs is |Ŵ|·REPS multiply-adds (exact float64 GEMM with s split into limbs), per check.
+Nothing here is a GEMM over the activations, and nothing touches the masked operands.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from enclave_bridge.quant import BX
-from enclave_bridge.ring import HALF, MaskRNG, P, add_mod, centred, exact_linear, limb_bits, pow2_mod, reduce
-from enclave_bridge.secure_layers import LinearOp, apply_linear, contract_outputs, x_rows
+from enclave_bridge import kernels
+from enclave_bridge.ring import MaskRNG, P, limb_bits, mul_pow2, reduce
+from enclave_bridge.secure_layers import LinearOp
 
-REPS = 2  # soundness error ≤ p^-REPS < 2^-61
+REPS = kernels.REPS
 
 
 def soundness_bits(reps: int = REPS) -> float:
     """−log2 of the probability that a wrong reply passes."""
-    return reps * math.log2(P)
+    return reps * (kernels.T_BITS - 1)
 
 
-def _channels_last(meta_kind: str, r: torch.Tensor) -> torch.Tensor:
-    """Put the combination axis last: conv outputs carry it at dim 1."""
-    return r.movedim(1, -1) if meta_kind in ("tconv", "conv1x1") else r
+@dataclass
+class Check:
+    """The secret vectors of one op's check and the enclave-side accumulators."""
+
+    op: LinearOp
+    tv: np.ndarray  # (R, B, T', V) int64 (a broadcast view for the per-joint op)
+    s2: np.ndarray  # (R, C_out channels, V) int64 (a broadcast view for conv ops)
+    s: torch.Tensor  # (R, C_out) int64: s over the GEMM's output columns
+    zhi: np.ndarray  # (R, C, V) int64: tᵀY accumulators (filled by `kernels.finish`)
+    zlo: np.ndarray
+
+    @staticmethod
+    def draw(op: LinearOp, out4: tuple[int, ...], rng: MaskRNG, reps: int = REPS) -> Check:
+        """Fresh t and s for an output of shape (B, C, T', V) (dense: (B, C, 1, 1))."""
+        b, c, t, v = out4
+        kind = op.meta.kind
+        if kind == "joint":
+            tv = np.broadcast_to(rng.small((reps, b, t, 1), kernels.T_BITS).numpy(), (reps, b, t, v))
+        else:
+            tv = rng.small((reps, b, t, v), kernels.T_BITS).numpy()
+        s = rng.small((reps, op.c_out), kernels.T_BITS)
+        s_np = s.numpy()
+        s2 = s_np.reshape(reps, c, v) if kind == "joint" else np.broadcast_to(s_np[:, :, None], (reps, c, v))
+        z = np.zeros((reps, c, v), dtype=np.int64)
+        return Check(op, tv, s2, s, z, z.copy())
+
+    def y_side(self) -> np.ndarray:
+        """tᵀ·Y·s mod p per repetition, from the accumulators `finish`/`dequant` filled."""
+        return kernels.y_projection(self.zhi, self.zlo, np.ascontiguousarray(self.s2))
+
+    def x_side(self, xq4: np.ndarray) -> np.ndarray:
+        """(tᵀ·X̂)·(Ŵ·s) mod p per repetition, for the op's quantised input (B, C, T, V) int32."""
+        op, meta = self.op, self.op.meta
+        reps = self.tv.shape[0]
+        c = xq4.shape[1]
+        keep_v = meta.kind == "joint"
+        u = np.zeros((reps, c, meta.taps, xq4.shape[3] if keep_v else 1), dtype=np.int64)
+        pad = (meta.taps - 1) // 2
+        kernels.x_project(xq4, self.tv, meta.stride, meta.taps, pad, keep_v, u)
+        return kernels.dot_mod(u.reshape(reps, -1), weight_times_s(op, self.s))
 
 
-def check(
-    op: LinearOp,
-    xq: torch.Tensor,
-    y_c: torch.Tensor,
-    rng: MaskRNG,
-    reps: int = REPS,
-    xf: torch.Tensor | None = None,
-) -> bool:
-    """True iff y ≡ x̂·Ŵ (mod p) passes `reps` random output-channel combinations.
-
-    xq: the op's quantised input (|x̂| ≤ BX), `xf` optionally the same as float64 (shared by the
-    ops of one stage); y_c: claimed result, centred (|y| ≤ HALF), integer or float64.
-    """
-    if reps < 1:
-        raise ValueError("reps must be ≥ 1")
-    meta = op.meta
-    s = rng.uniform((op.c_out, reps))  # (C_out, reps) in [0, p)
-    w = op.q.w_int.to(torch.float64)
-    ws = exact_linear(lambda t: t @ w.T, s.T.contiguous(), P - 1, max(op.q.row_l1, 1))  # (reps, D)
-    wsc = centred(ws).T.contiguous().to(torch.float64)  # (D, reps)
-    if xf is None:
-        xf = xq.to(torch.float64)
-    if meta.kind in ("tconv", "conv1x1"):
-        rhs_f = apply_linear(meta, xf, wsc)  # (B, reps, T', V)
-        rhs_f = rhs_f.reshape(rhs_f.shape[0], reps, -1)
-    else:
-        rhs_f = x_rows(meta, xf) @ wsc
-    if BX * int(wsc.abs().sum(dim=0).max().item()) >= 2**53:  # pragma: no cover - excluded by D ≤ 4608
-        raise ValueError("Freivalds bound exceeded")
-    rhs = reduce(_channels_last(meta.kind, rhs_f).to(torch.int64))
-    # lhs: y·S with S in L limbs of b bits (|y| ≤ HALF, C_out terms per output).
-    b = limb_bits(op.c_out * (HALF + 1))
-    n_limbs = -(-31 // b)
-    limbs = torch.cat([(s >> (i * b)) & ((1 << b) - 1) for i in range(n_limbs)], dim=1).to(torch.float64)
-    r = contract_outputs(meta, y_c.to(torch.float64), limbs)
-    r = reduce(_channels_last(meta.kind, r).to(torch.int64))  # (..., L·reps)
-    lhs = r[..., :reps]
+def weight_times_s(op: LinearOp, s: torch.Tensor) -> np.ndarray:
+    """Ŵ·sᵀ mod p → (R, D) int64, exact: s split into limbs so each float64 GEMM stays < 2^53."""
+    b = min(limb_bits(max(op.q.row_l1, 1)), kernels.T_BITS)
+    n_limbs = math.ceil(kernels.T_BITS / b)
+    mask = (1 << b) - 1
+    limbs = torch.cat([(s >> (i * b)) & mask for i in range(n_limbs)], dim=0).to(torch.float64)  # (L·R, C)
+    parts = (op.w_f64 @ limbs.T).to(torch.int64)  # (D, L·R), exact
+    reps = s.shape[0]
+    acc = reduce(parts[:, :reps])
     for i in range(1, n_limbs):
-        lhs = add_mod(lhs, reduce(r[..., i * reps : (i + 1) * reps] * pow2_mod(i * b)))
-    return bool(torch.equal(lhs.reshape(rhs.shape), rhs))
+        acc = (acc + mul_pow2(reduce(parts[:, i * reps : (i + 1) * reps]), i * b)) % P
+    return np.ascontiguousarray(acc.T.numpy())
 
 
-__all__ = ["REPS", "check", "soundness_bits"]
+__all__ = ["REPS", "Check", "soundness_bits", "weight_times_s"]

@@ -1,16 +1,18 @@
 """The untrusted GPU worker: exact ring GEMMs on masked operands, over a socket or in-process.
 
-The worker only ever sees elements of F_p: the (masked or plain-quantised) weights once per model
-load and masked inputs x̄ per stage. It computes ȳ = x̄·W mod p exactly (float64 limb GEMMs, see
-`ring.exact_linear`) with torch on CUDA when present, else CPU. It is not trusted: every reply
-is checked by the enclave (Freivalds), and `tamper` injects faults to show that.
+The worker only ever sees elements of F_p = Z/(2^61 − 1): its slot weights once per model load
+(plain-quantised Ŵ, masked W̄, or additive shares — see `masking`) and, per stage, masked inputs
+or 32-byte PRG seeds it expands itself. It returns Σ sign·x·W[slot] mod p exactly (float64 limb
+GEMMs, `ring.RingWeight`) with torch on CUDA when present, else CPU. It is not trusted: every
+reply is checked by the enclave (Freivalds), and `tamper` injects faults to show that.
 
 Wire protocol (msgpack frames from `enclave_bridge.wire`), one request → one reply:
 - `{op: "hello"}` → `{ok, device, modulus, version}`
-- `{op: "load", model_id, ops: [{name, meta: {kind, stride, v, k}, weight: tensor uint32}]}` → `{ok}`
-- `{op: "compute", model_id, input: tensor uint32, names: [..]}` →
-  `{ok, outputs: [tensor uint32], compute_s}`; `{ok: false, error, code}` on failure
-  (`code: "unknown_model"` tells the client to re-upload after a worker restart).
+- `{op: "load", model_id, ops: [{name, meta: {kind, stride, v, k}, slots: [tensor int64]}]}` → `{ok}`
+- `{op: "compute", model_id, names: [..], terms: [{slot, sign, input: tensor int64} |
+  {slot, sign, seed: 32 bytes, shape: [..]}]}` → `{ok, outputs: [tensor int64], compute_s}`;
+  `{ok: false, error, code}` on failure (`code: "unknown_model"` tells the client to re-upload
+  after a worker restart).
 - `{op: "unload", model_id}`, `{op: "ping"}`.
 """
 
@@ -29,14 +31,15 @@ import numpy as np
 import torch
 
 from enclave_bridge.errors import TransportError
-from enclave_bridge.ring import HALF, P, centred, exact_linear
-from enclave_bridge.secure_layers import OpMeta, linear_fn
+from enclave_bridge.ring import P, RingWeight, add_mod, sub_mod
+from enclave_bridge.secure_layers import OpMeta, apply_linear
 from enclave_bridge.wire import listen, pack_tensor, recv_frame, send_frame, unpack_tensor
+from enclave_bridge.worker_proto import Term, WorkerError
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
-TAMPER_MODES = ("flip", "scale", "replace")
+PROTOCOL_VERSION = 2
+TAMPER_MODES = ("flip", "scale", "replace", "garbage", "stall")
 MAX_MODELS = 8
 
 
@@ -53,16 +56,7 @@ def best_device(requested: str | None = None) -> torch.device:
 @dataclass
 class _Op:
     meta: OpMeta
-    w: torch.Tensor  # float64 centred on the device, (D, C_out)
-    l1: int
-
-
-class WorkerError(Exception):
-    """A request the worker refuses (reported to the client as `{ok: false}`)."""
-
-    def __init__(self, message: str, code: str = "bad_request") -> None:
-        super().__init__(message)
-        self.code = code
+    slots: list[RingWeight]  # the ring weights this worker holds for the op, on its device
 
 
 class WorkerCore:
@@ -80,6 +74,7 @@ class WorkerCore:
         self._rand = random.Random()  # fault injection only, not a secret
         self.models: dict[str, dict[str, _Op]] = {}
         self.tampered = 0
+        self.stalled = 0
         self._lock = threading.Lock()
 
     # -- requests ---------------------------------------------------------------------------
@@ -91,58 +86,77 @@ class WorkerCore:
         for d in ops:
             try:
                 meta = OpMeta.from_wire(d["meta"])
-                w = d["weight"] if isinstance(d["weight"], np.ndarray) else unpack_tensor(d["weight"])
+                raw = d["slots"]
+                if not isinstance(raw, list) or not 0 < len(raw) <= 8:
+                    raise ValueError("slots must be a non-empty list")
+                slots = [w if isinstance(w, np.ndarray) else unpack_tensor(w) for w in raw]
             except (KeyError, TypeError, ValueError, TransportError) as e:
                 raise WorkerError(f"bad op description: {e}") from e
-            if w.dtype != np.uint32 or w.ndim != 2 or bool((w >= P).any()):
-                raise WorkerError("weights must be (D, C_out) uint32 ring elements")
-            wc = centred(torch.from_numpy(w.astype(np.int64))).to(torch.float64)
-            l1 = int(wc.abs().sum(dim=0).max().item()) if wc.numel() else 0
-            table[str(d["name"])] = _Op(meta, wc.to(self.device), max(l1, 1))
+            for w in slots:
+                if w.dtype != np.int64 or w.ndim != 2 or bool((w < 0).any()) or bool((w >= P).any()):
+                    raise WorkerError("weights must be (D, C_out) int64 ring elements")
+            ring = [RingWeight(torch.from_numpy(np.array(w)), self.device) for w in slots]
+            table[str(d["name"])] = _Op(meta, ring)
         with self._lock:
             if model_id not in self.models and len(self.models) >= MAX_MODELS:
                 self.models.pop(next(iter(self.models)))
             self.models[model_id] = table
         log.info("loaded model %s: %d ops on %s", model_id, len(table), self.device)
 
-    def compute(self, model_id: str, x: np.ndarray, names: list[str]) -> list[np.ndarray]:
-        """ȳ = x̄·W mod p for each named op; x̄ uint32 ring elements."""
+    def compute(self, model_id: str, names: list[str], terms: list[Term]) -> list[np.ndarray]:
+        """Σ_terms sign·x·W[slot] mod p for each named op (x: ring elements or PRG(seed))."""
         table = self.models.get(model_id)
         if table is None:
             raise WorkerError(f"unknown model {model_id!r}", code="unknown_model")
-        if x.dtype != np.uint32 or bool((x >= P).any()):
-            raise WorkerError("input must be uint32 ring elements")
-        xt = torch.from_numpy(x.astype(np.int64)).to(self.device)
+        if not terms or len(terms) > 4:
+            raise WorkerError("a request has 1 to 4 terms")
+        inputs = []
+        for term in terms:
+            x = term.tensor()
+            if x.dtype != np.int64 or bool((x < 0).any()) or bool((x >= P).any()):
+                raise WorkerError("inputs must be int64 ring elements")
+            inputs.append(torch.from_numpy(np.array(x)).to(self.device))
+        if len({tuple(x.shape) for x in inputs}) != 1:
+            raise WorkerError("terms of one request must have one shape")
         outs = []
         for name in names:
             op = table.get(name)
             if op is None:
                 raise WorkerError(f"unknown op {name!r}")
-            expect_d = op.w.shape[0]
-            try:
-                y = exact_linear(linear_fn(op.meta, op.w), xt, P - 1, op.l1)
-            except (RuntimeError, ValueError) as e:
-                raise WorkerError(
-                    f"op {name}: input shape {x.shape} does not fit weights ({expect_d}, …)"
-                ) from e
-            outs.append(self._maybe_tamper(y.cpu().numpy().astype(np.uint32)))
+            acc: torch.Tensor | None = None
+            for term, xt in zip(terms, inputs, strict=True):
+                if term.slot >= len(op.slots):
+                    raise WorkerError(f"op {name} has no slot {term.slot}")
+                try:
+                    part = op.slots[term.slot].apply(lambda t, w, m=op.meta: apply_linear(m, t, w), xt)
+                except (RuntimeError, ValueError) as e:
+                    raise WorkerError(f"op {name}: input shape {tuple(xt.shape)} does not fit") from e
+                if acc is None:
+                    acc = part if term.sign > 0 else sub_mod(torch.zeros_like(part), part)
+                else:
+                    acc = add_mod(acc, part) if term.sign > 0 else sub_mod(acc, part)
+            assert acc is not None
+            outs.append(self._maybe_tamper(acc.cpu().numpy()))
         return outs
 
     def _maybe_tamper(self, y: np.ndarray) -> np.ndarray:
         if self.tamper is None or self._rand.random() >= self.tamper_rate or y.size == 0:
             return y
+        if self.tamper == "stall":
+            self.stalled += 1
+            time.sleep(3600)
         y = y.copy()
         flat = y.reshape(-1)
         i = self._rand.randrange(flat.size)
         if self.tamper == "flip":
-            flat[i] = (int(flat[i]) ^ (1 << self._rand.randrange(31))) % P
+            flat[i] = (int(flat[i]) ^ (1 << self._rand.randrange(61))) % P
         elif self.tamper == "scale":
-            flat[:] = ((flat.astype(np.uint64) * np.uint64(self._rand.randrange(2, HALF))) % P).astype(
-                np.uint32
-            )
+            k = self._rand.randrange(2, 1 << 20)
+            flat[:] = np.asarray([(int(v) * k) % P for v in flat[:4096]] + list(flat[4096:]), dtype=np.int64)
+        elif self.tamper == "garbage":
+            flat[:] = np.frombuffer(random.randbytes(8 * flat.size), dtype=np.int64) & np.int64(P - 1)
         else:
-            old = int(flat[i])
-            flat[i] = (old + self._rand.randrange(1, P)) % P
+            flat[i] = (int(flat[i]) + self._rand.randrange(1, P)) % P
         self.tampered += 1
         return y
 
@@ -167,9 +181,12 @@ class WorkerCore:
                 names = msg.get("names")
                 if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                     raise WorkerError("names must be a list of strings")
-                x = unpack_tensor(msg.get("input"))
+                raw_terms = msg.get("terms")
+                if not isinstance(raw_terms, list):
+                    raise WorkerError("terms must be a list")
+                terms = [Term.from_wire(t) for t in raw_terms]
                 t0 = time.perf_counter()
-                outs = self.compute(str(msg.get("model_id")), x, names)
+                outs = self.compute(str(msg.get("model_id")), names, terms)
                 dt = time.perf_counter() - t0
                 return {"ok": True, "outputs": [pack_tensor(o) for o in outs], "compute_s": dt}
             raise WorkerError(f"unknown op {op!r}")
@@ -190,14 +207,14 @@ class LocalWorker:
         self.address = f"in-process:{self.core.device}"
 
     def load(self, model_id: str, ops: list[dict[str, Any]]) -> None:
-        self.bytes_sent += sum(int(o["weight"].nbytes) for o in ops)
+        self.bytes_sent += sum(int(w.nbytes) for o in ops for w in o["slots"])
         self.core.load(model_id, ops)
 
-    def compute(self, model_id: str, x: np.ndarray, names: list[str]) -> tuple[list[np.ndarray], float]:
+    def compute(self, model_id: str, names: list[str], terms: list[Term]) -> tuple[list[np.ndarray], float]:
         t0 = time.perf_counter()
-        self.bytes_sent += x.nbytes
+        self.bytes_sent += sum(t.x.nbytes if t.x is not None else 40 for t in terms)
         try:
-            outs = self.core.compute(model_id, x, names)
+            outs = self.core.compute(model_id, names, terms)
         except WorkerError as e:
             raise TransportError(f"worker refused: {e}") from e
         self.bytes_received += sum(o.nbytes for o in outs)

@@ -1,48 +1,62 @@
-"""`SecureEvaluator`: ST-GCN inference with the linear layers delegated, masked, to a GPU worker.
+"""`SecureEvaluator`: ST-GCN inference with the linear layers delegated, masked, to GPU workers.
 
-Modes (DESIGN §5):
-- `paper`   input and weights hidden (x̄ = x̂ + r1, W̄ = Ŵ + R2; y = ȳ − r1·W̄ − x̂·R2).
-- `slalom`  input hidden, weights visible to the worker (y = ȳ − r1·Ŵ).
-- `enclave` no delegation: the same exact integer arithmetic inside the enclave.
-- `plaintext` the float folded model, no protection (benchmarks only; needs allow_plaintext=True).
+Modes (DESIGN §5, README "Secure evaluation", docs/SPLIT_TRUST.md):
+- `paper`   one worker, input and weights hidden (x̄ = x̂ + r1, W̄ = Ŵ + R2; y = ȳ − r1·W̄ − x̂·R2).
+- `slalom`  one worker, input hidden, weights visible (y = ȳ − r1·Ŵ).
+- `split2`  two non-colluding workers, input hidden, weights visible; nothing precomputed.
+- `split3`  three workers (pairwise non-colluding), input and weights hidden; nothing precomputed.
+- `enclave` no delegation: the folded float32 model inside the enclave (plain-model cost).
+- `plaintext` the folded float model, no protection (benchmarks only; needs allow_plaintext=True).
 
-`paper`, `slalom` and `enclave` compute the *same integers* (exact ring arithmetic with the proven
-no-wrap bound of `quant`), so their logits are bit-identical; they differ from the float model only
-by fixed-point quantisation. Every worker reply is Freivalds-checked; a failed check or a broken
-worker connection is counted and that op (after a transport error: the rest of the window) is
-recomputed on the enclave path, so `evaluate` still returns the correct logits.
+The four delegated modes compute the *same integers* x̂·Ŵ (exact arithmetic in F_(2^61−1) with
+the proven no-wrap bound of `quant`) and the same float operations around them, so their logits
+are bit-identical; they differ from the float model only by fixed-point quantisation (20-bit
+activations, ≥ 19-bit weights per column: ~1e-5 of the largest logit). Every reply is
+Freivalds-checked; a failed check is blamed on the worker(s) whose reply differs from what an
+honest one returns, counted, and the op recomputed in the enclave; a transport failure finishes
+the window in the enclave — `evaluate` always returns the right logits.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import secrets
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from enclave_bridge import freivalds
+from enclave_bridge import freivalds, kernels
 from enclave_bridge.errors import IntegrityError, TransportError
-from enclave_bridge.masking import MASKED_MODES, MaskingEngine
+from enclave_bridge.masking import DELEGATED_MODES, MASKED_MODES, WORKERS_NEEDED, MaskingEngine
 from enclave_bridge.pool import PrecomputePool, StageMasks, WindowKey, WindowMasks
-from enclave_bridge.quant import ACT_LIMBS, join_limbs, split_limbs
-from enclave_bridge.ring import EXACT, MaskRNG, P, centred, centred32, mask32, unmask32
-from enclave_bridge.secure_layers import LinearOp, QuantModel, linear_fn, out_shape, quantised_forward
-from enclave_bridge.stgcn.fold import FoldedSTGCN
+from enclave_bridge.quant import BX, act_exponent
+from enclave_bridge.ring import MaskRNG, prg_uniform
+from enclave_bridge.secure_layers import (
+    LinearOp,
+    QuantModel,
+    apply_linear,
+    as4d,
+    out_shape,
+    quantised_forward,
+)
+from enclave_bridge.stgcn.fold import FoldedSTGCN, fold_batchnorm
 from enclave_bridge.stgcn.model import STGCN
+from enclave_bridge.worker_proto import Term
 
 log = logging.getLogger(__name__)
 
-MODES = ("paper", "slalom", "enclave", "plaintext")
+MODES = ("paper", "slalom", "split2", "split3", "enclave", "plaintext")
 TIMING_PARTS = (
-    "decrypt",
     "mask",
-    "unmask",
+    "finish",
     "u3",
     "freivalds",
     "worker",
@@ -62,7 +76,9 @@ class Worker(Protocol):
 
     def load(self, model_id: str, ops: list[dict[str, Any]]) -> None: ...
 
-    def compute(self, model_id: str, x: np.ndarray, names: list[str]) -> tuple[list[np.ndarray], float]: ...
+    def compute(
+        self, model_id: str, names: list[str], terms: list[Term]
+    ) -> tuple[list[np.ndarray], float]: ...
 
     def close(self) -> None: ...
 
@@ -84,11 +100,13 @@ class SecureStats:
     pool_depth: int = 0
     bytes_to_worker: int = 0
     bytes_from_worker: int = 0
+    worker_faults: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     last: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def as_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k not in ("timings", "last")}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("timings", "last", "worker_faults")}
+        d["worker_faults"] = dict(self.worker_faults)
         d["timings"] = dict(self.timings)
         d["last"] = dict(self.last)
         return d
@@ -105,140 +123,237 @@ class _Timer:
         self.stats.last[self.part] += time.perf_counter() - self.t0
 
 
-class _EnclaveBackend:
-    """Exact integer linear ops inside the enclave (mode `enclave`, and the fallback path).
+def _quantise(h: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """Stage input (float32) → (h as contiguous numpy, x̂ int32 buffer, scale 2^e, e)."""
+    hn = np.ascontiguousarray(h.detach().numpy())
+    if hn.size == 0:
+        return hn, np.zeros(hn.shape, np.int32), 1.0, 0
+    lo, hi = torch.aminmax(h)
+    e = act_exponent(max(-float(lo), float(hi)), BX)
+    return hn, np.empty(hn.shape, np.int32), 2.0**e, e
 
-    No ring and no digits are needed here: |x̂|·‖Ŵ_o‖₁ < 2^53 (checked at load), so one float64
-    GEMM on the full activation gives the exact integer result the delegated path reassembles.
+
+class _EnclaveBackend:
+    """Exact integer linear ops inside the enclave (fallback path, and reference for tests).
+
+    |x̂|·‖Ŵ_o‖₁ ≤ 2^52 (checked at load), so one float64 GEMM gives the exact integer result that
+    the delegated modes reassemble from the workers' ring replies; the dequantisation is the same
+    float operation, so the logits are bit-identical.
     """
 
-    def __init__(self, qm: QuantModel, stats: SecureStats) -> None:
+    def __init__(self, stats: SecureStats) -> None:
         self.stats = stats
-        self._w = {name: op.q.w_int.to(torch.float64) for name, op in qm.ops.items()}
-        worst = max((op.q.col_l1 for op in qm.ops.values()), default=0)
-        if qm.act_bound * worst >= EXACT:
-            raise ValueError("activation × weight bound exceeds exact float64 range")
 
-    def one(self, xq: torch.Tensor, op: LinearOp) -> torch.Tensor:
+    def quantised(self, h: torch.Tensor) -> tuple[np.ndarray, int]:
+        hn, xq, scale, e = _quantise(h)
+        kernels.quant_mask(hn.reshape(-1), scale, np.zeros(1, np.int64), 0, xq.reshape(-1), xq.reshape(-1))
+        return xq, e
+
+    def one(self, xq: np.ndarray, e: int, op: LinearOp) -> torch.Tensor:
         with _Timer(self.stats, "enclave_linear"):
-            return linear_fn(op.meta, self._w[op.name])(xq.to(torch.float64))
+            y = apply_linear(op.meta, torch.from_numpy(xq).to(torch.float64), op.w_f64)
+            scale = torch.from_numpy(op.scale2 * 2.0**-e)
+            return (as4d(y) * scale[None, :, None, :]).to(torch.float32).view(y.shape)
 
-    def run(self, xq: torch.Tensor, ops: list[LinearOp]) -> list[torch.Tensor]:
-        return [self.one(xq, op) for op in ops]
+    def run(self, h: torch.Tensor, ops: list[LinearOp]) -> list[torch.Tensor]:
+        xq, e = self.quantised(h)
+        return [self.one(xq, e, op) for op in ops]
 
 
 class _DelegatedBackend:
-    """Masked delegation of each stage to the worker, Freivalds-verified."""
+    """Masked delegation of each stage to the workers, Freivalds-verified, fused passes."""
 
     def __init__(self, ev: SecureEvaluator) -> None:
         self.ev = ev
         self.window: WindowMasks | None = None
         self.degraded = False
 
-    def begin_without_pool(self) -> None:
+    def begin(self, window: WindowMasks | None) -> None:
         self.degraded = False
-        self.window = None
+        self.window = window
 
-    def begin(self, key: WindowKey) -> None:
-        self.degraded = False
-        self.window = self.ev.pool.take(key) if self.ev.pool is not None else None
-        if self.window is None:
-            self.ev.stats.pool_misses += 1
+    # -- per-mode request building -------------------------------------------------------------
+    def _requests(
+        self, hn: np.ndarray, xq: np.ndarray, scale: float, names: tuple[str, ...]
+    ) -> tuple[list[list[Term]], Any]:
+        """Quantise + mask in one pass; returns the terms per worker and the unmasking material."""
+        ev, mode = self.ev, self.ev.mode
+        flat_h, flat_q = hn.reshape(-1), xq.reshape(-1)
+        shape = tuple(xq.shape)
+        n = xq.size
+        bar = np.empty(shape, np.int64)
+        if mode in MASKED_MODES:
+            stage: StageMasks
+            if self.window is not None:
+                stage = self.window.next_stage(shape, names)
+            else:
+                with _Timer(ev.stats, "precompute"):
+                    stage = ev.make_stage(shape, names, ev.rng)
+            r1, u = stage.consume()
+            with _Timer(ev.stats, "mask"):
+                kernels.quant_mask(flat_h, scale, r1.numpy().reshape(-1), 1, flat_q, bar.reshape(-1))
+            return [[Term(0, 1, x=bar)]], u
+        if mode == "split2":
+            seed = ev.rng.seed()
+            with _Timer(ev.stats, "mask"):
+                r = prg_uniform(seed, n)
+                kernels.quant_mask(flat_h, scale, r, -1, flat_q, bar.reshape(-1))
+            return [[Term(0, 1, x=bar)], [Term(0, 1, seed=seed, shape=shape)]], None
+        seed_a, seed_b = ev.rng.seed(), ev.rng.seed()
+        bar_b = np.empty(shape, np.int64)
+        with _Timer(ev.stats, "mask"):
+            kernels.quant_mask(flat_h, scale, prg_uniform(seed_a, n), 1, flat_q, bar.reshape(-1))
+            kernels.mask_from(flat_q, prg_uniform(seed_b, n), 1, bar_b.reshape(-1))
+        a = Term(0, 1, seed=seed_a, shape=shape)
+        b = Term(1, 1, seed=seed_b, shape=shape)
+        return [
+            [Term(0, 1, x=bar)],
+            [Term(1, 1, x=bar_b), Term(0, -1, seed=seed_a, shape=shape)],
+            [Term(0, 1, seed=a.seed, shape=shape), b],
+        ], None
+
+    def _call_all(self, names: list[str], requests: list[list[Term]]) -> list[list[np.ndarray]]:
+        """Send each worker its request (in parallel when there are several)."""
+        ev = self.ev
+        t0 = time.perf_counter()
+        if len(ev.workers) == 1:
+            outs, worker_s = ev.workers[0].compute(ev.model_id, names, requests[0])
+            replies, busy = [outs], worker_s
         else:
-            self.ev.stats.pool_hits += 1
+            futs = [
+                ev._executor.submit(w.compute, ev.model_id, names, req)
+                for w, req in zip(ev.workers, requests, strict=True)
+            ]
+            res = [f.result() for f in futs]
+            replies, busy = [r[0] for r in res], max(r[1] for r in res)
+        wall = time.perf_counter() - t0
+        ev.stats.last["worker"] += min(busy, wall)
+        ev.stats.last["transport"] += max(wall - busy, 0.0)
+        return replies
 
-    def run(self, xq: torch.Tensor, ops: list[LinearOp]) -> list[torch.Tensor]:
+    # -- a stage -----------------------------------------------------------------------------------
+    def run(self, h: torch.Tensor, ops: list[LinearOp]) -> list[torch.Tensor]:
         ev, st = self.ev, self.ev.stats
         st.stages += 1
+        dense = h.ndim == 2
         names = tuple(op.name for op in ops)
-        limbs = ev.qm.act_limbs
-        xd = split_limbs(xq, limbs)  # ring-sized digits stacked on the batch axis
-        shape = tuple(xd.shape)
-        if self.window is not None:
-            stage = self.window.next_stage(shape, names)
-        else:
-            with _Timer(st, "precompute"):
-                stage = ev.make_stage(shape, names, ev.rng)
-        r1, u = stage.consume()
+        hn, xq, scale, e = _quantise(h)
         if self.degraded:
+            kernels.quant_mask(
+                hn.reshape(-1), scale, np.zeros(1, np.int64), 0, xq.reshape(-1), xq.reshape(-1)
+            )
             st.enclave_recomputes += len(ops)
-            return ev.local.run(xq, ops)
-        with _Timer(st, "mask"):
-            x_bar = mask32(xd, r1).numpy().view(np.uint32)
-        t0 = time.perf_counter()
+            if self.window is not None:
+                self.window.next_stage(tuple(xq.shape), names).consume()
+            return [ev.local.one(xq, e, op) for op in ops]
+        requests, u = self._requests(hn, xq, scale, names)
         try:
-            outs, worker_s = ev.worker.compute(ev.model_id, x_bar, list(names))
-        except TransportError as e:
+            replies = self._call_all(list(names), requests)
+        except TransportError as err:
             st.transport_errors += 1
-            log.warning("gpu worker failed (%s); finishing this window in the enclave", e)
+            log.warning("gpu worker failed (%s); finishing this window in the enclave", err)
             if not ev.fallback:
                 raise
             self.degraded = True
             st.enclave_recomputes += len(ops)
-            return ev.local.run(xq, ops)
-        wall = time.perf_counter() - t0
-        st.last["worker"] += min(worker_s, wall)
-        st.last["transport"] += max(wall - worker_s, 0.0)
+            return [ev.local.one(xq, e, op) for op in ops]
+        xq4 = xq.reshape(xq.shape[0], xq.shape[1], 1, 1) if dense else xq
         results = []
-        xf = xd.to(torch.float64)  # shared by the Freivalds checks of this stage
-        for op, y_bar in zip(ops, outs, strict=True):
+        for i, op in enumerate(ops):
             st.delegated_ops += 1
+            expect = out_shape(op.meta, tuple(xq.shape), op.c_out)
             try:
-                y_digits = self._verified(op, xd, xf, shape, y_bar, u[op.name])
-                with _Timer(st, "unmask"):
-                    results.append(join_limbs(y_digits, limbs))
-            except IntegrityError as e:
+                ys = [self._reply(r[i], expect, k) for k, r in enumerate(replies)]
+                results.append(self._finish(op, ys, u, xq, xq4, e, expect))
+            except IntegrityError as err:
                 st.freivalds_failures += 1
-                log.warning("rejected worker reply for %s: %s; recomputing in the enclave", op.name, e)
+                culprits = self._blame(op, requests, [r[i] for r in replies], expect)
+                for c in culprits:
+                    st.worker_faults[c] += 1
+                log.warning(
+                    "rejected reply for %s from %s: %s; recomputing in the enclave",
+                    op.name,
+                    ", ".join(culprits) or "unidentified worker",
+                    err,
+                )
                 st.enclave_recomputes += 1
-                results.append(ev.local.one(xq, op))
+                results.append(ev.local.one(xq, e, op))
         return results
 
-    def _verified(
+    def _reply(self, y: np.ndarray, expect: tuple[int, ...], k: int) -> np.ndarray:
+        if not isinstance(y, np.ndarray) or y.dtype != np.int64 or tuple(y.shape) != expect:
+            raise IntegrityError(f"malformed reply from worker {k}: expected int64 {expect}")
+        return y.reshape(y.shape[0], y.shape[1], 1, 1) if y.ndim == 2 else y
+
+    def _finish(
         self,
         op: LinearOp,
-        xq: torch.Tensor,
-        xf: torch.Tensor,
-        shape: tuple[int, ...],
-        y_bar: np.ndarray,
-        u: torch.Tensor,
+        ys: list[np.ndarray],
+        u: Any,
+        xq: np.ndarray,
+        xq4: np.ndarray,
+        e: int,
+        expect: tuple[int, ...],
     ) -> torch.Tensor:
-        """Unmask, lift and Freivalds-check one reply; returns the exact result as float64."""
-        ev, st = self.ev, self.ev.stats
-        expect = out_shape(op.meta, shape, op.c_out)
-        if y_bar.dtype != np.uint32 or tuple(y_bar.shape) != expect or bool((y_bar >= P).any()):
-            raise IntegrityError(f"malformed reply {y_bar.dtype} {y_bar.shape}, expected uint32 {expect}")
-        with _Timer(st, "unmask"):
-            # ȳ − u in numpy (ȳ may be a read-only wire buffer), then the int32 fix-up to [0, p)
-            y = torch.from_numpy(y_bar.view(np.int32) - u.numpy())
-            y += y.bitwise_right_shift(31).bitwise_and_(P)
-        if ev.mode == "paper":
-            with _Timer(st, "u3"):
-                u3 = ev.engine.u3(op.name, xq).to(torch.int32)
-            with _Timer(st, "unmask"):
-                y = unmask32(y, u3)
-        with _Timer(st, "unmask"):
-            yf = centred32(y).to(torch.float64)  # exact: |y| ≤ HALF
+        """Combine replies (and unmasking terms), check, dequantise → float32 output."""
+        ev, st, mode = self.ev, self.ev.stats, self.ev.mode
+        out4 = ys[0].shape
+        check = freivalds.Check.draw(op, out4, ev.rng, ev.freivalds_reps)
+        dummy = ys[0][:0]
+        if mode in MASKED_MODES:
+            b_term = u[op.name].numpy().reshape(out4)
+            c_term, sc = dummy, 0
+            if mode == "paper":
+                with _Timer(st, "u3"):
+                    c_term = ev.engine.u3(op.name, torch.from_numpy(xq)).numpy().reshape(out4)
+                sc = -1
+            a, b, sb = ys[0], b_term, -1
+        elif mode == "split2":
+            a, b, sb, c_term, sc = ys[0], ys[1], 1, dummy, 0
+        else:
+            a, b, sb, c_term, sc = ys[0], ys[1], 1, ys[2], -1
+        out = np.empty(out4, np.float32)
+        scale = np.broadcast_to(op.scale2 * 2.0**-e, (out4[1], out4[3]))
+        with _Timer(st, "finish"):
+            bad = kernels.finish(a, b, c_term, sb, sc, scale, check.tv, out, check.zhi, check.zlo)
         with _Timer(st, "freivalds"):
             st.freivalds_checks += 1
-            ok = freivalds.check(op, xq, yf, ev.rng, ev.freivalds_reps, xf=xf)
-        if not ok:
-            raise IntegrityError(f"Freivalds check failed for {op.name}")
-        return yf
+            if bad:
+                raise IntegrityError(f"{bad} values of {op.name} outside the proven bound")
+            if not np.array_equal(check.y_side(), check.x_side(xq4)):
+                raise IntegrityError(f"Freivalds check failed for {op.name}")
+        return torch.from_numpy(out).view(expect)
+
+    def _blame(
+        self, op: LinearOp, requests: list[list[Term]], replies: list[np.ndarray], expect: tuple[int, ...]
+    ) -> list[str]:
+        """Which workers' replies differ from an honest worker's (failure path only)."""
+        ev = self.ev
+        bad = []
+        for k, (req, y) in enumerate(zip(requests, replies, strict=True)):
+            terms = [(torch.from_numpy(np.array(t.tensor())), t.slot, t.sign) for t in req]
+            try:
+                want = ev.engine.expected_reply(op.name, k, terms)
+            except (RuntimeError, ValueError):
+                want = None
+            y = np.asarray(y)
+            if want is None or y.shape != tuple(expect) or not np.array_equal(y, want.reshape(y.shape)):
+                bad.append(ev.worker_names[k])
+        return bad
 
 
 class SecureEvaluator:
-    """Evaluate ST-GCN on a (N, 3, T, V, M) window with the chosen protection mode.
+    """Evaluate ST-GCN on a (N, 3, T, V, M) window batch with the chosen protection mode.
 
-    `worker=None` starts an in-process worker on the best torch device; a string is the address
-    of a `veilcam gpu-worker` (`host:port` or `unix:/path`); any object with the `Worker`
-    interface is used as is. Options: `allow_plaintext`, `pool_window=(N, T, M)` (shape the
-    precompute pool fills for; default: the shape of the first evaluated window, re-keyed when
-    the shape changes), `pool_capacity` (default 2 windows, 0 = no pool), `background_pool`
-    (default True), `freivalds_reps` (default 2: soundness 2⁻⁶²), `fallback` (default True:
-    finish a window in the enclave if the worker fails), `timeout_s` for a remote worker,
-    `act_limbs` (default 2: ~20-bit activations, logits within ~0.05 % of the float model; 1 halves
-    the delegated work at ~1 % logit error, enough to flip near-tie top-1 classes).
+    Workers: `worker=` (one address, object or None) for `paper`/`slalom`; `workers=[…]` (one per
+    party: 2 for `split2`, 3 for `split3`, or 1 for the single-worker modes). `None` starts
+    in-process workers (tests); a string is the address of a `veilcam gpu-worker`
+    (`host:port` or `unix:/path`); any object with the `Worker` interface is used as is.
+    Options: `allow_plaintext`, `pool_window=(N, T, M)` (the shape the precompute pool of
+    `slalom`/`paper` fills for; default: the first evaluated shape), `pool_capacity` (default 2
+    windows, 0 = no pool), `background_pool` (default True), `freivalds_reps` (default 2:
+    soundness 2⁻⁴⁴), `fallback` (default True: finish a window in the enclave if a worker
+    fails), `timeout_s` for remote workers, `act_limbs` (accepted for compatibility; must be 1).
     """
 
     def __init__(
@@ -247,6 +362,7 @@ class SecureEvaluator:
         mode: str = "paper",
         worker: str | Worker | None = None,
         *,
+        workers: Sequence[str | Worker | None] | None = None,
         allow_plaintext: bool = False,
         pool_window: WindowKey | None = None,
         pool_capacity: int = 2,
@@ -254,51 +370,73 @@ class SecureEvaluator:
         freivalds_reps: int = freivalds.REPS,
         fallback: bool = True,
         timeout_s: float = 120.0,
-        act_limbs: int = ACT_LIMBS,
+        act_limbs: int = 1,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "plaintext" and not allow_plaintext:
             raise ValueError("mode 'plaintext' gives no protection; pass allow_plaintext=True to use it")
-        if freivalds_reps < 1 or freivalds_reps * 31 < 40:
+        if freivalds_reps < 1 or freivalds.soundness_bits(freivalds_reps) < 40:
             raise ValueError("freivalds_reps must give soundness ≤ 2^-40 (≥ 2 repetitions)")
+        if act_limbs != 1:
+            raise ValueError("act_limbs must be 1: activations are one element of F_(2^61-1)")
         self.mode = mode
         self.stats = SecureStats(mode=mode)
-        self.qm = QuantModel(model, act_limbs=act_limbs)
+        self.qm = QuantModel(_as_float64_copy(model))
+        self.folded32 = _float32_copy(self.qm.folded)
         self.freivalds_reps, self.fallback = freivalds_reps, fallback
         self._lock = threading.Lock()
         self.rng = MaskRNG()
-        self.local = _EnclaveBackend(self.qm, self.stats)
-        self.worker: Worker | None = None
+        self.local = _EnclaveBackend(self.stats)
+        self.workers: list[Worker] = []
+        self.worker_names: list[str] = []
         self.pool: PrecomputePool | None = None
+        self._executor: ThreadPoolExecutor | None = None
         self.model_id = secrets.token_hex(8)
-        if mode in MASKED_MODES:
-            self.engine = MaskingEngine(self.qm, mode, self.rng)
-            if worker is None:
-                from enclave_bridge.gpu_worker import LocalWorker
-
-                self.worker = LocalWorker()
-            elif isinstance(worker, str):
-                from enclave_bridge.worker_client import WorkerClient
-
-                self.worker = WorkerClient(worker, timeout_s=timeout_s)
+        self._pool_capacity, self._background_pool = pool_capacity, background_pool
+        if mode in DELEGATED_MODES:
+            need = WORKERS_NEEDED[mode]
+            specs: list[str | Worker | None]
+            if workers is not None:
+                specs = list(workers)
+                if worker is not None:
+                    raise ValueError("pass either worker= or workers=, not both")
             else:
-                self.worker = worker
-            self.worker.load(self.model_id, self.engine.worker_payload())
-            self._pool_capacity, self._background_pool = pool_capacity, background_pool
+                specs = [worker] * need if need == 1 or worker is None else []
+            if len(specs) != need:
+                raise ValueError(f"mode {mode!r} needs {need} worker(s), got {len(specs)}")
+            if need > 1 and len({s for s in specs if isinstance(s, str)}) < sum(
+                isinstance(s, str) for s in specs
+            ):
+                raise ValueError(f"mode {mode!r} needs {need} *distinct* non-colluding workers")
+            self.engine = MaskingEngine(self.qm, mode, self.rng)
+            for k, spec in enumerate(specs):
+                w = _make_worker(spec, timeout_s)
+                self.workers.append(w)
+                self.worker_names.append(str(getattr(w, "address", f"worker{k}")))
+                w.load(self.model_id, self.engine.worker_payload(k))
+            if need > 1:
+                self._executor = ThreadPoolExecutor(max_workers=need, thread_name_prefix="veilcam-dispatch")
             if pool_window is not None:
                 self._ensure_pool(tuple(pool_window))  # type: ignore[arg-type]
             self._delegated = _DelegatedBackend(self)
         log.info(
-            "secure evaluator ready: mode %s, %d ring ops, modulus 2^31-1, %d activation digit(s)",
+            "secure evaluator ready: mode %s, %d ring ops, modulus 2^61-1, %d worker(s)",
             mode,
             len(self.qm.ops),
-            act_limbs,
+            len(self.workers),
         )
 
+    @property
+    def worker(self) -> Worker | None:
+        """The first worker (single-worker modes)."""
+        return self.workers[0] if self.workers else None
+
     def _ensure_pool(self, key: WindowKey) -> None:
-        """(Re)key the precompute pool to the window shape in use (entries are shape-specific)."""
-        if self._pool_capacity <= 0 or (self.pool is not None and self.pool.key == key):
+        """(Re)key the precompute pool (`slalom`/`paper` only) to the window shape in use."""
+        if self.mode not in MASKED_MODES or self._pool_capacity <= 0:
+            return
+        if self.pool is not None and self.pool.key == key:
             return
         if self.pool is not None:
             log.info("window shape changed to %s: re-keying the mask pool", key)
@@ -312,38 +450,49 @@ class SecureEvaluator:
         )
 
     def make_stage(self, shape: tuple[int, ...], names: tuple[str, ...], rng: MaskRNG) -> StageMasks:
-        """Fresh r1 for one stage (stored centred, int32) and u = r1·W_worker mod p per op (int32)."""
+        """Fresh r1 for one stage and u = r1·W_worker mod p per op (`slalom`/`paper`)."""
         r1 = rng.uniform(shape)
-        u = {n: self.engine.precompute_u(n, r1).to(torch.int32) for n in names}
-        return StageMasks(tuple(shape), tuple(names), centred(r1).to(torch.int32), u)
+        u = {n: self.engine.precompute_u(n, r1) for n in names}
+        return StageMasks(tuple(shape), tuple(names), r1, u)
 
     def evaluate(self, x: np.ndarray) -> np.ndarray:
-        """(N, 3, T, V, M) float32 window → (N, num_class) float64 logits."""
+        """(N, 3, T, V, M) float window batch → (N, num_class) float64 logits."""
         x = np.asarray(x)
         if x.ndim != 5 or x.shape[1] != 3 or x.shape[3] != self.qm.folded.num_joints:
             raise ValueError(f"expected (N, 3, T, {self.qm.folded.num_joints}, M), got {x.shape}")
         if not np.isfinite(x).all():
             raise ValueError("window contains non-finite values")
+        rows = x.shape[0] * x.shape[4] * x.shape[2]
+        if rows > kernels.MAX_T_ROWS and x.shape[0] > 1:  # Freivalds accumulators' proven range
+            per = max(kernels.MAX_T_ROWS // (x.shape[4] * x.shape[2]), 1)
+            return np.concatenate([self.evaluate(x[i : i + per]) for i in range(0, x.shape[0], per)])
+        if rows > kernels.MAX_T_ROWS and self.mode in DELEGATED_MODES:
+            raise ValueError(f"window too long: T·M = {rows} > {kernels.MAX_T_ROWS}")
         with self._lock:
             self.stats.last = defaultdict(float)
             t0 = time.perf_counter()
-            sent0 = self.worker.bytes_sent if self.worker else 0
-            recv0 = self.worker.bytes_received if self.worker else 0
+            sent0 = sum(w.bytes_sent for w in self.workers)
+            recv0 = sum(w.bytes_received for w in self.workers)
             ctx = self.pool.busy() if self.pool is not None else _null()
             rekey: WindowKey | None = None
-            with ctx:
+            with ctx, torch.no_grad():
                 if self.mode == "plaintext":
-                    with torch.no_grad():
-                        out = self.qm.folded(torch.from_numpy(x).to(torch.float64)).numpy()
+                    out = self.qm.folded(torch.from_numpy(x).to(torch.float64)).numpy()
                 elif self.mode == "enclave":
-                    out = quantised_forward(self.qm, x, self.local)
+                    out = (
+                        self.folded32(torch.from_numpy(np.ascontiguousarray(x, np.float32))).double().numpy()
+                    )
                 else:
                     key = (x.shape[0], x.shape[2], x.shape[4])
-                    if self.pool is None or self.pool.key != key:
-                        self.stats.pool_misses += 1  # masks for this window are made on-line
-                        self._delegated.begin_without_pool()
-                    else:
-                        self._delegated.begin(key)
+                    window = None
+                    if self.pool is not None and self.pool.key == key:
+                        window = self.pool.take(key)
+                    if self.mode in MASKED_MODES:
+                        if window is None:
+                            self.stats.pool_misses += 1
+                        else:
+                            self.stats.pool_hits += 1
+                    self._delegated.begin(window)
                     out = quantised_forward(self.qm, x, self._delegated)
                     self._delegated.window = None
                     rekey = key
@@ -351,29 +500,67 @@ class SecureEvaluator:
             last["total"] = time.perf_counter() - t0
             if rekey is not None:
                 self._ensure_pool(rekey)  # fill (in the background, while idle) for the shape in use
-            accounted = sum(v for k, v in last.items() if k not in ("total", "nonlinear", "decrypt"))
+            accounted = sum(v for k, v in last.items() if k not in ("total", "nonlinear"))
             last["nonlinear"] = max(last["total"] - accounted, 0.0)
             for k, v in last.items():
                 self.stats.timings[k] += v
             self.stats.windows += 1
-            if self.worker is not None:
-                self.stats.bytes_to_worker += self.worker.bytes_sent - sent0
-                self.stats.bytes_from_worker += self.worker.bytes_received - recv0
+            self.stats.bytes_to_worker += sum(w.bytes_sent for w in self.workers) - sent0
+            self.stats.bytes_from_worker += sum(w.bytes_received for w in self.workers) - recv0
             if self.pool is not None:
                 self.stats.pool_depth = self.pool.depth
             return np.asarray(out, dtype=np.float64)
 
+    def exact_reference(self, x: np.ndarray) -> np.ndarray:
+        """The delegated modes' logits computed entirely in the enclave (tests, benchmarks)."""
+        with torch.no_grad():
+            return quantised_forward(self.qm, np.asarray(x), self.local)
+
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
-        if self.worker is not None:
-            self.worker.close()
+        for w in self.workers:
+            w.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
 
     def __enter__(self) -> SecureEvaluator:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __del__(self) -> None:  # safe to drop without close()
+        try:
+            if self.pool is not None:
+                self.pool.close()
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+        except Exception:  # noqa: S110 - interpreter shutdown: nothing left to release
+            pass
+
+
+def _make_worker(spec: str | Worker | None, timeout_s: float) -> Worker:
+    if spec is None:
+        from enclave_bridge.gpu_worker import LocalWorker  # tests and the demo only, never SGX
+
+        return LocalWorker()
+    if isinstance(spec, str):
+        from enclave_bridge.worker_client import WorkerClient
+
+        return WorkerClient(spec, timeout_s=timeout_s)
+    return spec
+
+
+def _as_float64_copy(model: STGCN | FoldedSTGCN) -> FoldedSTGCN:
+    """Folded float64 copy (the caller's model object is left as it was)."""
+    if isinstance(model, STGCN):
+        return fold_batchnorm(model.eval())
+    return copy.deepcopy(model).double()
+
+
+def _float32_copy(folded: FoldedSTGCN) -> FoldedSTGCN:
+    return copy.deepcopy(folded).to(torch.float32)
 
 
 class _null:
@@ -384,4 +571,8 @@ class _null:
         return None
 
 
-__all__ = ["MODES", "TIMING_PARTS", "SecureEvaluator", "SecureStats", "Worker"]
+def soundness_bits(reps: int = freivalds.REPS) -> float:
+    return freivalds.soundness_bits(reps)
+
+
+__all__ = ["MODES", "TIMING_PARTS", "SecureEvaluator", "SecureStats", "Worker", "soundness_bits"]

@@ -1,22 +1,18 @@
 """Fixed-point quantisation with a proven no-wrap bound for every ring operation.
 
-Activations: `x̂ = round(x·2^fx)` with |x̂| ≤ BX = 2^ACT_BITS − 1. The exponent fx is chosen per
-layer *per window* from the tensor's actual max |x| (the enclave sees the plaintext), so nothing
-is ever clipped and no calibration set is needed for the activations.
+Activations: `x̂ = round(x·2^fx)` with |x̂| ≤ BX = 2^20 − 1, one ring element each. The exponent
+fx is chosen per layer *per window* from the tensor's actual max |x| (the enclave sees the
+plaintext), so nothing is ever clipped and no calibration set is needed.
 
-Weights: `Ŵ = round(W·2^fw)` with the largest fw such that
+Weights: `Ŵ[:, o] = round(W[:, o]·2^fw[o])` with the largest per-column exponent such that
 
-    BX · max_o Σ_d |Ŵ[d, o]|  ≤  (p − 1)/2        (proven bound, checked on the integers)
+    BX · Σ_d |Ŵ[d, o]|  ≤  WEIGHT_BUDGET = 2^52        (proven bound, checked on the integers)
 
-so every true integer output |y_o| = |Σ_d x̂_d Ŵ[d, o]| ≤ BX·‖Ŵ_o‖₁ < p/2 and the centred
-representative of the ring result *is* the integer result: no wrap, exact.
-
-Activation limbs: 10-bit activations alone cost about 1 % logit error (enough to flip the top-1
-class of near-ties). So activations are quantised to `ACT_LIMBS` balanced base-2^10 digits,
-x̂ = Σ_i d_i·2^(10·i) with |d_i| ≤ BX (about 20 bits for two limbs). Each digit goes through the
-ring with the *same* weights and the same proven bound; the enclave recombines the exact
-integer results y = Σ_i y_i·2^(10·i) (|y| < 2^41, exact in int64/float64). Weights stay as they
-are, so the worker's GEMMs stay single exact float64 products; the delegated work doubles.
+so every true integer output |y_o| = |Σ_d x̂_d Ŵ[d, o]| ≤ 2^52 < p/2 (p = 2^61 − 1): the centred
+representative of the ring result *is* the integer result — no wrap, exact — and the same
+integer is also exact in one float64 GEMM (< 2^53), which is what the enclave's own fallback path
+and the Freivalds check rely on. A column keeps ‖Ŵ_o‖₁ ≈ 2^32, i.e. its largest weight has at
+least 32 − log2(D) ≥ 19 significant bits (D ≤ 4608).
 """
 
 from __future__ import annotations
@@ -26,56 +22,18 @@ from dataclasses import dataclass
 
 import torch
 
-from enclave_bridge.ring import HALF
-
-ACT_BITS = 10  # bits of one activation digit (limb) sent through the ring
-BX = 2**ACT_BITS - 1  # bound on one digit: |d_i| ≤ BX
-ACT_LIMBS = 2  # digits per activation (default); 1 = the fast, ~1 %-error variant
-MAX_LIMBS = 3  # 3 digits × 20-bit weight norms stay < 2^53 for the enclave's direct GEMM
-_HALF_DIGIT = 1 << (ACT_BITS - 1)
+ACT_BITS = 20  # bits of a quantised activation (one ring element)
+BX = 2**ACT_BITS - 1  # |x̂| ≤ BX
+WEIGHT_BUDGET = 2**52  # BX·‖Ŵ_o‖₁ ≤ this: exact in float64, far below p/2
+ACT_LIMBS = 1  # kept for configuration compatibility: activations are one ring element
+MAX_LIMBS = 1
 
 
-def limb_bound(limbs: int) -> int:
-    """Largest |x̂| representable by `limbs` balanced digits (top digit ≤ BX, lower ≤ 2^9 − 1)."""
-    if not 1 <= limbs <= MAX_LIMBS:
-        raise ValueError(f"activation limbs must be 1..{MAX_LIMBS}, got {limbs}")
-    low = sum((_HALF_DIGIT - 1) << (ACT_BITS * i) for i in range(limbs - 1))
-    return (BX << (ACT_BITS * (limbs - 1))) + low
-
-
-def split_limbs(xq: torch.Tensor, limbs: int) -> torch.Tensor:
-    """x̂ (int, |x̂| ≤ limb_bound) → its digits stacked on dim 0, lowest digit last.
-
-    Returns int32 (limbs·B, ...): rows [i·B, (i+1)·B) hold digit limbs−1−i, so the top digit
-    comes first. Lower digits are balanced in [−2^9, 2^9 − 1]; the top digit is |d| ≤ BX.
-    Written straight into one int32 buffer (|x̂| < 2^31): no int64 temporaries, no concatenation.
-    """
-    rest = xq.to(torch.int32)
-    if limbs == 1:
-        return rest
-    b = rest.shape[0]
-    out = torch.empty((limbs * b, *rest.shape[1:]), dtype=torch.int32)
-    for i in range(limbs - 1, 0, -1):
-        d = out[i * b : (i + 1) * b]
-        torch.add(rest, _HALF_DIGIT, out=d)
-        d.bitwise_and_(2 * _HALF_DIGIT - 1).sub_(_HALF_DIGIT)
-        rest = (rest - d).bitwise_right_shift_(ACT_BITS)
-    out[:b] = rest
-    return out
-
-
-def join_limbs(y: torch.Tensor, limbs: int) -> torch.Tensor:
-    """Per-digit exact results stacked as by `split_limbs` → Σ_i y_i·2^(10·i).
-
-    Works in y's dtype: int64, or float64 holding integers (|Σ| < 2^53 stays exact).
-    """
-    if limbs == 1:
-        return y
-    parts = y.chunk(limbs, dim=0)
-    acc = torch.add(parts[1], parts[0], alpha=1 << ACT_BITS)
-    for part in parts[2:]:
-        acc = torch.add(part, acc, alpha=1 << ACT_BITS)
-    return acc
+def limb_bound(limbs: int = 1) -> int:
+    """Largest |x̂| (kept for callers of the digit API: one limb only)."""
+    if limbs != 1:
+        raise ValueError("activations are one ring element in F_(2^61-1): act_limbs must be 1")
+    return BX
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +61,7 @@ _EXP_CAP = 60  # columns of (near-)zero weights: keep 2^exp finite and harmless
 
 
 def quantise_weight(
-    w: torch.Tensor, bx: int = BX, budget: int = HALF, per_column: bool = True
+    w: torch.Tensor, bx: int = BX, budget: int = WEIGHT_BUDGET, per_column: bool = True
 ) -> QuantWeight:
     """Quantise a float (D, C_out) GEMM weight with the largest exponent(s) meeting the bound."""
     w = w.to(torch.float64)
@@ -163,11 +121,10 @@ __all__ = [
     "ACT_LIMBS",
     "BX",
     "MAX_LIMBS",
+    "WEIGHT_BUDGET",
     "QuantWeight",
     "act_exponent",
-    "join_limbs",
     "limb_bound",
     "quantise_act",
     "quantise_weight",
-    "split_limbs",
 ]

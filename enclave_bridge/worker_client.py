@@ -18,6 +18,7 @@ import numpy as np
 from enclave_bridge.errors import TransportError
 from enclave_bridge.ring import P
 from enclave_bridge.wire import connect, pack_tensor, recv_frame, send_frame, unpack_tensor
+from enclave_bridge.worker_proto import Term
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,9 @@ class WorkerClient:
         return reply
 
     def _load_raw(self, model_id: str, ops: list[dict[str, Any]]) -> None:
-        wire_ops = [{"name": o["name"], "meta": o["meta"], "weight": pack_tensor(o["weight"])} for o in ops]
+        wire_ops = [
+            {"name": o["name"], "meta": o["meta"], "slots": [pack_tensor(w) for w in o["slots"]]} for o in ops
+        ]
         reply = self._call_raw({"op": "load", "model_id": model_id, "ops": wire_ops})
         if not reply.get("ok"):
             raise TransportError(f"worker refused the model: {reply.get('error')}")
@@ -97,10 +100,10 @@ class WorkerClient:
             except TransportError as e:
                 log.warning("gpu worker %s not reachable yet: %s", self.address, e)
 
-    def compute(self, model_id: str, x: np.ndarray, names: list[str]) -> tuple[list[np.ndarray], float]:
-        """Masked ring elements in, ring results out (+ the worker's own compute seconds)."""
+    def compute(self, model_id: str, names: list[str], terms: list[Term]) -> tuple[list[np.ndarray], float]:
+        """Masked ring elements (or seeds) in, ring results out (+ the worker's compute seconds)."""
         self._connection()
-        msg = {"op": "compute", "model_id": model_id, "input": pack_tensor(x), "names": names}
+        msg = {"op": "compute", "model_id": model_id, "names": names, "terms": [t.to_wire() for t in terms]}
         reply = self._call_raw(msg)
         if not reply.get("ok") and reply.get("code") == "unknown_model" and model_id in self._models:
             self._load_raw(model_id, self._models[model_id])
@@ -111,7 +114,10 @@ class WorkerClient:
         if not isinstance(outs, list) or len(outs) != len(names):
             raise TransportError("worker reply has the wrong number of outputs")
         compute_s = reply.get("compute_s", 0.0)
-        return [unpack_tensor(o) for o in outs], float(compute_s) if isinstance(compute_s, float) else 0.0
+        arrays = [unpack_tensor(o) for o in outs]
+        if any(a.dtype != np.int64 for a in arrays):
+            raise TransportError("worker reply is not int64 ring elements")
+        return arrays, float(compute_s) if isinstance(compute_s, float) else 0.0
 
     def unload(self, model_id: str) -> None:
         self._models.pop(model_id, None)

@@ -138,6 +138,8 @@ def cmd_enclave_config(args: argparse.Namespace) -> int:
         cfg["model_owner_pub"] = _sign_pub_b64(args.model_owner_pub, "model-owner")
         cfg["key_enclave"] = {"address": args.key_enclave, "measurements": list(args.key_measurement or [])}
         cfg["evaluator"] = {"mode": args.mode, "worker": args.worker}
+        if args.workers:
+            cfg["evaluator"]["workers"] = list(args.workers)
         if args.act_limbs is not None:
             cfg["evaluator"]["act_limbs"] = args.act_limbs
         cfg["topk"] = args.topk
@@ -403,15 +405,18 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--model-owner-pub")
     p.add_argument("--key-enclave", help="key enclave address (eval role)")
     p.add_argument("--key-measurement", action="append", help="pin the key enclave measurement (eval role)")
-    p.add_argument("--mode", default="enclave", choices=("paper", "slalom", "enclave", "plaintext"))
+    p.add_argument(
+        "--mode", default="enclave", choices=("paper", "slalom", "split2", "split3", "enclave", "plaintext")
+    )
     p.add_argument("--worker", default=None, help="GPU worker address (paper/slalom modes)")
     p.add_argument(
-        "--act-limbs",
-        type=int,
-        choices=(1, 2, 3),
+        "--workers",
+        nargs="+",
         default=None,
-        help="activation digits per ring op (default 2; 1: half the delegated work, ~1%% logit error)",
+        metavar="ADDR",
+        help="the non-colluding GPU workers of split2 (2 addresses) or split3 (3 addresses)",
     )
+    p.add_argument("--act-limbs", type=int, choices=(1,), default=None, help=argparse.SUPPRESS)
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--backend", default="simulated", choices=("simulated", "gramine-sgx"))
     p.add_argument("--out", required=True)

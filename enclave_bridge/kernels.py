@@ -1,0 +1,248 @@
+"""Fused element-wise passes of the enclave's on-line work (numba, compiled once, cached on disk).
+
+Between two worker calls the enclave touches every activation element a few times: quantise,
+mask, unmask/combine the replies, range-check, Freivalds projections, dequantise. Each torch
+element-wise op is a full pass over memory with a temporary; these kernels do the work of one
+side of a worker call in a single pass over the data, with no temporaries.
+
+Freivalds check (`FreivaldsCheck`): for a reply claimed to be Y = X·Ŵ (X the op's GEMM rows,
+exact integers) the enclave draws fresh secret vectors t (one entry per GEMM row) and s (one per
+output column), uniform in [0, 2^T_BITS), and accepts iff  tᵀ·Y·s ≡ (tᵀ·X)·(Ŵ·s)  (mod p).
+If Y ≠ XŴ, the error E = Y − XŴ is a non-zero integer matrix with |E| < 2^53 < p (replies are
+range-checked first), so tᵀEs is a non-zero polynomial of degree 2 over F_p and vanishes with
+probability ≤ 2/2^T_BITS (Schwartz–Zippel); REPS independent repetitions give ≤ 2^(-REPS·(T_BITS−1)).
+tᵀY costs one multiply-add per output element (fused into the unmasking pass), tᵀX one per input
+element and tap, Ŵs is |Ŵ| — nothing touches the large masked operands, and no GEMM is done.
+
+Integer bounds used below (all int64, no overflow): |y| ≤ 2^52 split as y = hi·2^26 + lo with
+|hi| ≤ 2^26, 0 ≤ lo < 2^26; t < 2^23: each product < 2^49.1, at most MAX_T_ROWS = 2^13 of them per
+accumulator (< 2^62.1). |x̂| < 2^20: x̂·t < 2^43, at most 2^19 terms per accumulator (< 2^62).
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+from enclave_bridge.ring import P
+
+T_BITS = 23  # Freivalds vectors are uniform in [0, 2^T_BITS)
+REPS = 2  # soundness error ≤ (2/2^23)^2 = 2^-44 per check
+MAX_T_ROWS = 1 << 13  # B·T' per call of `finish` (the evaluator chunks larger batches)
+MAX_X_TERMS = 1 << 19  # B·T'·V per accumulator of `x_project`
+Y_BOUND = 1 << 52  # |y| of every exact result (quant.WEIGHT_BUDGET)
+_P = np.int64(P)
+_M26 = np.int64((1 << 26) - 1)
+_M31 = np.int64((1 << 31) - 1)
+_M30 = np.int64((1 << 30) - 1)
+
+_opts = {"cache": True, "nogil": True, "boundscheck": False, "error_model": "numpy"}
+
+
+@nb.njit(**_opts)
+def _red(x: np.int64) -> np.int64:  # pragma: no cover - compiled
+    """0 ≤ x < 2^63 → x mod p (two Mersenne folds)."""
+    x = (x & _P) + (x >> 61)
+    x = (x & _P) + (x >> 61)
+    return x - _P if x >= _P else x
+
+
+@nb.njit(**_opts)
+def mulmod(a: np.int64, b: np.int64) -> np.int64:  # pragma: no cover - compiled
+    """a·b mod p for a, b in [0, p), with 31-bit halves (no 128-bit type needed)."""
+    a1, a0 = a >> 31, a & _M31
+    b1, b0 = b >> 31, b & _M31
+    mid = a1 * b0 + a0 * b1  # < 2^62
+    m1, m0 = mid >> 30, mid & _M30  # mid·2^31 = m1·2^61 + m0·2^31 ≡ m1 + m0·2^31
+    return _red(_red(2 * (a1 * b1) + m1 + (m0 << 31)) + _red(a0 * b0))
+
+
+@nb.njit(**_opts)
+def _signed_mod(x: np.int64) -> np.int64:  # pragma: no cover - compiled
+    return _red(x) if x >= 0 else (_P - _red(-x)) % _P
+
+
+@nb.njit(**_opts)
+def quant_mask(h, scale, r, sign, xq, bar):  # pragma: no cover - compiled
+    """x̂ = rint(h·scale) → xq (int32); bar = (x̂ + sign·r) mod p (int64), all flat arrays.
+
+    `r` is a ring element or a raw 64-bit keystream word: its low 61 bits are used, p ↦ 0 (the
+    rule of `ring.prg_uniform`). Ignored when sign == 0: then only xq is written.
+    """
+    n = h.size
+    for i in range(n):
+        q = np.int64(np.rint(h[i] * scale))
+        xq[i] = q
+        if sign != 0:
+            m = r[i] & _P
+            if m == _P:
+                m = 0
+            v = q + m if sign > 0 else q - m  # in (−p, p + 2^20)
+            if v < 0:
+                v += _P
+            elif v >= _P:
+                v -= _P
+            bar[i] = v
+
+
+@nb.njit(**_opts)
+def mask_from(xq, r, sign, bar):  # pragma: no cover - compiled
+    """bar = (x̂ + sign·r) mod p from an already quantised x̂ (second share of `split3`)."""
+    for i in range(xq.size):
+        m = r[i] & _P
+        if m == _P:
+            m = 0
+        v = np.int64(xq[i]) + m if sign > 0 else np.int64(xq[i]) - m
+        if v < 0:
+            v += _P
+        elif v >= _P:
+            v -= _P
+        bar[i] = v
+
+
+@nb.njit(**_opts)
+def finish(a, b, c, sb, sc, scale, tv, out, zhi, zlo):  # pragma: no cover - compiled
+    """Combine replies, centre, range-check, project for Freivalds and dequantise, in one pass.
+
+    a, b, c: (B, C, T, V) int64 ring elements; y = a + sb·b + sc·c (mod p), sb, sc ∈ {−1, 0, 1}.
+    scale: (C, V) float64 dequantisation factors; out (B, C, T, V) float32 = y·scale.
+    tv: (R, B, T, V) Freivalds row vector; zhi, zlo: (R, C, V) int64 accumulators of tᵀ·y.
+    Returns the number of elements with |y| > Y_BOUND (a reply that cannot be right).
+    """
+    nb_, nc, nt, nv = a.shape
+    nr = tv.shape[0]
+    bad = 0
+    for bi in range(nb_):
+        for ci in range(nc):
+            for ti in range(nt):
+                for vi in range(nv):
+                    v = a[bi, ci, ti, vi]
+                    if sb != 0:
+                        w = b[bi, ci, ti, vi]
+                        v = v + w if sb > 0 else v - w
+                        if v < 0:
+                            v += _P
+                        elif v >= _P:
+                            v -= _P
+                    if sc != 0:
+                        w = c[bi, ci, ti, vi]
+                        v = v + w if sc > 0 else v - w
+                        if v < 0:
+                            v += _P
+                        elif v >= _P:
+                            v -= _P
+                    if v > _P >> 1:
+                        v -= _P  # centred
+                    if v > Y_BOUND or v < -Y_BOUND:
+                        bad += 1
+                        v = 0
+                    out[bi, ci, ti, vi] = np.float32(np.float64(v) * scale[ci, vi])
+                    hi = v >> 26
+                    lo = v & _M26
+                    for ri in range(nr):
+                        t = tv[ri, bi, ti, vi]
+                        zhi[ri, ci, vi] += hi * t
+                        zlo[ri, ci, vi] += lo * t
+    return bad
+
+
+@nb.njit(**_opts)
+def dequant(y, scale, tv, out, zhi, zlo):  # pragma: no cover - compiled
+    """`finish` for an exact float64 result computed in the enclave (the fallback path)."""
+    nb_, nc, nt, nv = y.shape
+    nr = tv.shape[0]
+    for bi in range(nb_):
+        for ci in range(nc):
+            for ti in range(nt):
+                for vi in range(nv):
+                    f = y[bi, ci, ti, vi]
+                    out[bi, ci, ti, vi] = np.float32(f * scale[ci, vi])
+                    v = np.int64(f)
+                    hi = v >> 26
+                    lo = v & _M26
+                    for ri in range(nr):
+                        t = tv[ri, bi, ti, vi]
+                        zhi[ri, ci, vi] += hi * t
+                        zlo[ri, ci, vi] += lo * t
+
+
+@nb.njit(**_opts)
+def y_projection(zhi, zlo, s):  # pragma: no cover - compiled
+    """Σ_{c,v} s[r,c,v]·(zhi·2^26 + zlo)[r,c,v] mod p → (R,) int64."""
+    nr, nc, nv = zhi.shape
+    res = np.zeros(nr, dtype=np.int64)
+    for ri in range(nr):
+        acc = np.int64(0)
+        for ci in range(nc):
+            for vi in range(nv):
+                z = _signed_mod(zhi[ri, ci, vi])
+                z = mulmod(z, np.int64(1 << 26))
+                z = z + _signed_mod(zlo[ri, ci, vi])
+                if z >= _P:
+                    z -= _P
+                acc += mulmod(z, s[ri, ci, vi])
+                if acc >= _P:
+                    acc -= _P
+        res[ri] = acc
+    return res
+
+
+@nb.njit(**_opts)
+def x_project(xq, tv, stride, taps, pad, keep_v, u):  # pragma: no cover - compiled
+    """tᵀ·X for the GEMM rows of a temporal conv, accumulated into u (R, C, taps, V or 1).
+
+    u[r,c,k,·] += Σ_{b,t'} t[r,b,t',v]·x̂[b,c,t'·stride+k−pad,v], summed over v unless keep_v.
+    xq (B, C, T, V) int32; tv (R, B, T', V) int64. A 1×1 conv is taps=1, pad=0; the per-joint
+    op keeps v (its GEMM columns are (c, v)); the dense op is T = V = 1.
+    """
+    nb_, nc, nt, nv = xq.shape
+    nr, _, ntp, _ = tv.shape
+    for bi in range(nb_):
+        for ci in range(nc):
+            for tp in range(ntp):
+                base = tp * stride - pad
+                for k in range(taps):
+                    ti = base + k
+                    if ti < 0 or ti >= nt:
+                        continue
+                    for ri in range(nr):
+                        if keep_v:
+                            for vi in range(nv):
+                                u[ri, ci, k, vi] += np.int64(xq[bi, ci, ti, vi]) * tv[ri, bi, tp, vi]
+                        else:
+                            acc = np.int64(0)
+                            for vi in range(nv):
+                                acc += np.int64(xq[bi, ci, ti, vi]) * tv[ri, bi, tp, vi]
+                            u[ri, ci, k, 0] += acc
+
+
+@nb.njit(**_opts)
+def dot_mod(u, ws):  # pragma: no cover - compiled
+    """Σ_d u[r,d]·ws[r,d] mod p for signed u (|u| < 2^63) and ws in [0, p) → (R,) int64."""
+    nr, nd = u.shape
+    res = np.zeros(nr, dtype=np.int64)
+    for ri in range(nr):
+        acc = np.int64(0)
+        for di in range(nd):
+            acc += mulmod(_signed_mod(u[ri, di]), ws[ri, di])
+            if acc >= _P:
+                acc -= _P
+        res[ri] = acc
+    return res
+
+
+__all__ = [
+    "MAX_T_ROWS",
+    "MAX_X_TERMS",
+    "REPS",
+    "T_BITS",
+    "Y_BOUND",
+    "dequant",
+    "dot_mod",
+    "finish",
+    "mask_from",
+    "mulmod",
+    "quant_mask",
+    "x_project",
+    "y_projection",
+]

@@ -1,0 +1,75 @@
+"""Request terms and errors of the worker protocol, shared by the enclave's client and the worker.
+
+Kept apart from `gpu_worker` so the enclave's code never imports the (unmeasured) worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from enclave_bridge.errors import TransportError
+from enclave_bridge.ring import SEED_BYTES, prg_uniform
+from enclave_bridge.wire import pack_tensor, unpack_tensor
+
+
+class WorkerError(Exception):
+    """A request the worker refuses (reported to the client as `{ok: false}`)."""
+
+    def __init__(self, message: str, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Term:
+    """One term of a compute request: sign·(input or PRG(seed))·W[slot]."""
+
+    slot: int
+    sign: int
+    x: np.ndarray | None = None  # int64 ring elements
+    seed: bytes | None = None
+    shape: tuple[int, ...] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"slot": self.slot, "sign": self.sign}
+        if self.x is not None:
+            d["input"] = pack_tensor(self.x)
+        else:
+            d["seed"], d["shape"] = self.seed, list(self.shape or ())
+        return d
+
+    @staticmethod
+    def from_wire(d: Any) -> Term:
+        if not isinstance(d, dict):
+            raise WorkerError("term must be a map")
+        slot, sign = d.get("slot"), d.get("sign")
+        if not isinstance(slot, int) or not 0 <= slot < 8 or sign not in (1, -1):
+            raise WorkerError("bad term slot/sign")
+        if "input" in d:
+            try:
+                return Term(slot, int(sign), x=unpack_tensor(d["input"]))
+            except TransportError as e:
+                raise WorkerError(str(e)) from e
+        seed, shape = d.get("seed"), d.get("shape")
+        if (
+            not isinstance(seed, bytes)
+            or len(seed) != SEED_BYTES
+            or not isinstance(shape, list)
+            or not 0 < len(shape) <= 4
+            or not all(isinstance(s, int) and 0 < s < 1 << 24 for s in shape)
+            or int(np.prod(shape)) > 1 << 28
+        ):
+            raise WorkerError("bad seed term")
+        return Term(slot, int(sign), seed=seed, shape=tuple(shape))
+
+    def tensor(self) -> np.ndarray:
+        if self.x is not None:
+            return self.x
+        assert self.seed is not None and self.shape is not None
+        return prg_uniform(self.seed, int(np.prod(self.shape))).reshape(self.shape)
+
+
+__all__ = ["Term", "WorkerError"]
