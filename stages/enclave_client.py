@@ -426,14 +426,6 @@ class EnclaveStage:
     def _recover(self, stop: threading.Event) -> None:
         """Resubmit what a previous run left in flight (its reply or its outbox commit was lost)."""
         assert self.journal is not None
-        if self.source_key is not None:
-            self._done_until = self.journal.progress(self.device, self.source_key)
-            if self._done_until is not None:
-                log.info(
-                    "camera %s: resuming the replay after media time %.2f s (evaluated by a previous run)",
-                    self.device,
-                    self._done_until,
-                )
         for w in self.journal.pending_windows(self.device):
             log.info(
                 "camera %s: resubmitting window seq %d left in flight by a previous run", self.device, w.seq
@@ -442,6 +434,14 @@ class EnclaveStage:
             self._submit(w, stop, resend=True, journalled=True)
             if stop.is_set():
                 return
+        if self.source_key is not None:  # read after the resubmissions: they advance it
+            self._done_until = self.journal.progress(self.device, self.source_key)
+            if self._done_until is not None:
+                log.info(
+                    "camera %s: resuming the replay after media time %.2f s (evaluated by a previous run)",
+                    self.device,
+                    self._done_until,
+                )
         self._recovered = True
 
     def _already_done(self, w: SealedWindow) -> bool:

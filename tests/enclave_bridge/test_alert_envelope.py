@@ -65,7 +65,7 @@ def test_c2_cannot_decrypt_ungranted_field_with_its_keys(setup):
 
     env = parse_alert(blob)
     mine = next(r for r in env["recipients"] if r["rid"] == c2.public.rid)
-    header = msgpack.packb([1, "cam1", 5, 1234.5, env["kid"]])
+    header = msgpack.packb([2, "cam1", 5, 1234.5, env["kid"]])
     keys = msgpack.unpackb(
         unwrap_secret(
             c2.exchange,
@@ -86,7 +86,7 @@ def test_tampering_breaks_signature(setup, field):
         "device": "cam2",
         "seq": 6,
         "ts": 1.0,
-        "ct": env["ct"][:-1] + b"\0",
+        "ct": env["ct"][:-1] + bytes([env["ct"][-1] ^ 1]),
         "nonce": b"\0" * 12,
         "recipients": env["recipients"][:1],
     }[field]
