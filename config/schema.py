@@ -101,7 +101,7 @@ class WindowConfig(_Model):
         None,
         ge=0,
         le=10_000,
-        description="windows with fewer frames showing a person are not evaluated (null: T/3)",
+        description="windows with fewer frames showing a person are not evaluated (null: T/5)",
     )
     min_joints: int = Field(4, ge=0, le=18, description="joints a person needs to count in a frame")
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)

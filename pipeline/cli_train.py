@@ -97,6 +97,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_realcheck(args: argparse.Namespace) -> int:
+    from training.annotations import confusion_png, format_confusion
     from training.realcheck import run_realcheck
 
     report: dict[str, Any] = run_realcheck(
@@ -104,21 +105,49 @@ def _cmd_realcheck(args: argparse.Namespace) -> int:
         args.clips,
         cache_dir=args.cache,
         threads=args.threads,
-        **({} if args.min_score is None else {"min_score": args.min_score}),
+        min_score=args.min_score,
+        config=args.config,
+        annotations=args.annotations,
+        clips_dir=args.clips_dir,
     )
+    scores = report.get("scores")
+    if scores is not None and args.png:
+        confusion_png(scores, args.png, title=Path(args.model).name)
     if args.json:
         print(json.dumps(report, indent=2))
-    else:
-        for clip in report["clips"]:
+        return 0
+    print(f"rules: {json.dumps(report['rules'])}")
+    for clip in report["clips"]:
+        print(
+            f"{clip['clip']}: {clip['frames']} frames, {len(clip['windows'])} windows, "
+            f"{clip['fall_windows']} falling (max p {clip['max_fall_p']:.2f}), "
+            f"{clip['fall_alerts']} fall alert(s); pose {clip['pose_s']:.1f} s"
+        )
+        for w in clip["windows"]:
+            top = ", ".join(f"{lab} {p:.2f}" for lab, p in w["top"])
+            mark = "  ALERT" if w["alert"] else ""
+            print(f"  {w['t0']:6.1f}-{w['t1']:5.1f} s  track {w['track']:>3}  {top}{mark}")
+    if scores is not None:
+        print()
+        print(f"{'clip':<44} {'falls':>5} {'found':>5} {'false':>5} {'agree':>6} {'lying':>7}")
+        for c in scores["clips"]:
+            agree = "-" if c["agreement"] is None else f"{c['agreement']:.2f}"
+            lying = f"{c['lying_read_lying']}/{c['lying_windows']}" if c["lying_windows"] else "-"
             print(
-                f"{clip['name']}: {clip['frames']} frames, {len(clip['windows'])} windows, "
-                f"{clip['fall_windows']} falling (max p {clip['max_fall_p']:.2f}), "
-                f"{clip['fall_alerts']} fall alert(s) at min_score {clip['min_score']}; "
-                f"pose {clip['pose_s']:.1f} s"
+                f"{c['clip']:<44} {c['falls']:>5} {c['falls_found']:>5} {c['false_fall_alerts']:>5} "
+                f"{agree:>6} {lying:>7}"
             )
-            for w in clip["windows"]:
-                top = ", ".join(f"{lab} {p:.2f}" for lab, p in w["top"])
-                print(f"  {w['t0']:6.1f}-{w['t1']:5.1f} s  track {w['track']:>3}  {top}")
+        print(
+            f"fall recall {scores['falls_found']}/{scores['falls']}; "
+            f"false fall alerts {scores['false_fall_alerts']} in {scores['fall_free_s']:.0f} s of fall-free "
+            f"footage ({scores['false_fall_alerts_per_hour']}/h); "
+            f"alerts outside falls in fall clips {scores['alerts_outside_falls']}; "
+            f"top-1 agreement {scores['agreement']} over {scores['scored_windows']} windows; "
+            f"lying still read lying {scores['lying_agreement']} of {scores['lying_windows']} windows"
+        )
+        print(format_confusion(scores))
+        if args.png:
+            print(f"confusion matrix: {args.png}")
     return 0
 
 
@@ -214,8 +243,22 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--json", action="store_true", help="print the report as JSON")
     r.add_argument(
-        "--min-score", type=float, default=None, help="alert rule: top-1 score for a fall alert (default 0.5)"
+        "--min-score", type=float, default=None, help="override the rules' min_score (default: the config's)"
     )
+    r.add_argument(
+        "--config",
+        default=None,
+        help="veilcam config whose rules and window settings apply (default: defaults)",
+    )
+    r.add_argument(
+        "--annotations",
+        default=None,
+        help="ground-truth CSV (training/annotations.py format); clips default to the annotated ones",
+    )
+    r.add_argument(
+        "--clips-dir", default=None, help="annotated clip paths are relative to this (default: its dir)"
+    )
+    r.add_argument("--png", default=None, help="with --annotations: save the confusion matrix here")
     r.set_defaults(func=_cmd_realcheck)
 
 

@@ -32,7 +32,7 @@ from enclave_bridge.keys import DataKey
 from enclave_bridge.windows import seal_window
 from pipeline.errors import ConfigError, StageError
 from pipeline.messages import EndOfStream, PoseFrame, SealedWindow
-from pipeline.queues import BoundedQueue
+from pipeline.queues import BoundedQueue, QueueClosed, QueueTimeout
 from pipeline.stats import CameraStats
 
 log = logging.getLogger(__name__)
@@ -110,36 +110,69 @@ def normalise(keypoints: np.ndarray, width: int, height: int) -> np.ndarray:
     return out
 
 
-class Windower:
-    """Per-camera tracker + window builder + sealer (not thread-safe: one windowing thread)."""
+DEFAULT_MIN_JOINTS = 4  # a person counts in a frame with at least this many detected joints
+
+
+@dataclass(slots=True)
+class PlainWindow:
+    """A window before sealing: `data` (3, T, V, M) float32, its media span, the chosen track ids
+    (most confident first) and `frames`, the frames in which a chosen person has enough joints."""
+
+    t0: float
+    t1: float
+    capture_ts: float
+    data: np.ndarray
+    track_ids: list[int]
+    frames: int
+
+
+class WindowBuilder:
+    """Per-camera tracker + sliding plaintext windows: the one code path behind the daemon's
+    windowing stage (`Windower`, which seals) and `veilcam realcheck` (which evaluates in clear),
+    so a replay and a realcheck of the same clip see the same windows.
+
+    Windows: once `T` frames exist, then every `stride` frames. End of stream (`flush`): when any
+    frame arrived since the last window, one final window ending at the last frame — the last `T`
+    frames (the window is shifted back, overlapping the previous one) when the stream had at least
+    `T`, else the frames so far zero-padded at the end (`flush_partial`). Without it, whatever
+    happened in the last `stride − 1` frames of a clip (often the event that ends it) is never seen.
+
+    Sparse windows (fewer than `min_frames` frames in which a chosen person has `min_joints`
+    detected joints — a truncated file, a person glimpsed for a moment) are not built: a nearly
+    empty window carries no evidence, and a model's answer on zeros is noise that can alert.
+    They are counted in `sparse`.
+    """
 
     def __init__(
         self,
-        device: str,
-        key: DataKey,
-        counter: SeqCounter,
+        device: str = "camera",
         *,
         length_frames: int,
         stride_frames: int,
         persons: int,
         tracker: TrackerConfig | None = None,
-        stats: CameraStats | None = None,
         flush_partial: bool = True,
+        min_frames: int | None = None,
+        min_joints: int = DEFAULT_MIN_JOINTS,
     ) -> None:
         if length_frames < 1 or stride_frames < 1 or persons < 1:
             raise ConfigError("window: length_frames, stride_frames and persons must be >= 1")
+        if min_frames is not None and not 0 <= min_frames <= length_frames:
+            raise ConfigError("window: min_frames must be between 0 and length_frames")
+        if not 0 <= min_joints <= V:
+            raise ConfigError(f"window: min_joints must be between 0 and {V}")
         self.device = device
-        self.key = key
-        self.counter = counter
         self.T = length_frames
         self.stride = stride_frames
         self.M = persons
         self.tcfg = tracker or TrackerConfig()
-        self.stats = stats
         self.flush_partial = flush_partial
+        self.min_frames = default_min_frames(length_frames) if min_frames is None else min_frames
+        self.min_joints = min_joints
         self._buf: deque[_FrameSlot] = deque(maxlen=self.T)
         self._since_last = 0
-        self._emitted = 0
+        self._slots = 0  # window slots reached (built or skipped as sparse)
+        self.sparse = 0
         self._tracker: Tracker | None = None
         self._frame_size: tuple[int, int] | None = None
         self.last_track_count = 0
@@ -200,39 +233,126 @@ class Windower:
         return people
 
     # -- windows ---------------------------------------------------------------------------------
-    def push(self, pf: PoseFrame) -> list[SealedWindow]:
-        """Add one frame's skeletons; returns the sealed windows completed by it (0 or 1)."""
+    def push(self, pf: PoseFrame) -> list[PlainWindow]:
+        """Add one frame's skeletons; returns the window completed by it (0 or 1)."""
         if pf.width <= 0 or pf.height <= 0:
             raise StageError(f"camera {self.device}: pose frame {pf.seq} has no frame size")
         people = self._track(pf)
         self._buf.append(_FrameSlot(pf.media_ts, pf.capture_ts, people))
         self._since_last += 1
-        if len(self._buf) == self.T and (self._emitted == 0 or self._since_last >= self.stride):
-            return [self._emit()]
+        if len(self._buf) == self.T and (self._slots == 0 or self._since_last >= self.stride):
+            return self._slot()
         return []
 
-    def flush(self) -> list[SealedWindow]:
-        """End of stream: a clip shorter than T still yields one zero-padded window."""
-        if self.flush_partial and self._emitted == 0 and self._buf:
-            return [self._emit()]
-        return []
+    def flush(self) -> list[PlainWindow]:
+        """End of stream (or a stalled camera): a final window ending at the last frame, if any
+        frame arrived since the last window (see the class docstring: shifted back, or padded)."""
+        if not self._buf or self._since_last == 0:
+            return []
+        if len(self._buf) < self.T and not self.flush_partial:
+            return []
+        return self._slot()
 
-    def _emit(self) -> SealedWindow:
+    def _slot(self) -> list[PlainWindow]:
         slots = list(self._buf)
         data, track_ids = build_window(slots, self.T, self.M)
-        seq = self.counter.next()
-        t0, t1 = float(slots[0].media_ts), float(slots[-1].media_ts)
-        blob = seal_window(self.key, self.device, seq, t0, t1, data, track_ids)
         self._since_last = 0
-        self._emitted += 1
+        self._slots += 1
+        frames = real_frames(data, self.min_joints)
+        if frames < max(self.min_frames, 1):
+            self.sparse += 1
+            log.debug(
+                "camera %s: window %.2f-%.2f s skipped: %d frames with a person (< %d)",
+                self.device,
+                slots[0].media_ts,
+                slots[-1].media_ts,
+                frames,
+                self.min_frames,
+            )
+            return []
+        return [
+            PlainWindow(
+                float(slots[0].media_ts),
+                float(slots[-1].media_ts),
+                float(slots[-1].capture_ts),
+                data,
+                track_ids,
+                frames,
+            )
+        ]
+
+
+def default_min_frames(length_frames: int) -> int:
+    """A fifth of the window (6 of 30 frames, 0.6 s at 10 fps). Measured on real falls: pose
+    estimators lose a person once on the floor, so the window that holds a fall may show the
+    person in only ~9 of its 30 frames (GMDCSA24 fall 16 at night); a third would drop it. A
+    truncated clip's 3-frame window stays below."""
+    return max(1, length_frames // 5)
+
+
+def real_frames(data: np.ndarray, min_joints: int = DEFAULT_MIN_JOINTS) -> int:
+    """Frames of a (3, T, V, M) window in which some person has at least `min_joints` joints."""
+    joints = (np.asarray(data)[2] > 0).sum(axis=1)  # (T, M)
+    return int((joints >= max(min_joints, 1)).any(axis=1).sum())
+
+
+class Windower(WindowBuilder):
+    """`WindowBuilder` whose windows are sealed at once for the enclave (not thread-safe: one
+    windowing thread). Sparse windows consume no `seq`."""
+
+    def __init__(
+        self,
+        device: str,
+        key: DataKey,
+        counter: SeqCounter,
+        *,
+        length_frames: int,
+        stride_frames: int,
+        persons: int,
+        tracker: TrackerConfig | None = None,
+        stats: CameraStats | None = None,
+        flush_partial: bool = True,
+        min_frames: int | None = None,
+        min_joints: int = DEFAULT_MIN_JOINTS,
+    ) -> None:
+        super().__init__(
+            device,
+            length_frames=length_frames,
+            stride_frames=stride_frames,
+            persons=persons,
+            tracker=tracker,
+            flush_partial=flush_partial,
+            min_frames=min_frames,
+            min_joints=min_joints,
+        )
+        self.key = key
+        self.counter = counter
+        self.stats = stats
+
+    def push(self, pf: PoseFrame) -> list[SealedWindow]:  # type: ignore[override]
+        """Add one frame's skeletons; returns the sealed windows completed by it (0 or 1)."""
+        return self._seal_all(super().push(pf))
+
+    def flush(self) -> list[SealedWindow]:  # type: ignore[override]
+        """End of stream: the final window (see `WindowBuilder.flush`), sealed."""
+        return self._seal_all(super().flush())
+
+    def _seal_all(self, windows: list[PlainWindow]) -> list[SealedWindow]:
+        if self.stats is not None and self.sparse:
+            self.stats.set_counter("windows_sparse", self.sparse)
+        return [self._seal(w) for w in windows]
+
+    def _seal(self, w: PlainWindow) -> SealedWindow:
+        seq = self.counter.next()
+        blob = seal_window(self.key, self.device, seq, w.t0, w.t1, w.data, w.track_ids)
         if self.stats is not None:
             self.stats.inc("windows_sealed")
         return SealedWindow(
             camera_id=self.device,
             seq=seq,
-            capture_ts=float(slots[-1].capture_ts),
-            t0=t0,
-            t1=t1,
+            capture_ts=w.capture_ts,
+            t0=w.t0,
+            t1=w.t1,
             kid=self.key.kid,
             blob=blob,
         )
@@ -255,12 +375,18 @@ def build_window(slots: Sequence[_FrameSlot], T: int, M: int) -> tuple[np.ndarra
     return data, chosen
 
 
+STALL_FLUSH_S = 3.0  # live camera silent this long (wall time): its last frames get a final window
+
+
 class WindowingStage:
     """The windowing thread: `PoseFrame`s in, `SealedWindow`s out, `EndOfStream` passed on.
 
     The out queue's policy decides what happens when the enclave lags: `latest_wins` for live
     cameras (an unsent window is replaced by the newer one and counted as coalesced), `block` for
-    replays.
+    replays. A live camera that stops delivering (no frame for `stall_flush_s` of wall time) gets
+    the same final window as an end of stream, so its last seconds are evaluated without waiting
+    for frames that may never come; windowing carries on when frames return. Replays never do this
+    (pose may be slower than any timeout there, and a replay must be deterministic).
     """
 
     def __init__(
@@ -269,6 +395,7 @@ class WindowingStage:
         inq: BoundedQueue[PoseFrame | EndOfStream],
         out: BoundedQueue[SealedWindow | EndOfStream],
         stats: CameraStats,
+        stall_flush_s: float | None = None,
     ) -> None:
         self.windower = windower
         self.inq = inq
@@ -276,17 +403,36 @@ class WindowingStage:
         self.stats = stats
         self._timing = stats.stage("windowing")
         self.finished = False
+        live = out.policy != "block"
+        self.stall_flush_s = stall_flush_s if stall_flush_s is not None else (STALL_FLUSH_S if live else None)
 
     def run(self, stop: threading.Event) -> None:
         if self.finished:
             return
-        for item in self.inq.drain(stop):
+        last_frame = time.monotonic()
+        stalled = False
+        while True:
+            try:
+                item = self.inq.get(timeout_s=0.2)
+            except QueueTimeout:
+                if stop.is_set():
+                    return
+                quiet = time.monotonic() - last_frame
+                if self.stall_flush_s is not None and not stalled and quiet >= self.stall_flush_s:
+                    stalled = True
+                    for w in self.windower.flush():
+                        log.info("camera %s: no frames for %.1f s; final window sealed", w.camera_id, quiet)
+                        self._put(w)
+                continue
+            except QueueClosed:
+                return
             if isinstance(item, EndOfStream):
                 for w in self.windower.flush():
                     self._put(w)
                 self.out.put(item)
                 self.finished = True
                 return
+            last_frame, stalled = time.monotonic(), False
             t = time.monotonic()
             windows = self.windower.push(item)
             self._timing.observe(time.monotonic() - t)
@@ -301,4 +447,15 @@ class WindowingStage:
             )
 
 
-__all__ = ["SeqCounter", "Windower", "WindowingStage", "build_window", "normalise"]
+__all__ = [
+    "DEFAULT_MIN_JOINTS",
+    "PlainWindow",
+    "SeqCounter",
+    "WindowBuilder",
+    "Windower",
+    "WindowingStage",
+    "build_window",
+    "default_min_frames",
+    "normalise",
+    "real_frames",
+]

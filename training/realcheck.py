@@ -1,13 +1,18 @@
-"""Real-footage check: the real pose backend + the default model over sample clips.
+"""Real-footage check: the real pose backend + a model over real clips, scored against annotations.
 
-Frames are sampled at the model's fps (as the daemon's capture throttle does), skeletons come
-from `stages.pose` (OpenPose-18, pixel coordinates), a simple nearest-neighbour association
-links them into tracks, and windows are built like the daemon's windowing stage: every `stride`
-frames, the `M` most confident tracks of the last `T` frames, normalised x/W−0.5, y/H−0.5, score.
-Pose extraction is the slow part, so extracted skeletons are cached as `.npz` keyed by the clip's
-size/mtime, crop, fps and backend.
+Frames are sampled at the model's fps with the daemon's capture throttle, skeletons come from
+`stages.pose` (OpenPose-18, pixel coordinates), and tracking + windows are the daemon's own
+`stages.windowing.WindowBuilder` (norfair tracks, a window every `stride` frames, the final window
+at end of stream, sparse windows skipped) — one code path, so `veilcam replay` and `veilcam
+realcheck` give the same windows and labels for the same clip and settings. Alerts are decided by
+the enclave's own `RuleEngine` with the rules of a veilcam config (default: the daemon defaults).
+Pose extraction is the slow part, so skeletons are cached as `.npz` keyed by the clip's size/mtime,
+crop, fps and backend.
 
-The sample clips are third-party and test-only: they are never used for training.
+With `--annotations` (see `training.annotations` for the format) each clip is scored: fall event
+recall (a fall is found when an alert `falling` window overlaps it), false fall alerts per hour of
+fall-free footage, per-window top-1 agreement with the annotated label, a confusion matrix, and
+`lying` agreement on windows with at least 2 s inside an annotated `lying` stretch.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +28,14 @@ import cv2
 import numpy as np
 import torch
 
-from config.schema import RulesConfig
+from config.schema import PoseConfig, RulesConfig, WindowConfig
 from enclave_bridge.errors import StageError
 from enclave_bridge.model_inputs import apply_input_transform, input_transform_of
+from enclave_bridge.rules import AlertRules, RuleEngine
+from pipeline.messages import PoseFrame
+from stages.windowing import PlainWindow, WindowBuilder
+from training.annotations import Annotation, load_annotations, score_clips
 from training.evaluate import load_package
-from training.synth import normalise
 
 log = logging.getLogger(__name__)
 
@@ -37,110 +44,18 @@ SHARED_SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "sample
 # Clips with a known layout: the fall clip is depth map (left) | RGB (right); only RGB is used.
 KNOWN_CROPS: dict[str, tuple[int, int, int, int]] = {"fall-01-cam0.mp4": (320, 0, 640, 240)}
 DEFAULT_CLIPS = ("fall-01-cam0.mp4", "vtest.avi")
-POSE_BACKEND = "opencv-openpose"
+POSE_BACKEND = "auto"  # the daemon's default (config pose.backend): same skeletons as a replay
 FALL_LABEL = "falling"
 DEFAULT_MIN_SCORE = RulesConfig().min_score  # the daemon's default alert rule
+DEVICE = "realcheck"
 
 
-@dataclass(slots=True)
-class Track:
-    """A skeleton track: last keypoints (18, 3) pixel x, y, score and frames since last seen."""
-
-    tid: int
-    last: np.ndarray
-    missed: int = 0
-    frames: dict[int, np.ndarray] = field(default_factory=dict)
-
-
-def _centre_and_scale(kp: np.ndarray) -> tuple[np.ndarray, float]:
-    ok = kp[:, 2] > 0
-    if not ok.any():
-        return np.zeros(2), 1.0
-    pts = kp[ok, :2]
-    span = float(np.ptp(pts[:, 1])) if ok.sum() > 1 else 0.0
-    return pts.mean(0), max(span, 20.0)
-
-
-def associate(
-    frames: list[np.ndarray], max_missed: int = 5, max_dist: float = 0.8
-) -> list[dict[int, np.ndarray]]:
-    """Greedy nearest-neighbour tracking over frames of (P, 18, 3) skeletons.
-
-    Two skeletons match when the mean distance of their jointly visible joints (or of their
-    centres when none is shared) is below `max_dist` × the skeleton's height. Returns per frame
-    {track id: (18, 3)}.
-    """
-    tracks: list[Track] = []
-    next_id = 0
-    out: list[dict[int, np.ndarray]] = []
-    for fi, kp in enumerate(frames):
-        people = [p for p in kp if np.count_nonzero(p[:, 2] > 0) >= 2]
-        pairs = []
-        for ti, tr in enumerate(tracks):
-            for pi, p in enumerate(people):
-                both = (tr.last[:, 2] > 0) & (p[:, 2] > 0)
-                c1, s1 = _centre_and_scale(tr.last)
-                c2, s2 = _centre_and_scale(p)
-                if both.sum() >= 2:
-                    d = float(np.linalg.norm(tr.last[both, :2] - p[both, :2], axis=1).mean())
-                else:
-                    d = float(np.linalg.norm(c1 - c2))
-                d /= max(s1, s2)
-                if d < max_dist * (1 + 0.3 * tr.missed):
-                    pairs.append((d, ti, pi))
-        used_t: set[int] = set()
-        used_p: set[int] = set()
-        current: dict[int, np.ndarray] = {}
-        for _, ti, pi in sorted(pairs):
-            if ti in used_t or pi in used_p:
-                continue
-            used_t.add(ti)
-            used_p.add(pi)
-            tracks[ti].last, tracks[ti].missed = people[pi], 0
-            current[tracks[ti].tid] = people[pi]
-        for ti, tr in enumerate(tracks):
-            if ti not in used_t:
-                tr.missed += 1
-        tracks = [t for t in tracks if t.missed <= max_missed]
-        for pi, p in enumerate(people):
-            if pi not in used_p:
-                tracks.append(Track(next_id, p))
-                current[next_id] = p
-                next_id += 1
-        out.append(current)
-        del fi
-    return out
-
-
-def build_windows(
-    tracked: list[dict[int, np.ndarray]], width: int, height: int, T: int, stride: int, M: int, fps: float
-) -> list[tuple[float, float, list[int], np.ndarray]]:
-    """Daemon-style windows: (t0, t1, track ids, (3, T, 18, M) float32) every `stride` frames.
-
-    A clip shorter than T still yields one zero-padded window (as the daemon's flush does).
-    """
-    n = len(tracked)
-    starts = list(range(0, max(1, n - T + 1), stride)) if n >= T else [0]
-    out = []
-    for s in starts:
-        frames = tracked[s : s + T]
-        totals: dict[int, float] = {}
-        for fr in frames:
-            for tid, kp in fr.items():
-                totals[tid] = totals.get(tid, 0.0) + float(kp[:, 2].sum())
-        chosen = sorted(totals, key=lambda t: (-totals[t], t))[:M]
-        data = np.zeros((3, T, V, M), dtype=np.float32)
-        for t, fr in enumerate(frames):
-            for m, tid in enumerate(chosen):
-                if tid in fr:
-                    data[:, t, :, m] = normalise(fr[tid], width, height).T
-        out.append((s / fps, (s + len(frames) - 1) / fps, chosen, data))
-    return out
-
-
-def _cache_key(path: Path, crop: tuple[int, int, int, int] | None, fps: float, backend: str) -> str:
+def _cache_key(
+    path: Path, crop: tuple[int, int, int, int] | None, fps: float, backend: str, options: dict[str, Any]
+) -> str:
     st = path.stat()
-    raw = f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}|{crop}|{fps}|{backend}|v1"
+    opts = sorted(options.items())
+    raw = f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}|{crop}|{fps}|{backend}|{opts}|v3"
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
 
@@ -150,44 +65,59 @@ def extract_skeletons(
     crop: tuple[int, int, int, int] | None = None,
     cache_dir: str | Path | None = None,
     backend_name: str = POSE_BACKEND,
-) -> tuple[list[np.ndarray], int, int, float]:
-    """Pose on the frames of `path` sampled at `fps`: (per-frame (P, 18, 3) pixels, W, H, pose seconds).
+    backend_options: dict[str, Any] | None = None,
+) -> tuple[list[np.ndarray], np.ndarray, int, int, float]:
+    """Pose on the frames of `path` sampled at `fps`.
+
+    Returns per-frame (P, 18, 3) pixel skeletons, their media times (s, as the daemon's capture
+    stamps them), frame width, height and the seconds spent in pose.
 
     Cached in `cache_dir` (npz) so reruns skip pose extraction.
     """
     path = Path(path)
     if not path.exists():
         raise StageError(f"clip {path} not found")
+    options = dict(backend_options or {})
+    if backend_name == "auto":
+        from stages.pose import resolve_auto
+
+        backend_name = resolve_auto()
     default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "veilcam" / "realcheck"
     cache = Path(cache_dir) if cache_dir else default_cache
-    cfile = cache / f"{path.stem}-{_cache_key(path, crop, fps, backend_name)}.npz"
+    cfile = cache / f"{path.stem}-{_cache_key(path, crop, fps, backend_name, options)}.npz"
     if cfile.exists():
         with np.load(cfile) as z:
-            counts, flat = z["counts"], z["keypoints"]
+            counts, flat, times = z["counts"], z["keypoints"], z["times"]
             w, h, secs = int(z["width"]), int(z["height"]), float(z["pose_s"])
         frames = np.split(flat, np.cumsum(counts)[:-1]) if len(counts) else []
         log.info("skeletons of %s from cache %s", path.name, cfile)
-        return list(frames), w, h, secs
+        return list(frames), times, w, h, secs
     from stages.pose import create_backend
 
-    backend = create_backend(backend_name)
+    backend = create_backend(backend_name, **options)
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         raise StageError(f"cannot open clip {path}")
     src_fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0) or fps
     frames: list[np.ndarray] = []
-    next_t, idx, pose_s = 0.0, 0, 0.0
+    stamps: list[float] = []
+    idx, pose_s = 0, 0.0
+    next_due: float | None = None
+    period = 1.0 / fps
     w = h = 0
     try:
         while True:
             ok, img = cap.read()
             if not ok:
                 break
-            t = idx / src_fps
+            t = idx / src_fps  # media time of a file frame, as stages.capture computes it
             idx += 1
-            if t + 1e-6 < next_t:
-                continue  # throttle to the model's fps by media time, like the daemon's capture
-            next_t += 1.0 / fps
+            # the daemon's fps throttle (stages.capture.CaptureStage._due), step for step, so the
+            # same frames reach pose in a replay and here
+            if next_due is not None and t + 1e-3 < next_due:
+                continue
+            nxt = (next_due if next_due is not None else t) + period
+            next_due = nxt if nxt > t else t + period
             if crop is not None:
                 x0, y0, x1, y1 = crop
                 img = img[y0:y1, x0:x1]
@@ -196,6 +126,7 @@ def extract_skeletons(
             kp = np.asarray(backend.infer(img), dtype=np.float32).reshape(-1, V, 3)
             pose_s += time.monotonic() - t0
             frames.append(kp)
+            stamps.append(t)
     finally:
         cap.release()
     if not frames:
@@ -203,8 +134,36 @@ def extract_skeletons(
     cache.mkdir(parents=True, exist_ok=True)
     counts = np.array([len(f) for f in frames], dtype=np.int64)
     flat = np.concatenate(frames) if counts.sum() else np.zeros((0, V, 3), np.float32)
-    np.savez_compressed(cfile, counts=counts, keypoints=flat, width=w, height=h, pose_s=pose_s)
-    return frames, w, h, pose_s
+    times = np.asarray(stamps, dtype=np.float64)
+    np.savez_compressed(cfile, counts=counts, keypoints=flat, times=times, width=w, height=h, pose_s=pose_s)
+    return frames, times, w, h, pose_s
+
+
+def clip_windows(
+    frames: list[np.ndarray],
+    times: np.ndarray,
+    width: int,
+    height: int,
+    meta: dict[str, Any],
+    window: WindowConfig | None = None,
+) -> list[PlainWindow]:
+    """The daemon's windows of a clip's skeletons (`WindowBuilder`, end-of-stream flush included)."""
+    window = window or WindowConfig()
+    builder = WindowBuilder(
+        DEVICE,
+        length_frames=window.length_frames or int(meta["T"]),
+        stride_frames=window.stride_frames or int(meta["stride"]),
+        persons=window.persons or int(meta.get("M", 2)),
+        tracker=window.tracker,
+        flush_partial=window.flush_partial,
+        min_frames=window.min_frames,
+        min_joints=window.min_joints,
+    )
+    out: list[PlainWindow] = []
+    for i, (kp, t) in enumerate(zip(frames, times, strict=True)):
+        out += builder.push(PoseFrame(DEVICE, i, float(t), float(t), width, height, kp))
+    out += builder.flush()
+    return out
 
 
 def classify_clip(
@@ -214,46 +173,81 @@ def classify_clip(
     path: str | Path,
     crop: tuple[int, int, int, int] | None = None,
     cache_dir: str | Path | None = None,
-    min_score: float = DEFAULT_MIN_SCORE,
+    rules: AlertRules | None = None,
+    window: WindowConfig | None = None,
+    pose: PoseConfig | None = None,
 ) -> dict[str, Any]:
-    """Per-window top-3 labels for one clip, and the fall alerts a `min_score` rule would raise."""
-    T, stride, fps, M = int(meta["T"]), int(meta["stride"]), float(meta["fps"]), int(meta.get("M", 2))
-    frames, w, h, pose_s = extract_skeletons(path, fps, crop, cache_dir)
-    tracked = associate(frames)
-    wins = build_windows(tracked, w, h, T, stride, M, fps)
-    x = torch.from_numpy(apply_input_transform(np.stack([d for *_, d in wins]), input_transform_of(meta)))
-    with torch.no_grad():
-        prob = torch.softmax(model(x), dim=1).numpy()
+    """Per-window top-3 labels for one clip, and the alerts the enclave's rules would raise."""
+    rules = rules or AlertRules.from_dict(RulesConfig().as_dict())
+    pose = pose or PoseConfig()
+    fps = float(meta["fps"])
+    frames, times, w, h, pose_s = extract_skeletons(
+        path, fps, crop, cache_dir, pose.backend, pose.backend_options()
+    )
+    wins = clip_windows(frames, times, w, h, meta, window)
+    if wins:
+        x = apply_input_transform(np.stack([wi.data for wi in wins]), input_transform_of(meta))
+        with torch.no_grad():
+            prob = torch.softmax(model(torch.from_numpy(x)).double(), dim=1).numpy()
+    else:
+        prob = np.zeros((0, len(labels)))
+    engine = RuleEngine()
     windows = []
-    for (t0, t1, tids, _), p in zip(wins, prob, strict=True):
+    for wi, p in zip(wins, prob, strict=True):
         order = np.argsort(-p)[:3]
+        label, score = labels[int(order[0])], float(p[order[0]])
+        track = wi.track_ids[0] if wi.track_ids else -1
         windows.append(
             {
-                "t0": round(t0, 2),
-                "t1": round(t1, 2),
-                "track": tids[0] if tids else -1,
-                "label": labels[int(order[0])],
+                "t0": round(wi.t0, 3),
+                "t1": round(wi.t1, 3),
+                "track": track,
+                "frames": wi.frames,
+                "label": label,
                 "top": [(labels[int(i)], round(float(p[i]), 3)) for i in order],
+                "alert": engine.decide(DEVICE, rules, track, label, score, wi.t1),
             }
         )
-    fall = sum(1 for wi in windows if wi["label"] == FALL_LABEL)
-    fall_p = prob[:, labels.index(FALL_LABEL)] if FALL_LABEL in labels else np.zeros(len(prob))
-    # what the enclave's rule engine would alert on (top-1 label at or above min_score)
-    alerts = [wi for wi in windows if wi["label"] == FALL_LABEL and wi["top"][0][1] >= min_score]
+    fall_p = prob[:, labels.index(FALL_LABEL)] if FALL_LABEL in labels and len(prob) else np.zeros(0)
+    alerts = [wi for wi in windows if wi["alert"] and wi["label"] == FALL_LABEL]
+    duration = float(times[-1] - times[0]) + 1.0 / fps if len(times) else 0.0
     return {
         "name": Path(path).name,
+        "path": str(path),
         "frames": len(frames),
+        "duration_s": round(duration, 3),
         "width": w,
         "height": h,
         "pose_s": pose_s,
         "windows": windows,
-        "fall_windows": fall,
+        "fall_windows": sum(1 for wi in windows if wi["label"] == FALL_LABEL),
         "max_fall_p": round(float(fall_p.max()), 3) if len(fall_p) else 0.0,
         "fall_times": [(wi["t0"], wi["t1"]) for wi in windows if wi["label"] == FALL_LABEL],
-        "min_score": min_score,
+        "min_score": rules.score_for(FALL_LABEL),
         "fall_alerts": len(alerts),
         "fall_alert_times": [(wi["t0"], wi["t1"]) for wi in alerts],
     }
+
+
+def rules_and_window(
+    config: str | Path | None, min_score: float | None = None
+) -> tuple[AlertRules, WindowConfig]:
+    """Alert rules and window settings of a veilcam config's first camera (else the defaults);
+    `min_score` overrides the rules' `min_score`."""
+    if config is not None:
+        from config.schema import load_config
+
+        cfg = load_config(config)
+        name = next(iter(cfg.cameras), None)
+        rc = cfg.rules_of(name) if name else cfg.rules
+        window = cfg.cameras[name].window if name else WindowConfig()
+        pose = cfg.cameras[name].pose if name else PoseConfig()
+    else:
+        rc, window, pose = RulesConfig(), WindowConfig(), PoseConfig()
+    d = rc.as_dict()
+    if min_score is not None:
+        d["min_score"] = min_score
+    return AlertRules.from_dict(d), window, pose
 
 
 def run_realcheck(
@@ -261,30 +255,54 @@ def run_realcheck(
     clips: list[str] | tuple[str, ...] = (),
     cache_dir: str | Path | None = None,
     threads: int = 2,
-    min_score: float = DEFAULT_MIN_SCORE,
+    min_score: float | None = None,
+    *,
+    config: str | Path | None = None,
+    annotations: str | Path | None = None,
+    clips_dir: str | Path | None = None,
+    only: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Classify each clip (default: the shared fall and pedestrian samples)."""
+    """Classify each clip (default: the annotated clips, else the shared fall and pedestrian
+    samples) and, with `annotations`, score the results against them."""
     torch.set_num_threads(threads)
     model, labels, meta = load_package(model_dir)
-    paths = [Path(c) for c in clips] or [SHARED_SAMPLES / c for c in DEFAULT_CLIPS]
-    results = [
-        classify_clip(model, labels, meta, p, KNOWN_CROPS.get(p.name), cache_dir, min_score) for p in paths
-    ]
-    return {
+    rules, window, pose = rules_and_window(config, min_score)
+    notes: list[Annotation] = []
+    if annotations is not None:
+        notes = load_annotations(annotations)
+        root = Path(clips_dir) if clips_dir else Path(annotations).resolve().parent
+        named = list(dict.fromkeys(n.clip for n in notes))
+        if only:
+            named = [c for c in named if any(o in c for o in only)]
+        paths = [Path(c) for c in clips] or [root / c for c in named]
+        keys = {str(root / c): c for c in named}
+    else:
+        paths = [Path(c) for c in clips] or [SHARED_SAMPLES / c for c in DEFAULT_CLIPS]
+        keys = {}
+    results = []
+    for p in paths:
+        r = classify_clip(model, labels, meta, p, KNOWN_CROPS.get(p.name), cache_dir, rules, window, pose)
+        r["clip"] = keys.get(str(p), p.name)
+        results.append(r)
+    report: dict[str, Any] = {
         "model": str(model_dir),
         "T": meta["T"],
         "stride": meta["stride"],
         "fps": meta["fps"],
+        "rules": rules.to_dict(),
         "clips": results,
     }
+    if notes:
+        report["scores"] = score_clips(results, notes, labels)
+    return report
 
 
 __all__ = [
     "DEFAULT_CLIPS",
     "KNOWN_CROPS",
-    "associate",
-    "build_windows",
     "classify_clip",
+    "clip_windows",
     "extract_skeletons",
+    "rules_and_window",
     "run_realcheck",
 ]

@@ -105,7 +105,7 @@ def test_fewer_people_than_m_and_gaps_are_zero(tmp_path: Path) -> None:
 
 
 def test_short_clip_flushes_one_padded_window(tmp_path: Path) -> None:
-    w, key = make(tmp_path, T=50, stride=10)
+    w, key = make(tmp_path, T=50, stride=10, min_frames=5)
     for i in range(7):
         assert w.push(pose_frame(i, scene(i))) == []
     (s,) = w.flush()
@@ -116,6 +116,101 @@ def test_short_clip_flushes_one_padded_window(tmp_path: Path) -> None:
     w2, _ = make(tmp_path / "b", T=50, stride=10, flush_partial=False)
     w2.push(pose_frame(0, scene(0)))
     assert w2.flush() == []
+
+
+def test_end_of_stream_window_ends_at_the_last_frame(tmp_path: Path) -> None:
+    """32 frames, T=10, stride=5: windows end at frames 9..29; the last two frames (30, 31) get a
+    final window shifted back to end at frame 31 (a full T frames, no padding)."""
+    w, key = make(tmp_path, T=10, stride=5)
+    sealed = [s for i in range(32) for s in w.push(pose_frame(i, scene(i)))]
+    assert [s.t1 for s in sealed] == pytest.approx([0.9, 1.4, 1.9, 2.4, 2.9])
+    (last,) = w.flush()
+    assert (last.t0, last.t1) == pytest.approx((2.2, 3.1))
+    o = open_window(last.blob, {key.kid: key}, ReplayGuard())
+    assert np.all((o.data[2, :, :, 0] > 0).sum(axis=1) >= 17)  # every frame real: shifted, not padded
+    assert last.seq > sealed[-1].seq
+    assert w.flush() == []  # nothing new since that window
+
+
+def test_no_final_window_when_the_last_frame_ended_one(tmp_path: Path) -> None:
+    w, _ = make(tmp_path, T=10, stride=5)
+    sealed = [s for i in range(30) for s in w.push(pose_frame(i, scene(i)))]
+    assert sealed[-1].t1 == pytest.approx(2.9)
+    assert w.flush() == []
+
+
+def test_truncated_clip_gives_no_window(tmp_path: Path) -> None:
+    """A truncated file: 3 frames of a 30-frame window must not reach the model (it alerted
+    `falling 0.55` on such zero-padded windows)."""
+    stats = CameraStats("cam")
+    w, _ = make(tmp_path, T=30, stride=10, stats=stats)
+    for i in range(3):
+        assert w.push(pose_frame(i, scene(i))) == []
+    assert w.flush() == []
+    assert w.sparse == 1 and stats.get("windows_sparse") == 1 and stats.get("windows_sealed") == 0
+    # the same clip with the minimum lowered to what it has is evaluated (the setting is honoured);
+    # the tracker confirms a track on its second detection, so 2 of the 3 frames carry the person
+    w2, _ = make(tmp_path / "b", T=30, stride=10, min_frames=2)
+    for i in range(3):
+        w2.push(pose_frame(i, scene(i)))
+    assert len(w2.flush()) == 1
+
+
+def test_mostly_empty_clip_gives_only_windows_with_people(tmp_path: Path) -> None:
+    """60 frames, a person in frames 0-1 (a glimpse) and 38-59; frames 20-25 show a person with
+    only 2 joints. Windows with fewer than T/5 frames of a person of >= 4 joints are skipped, and
+    skipped windows use no seq number."""
+    w, key = make(tmp_path, T=30, stride=10, M=1)
+    empty = np.zeros((0, 18, 3), np.float32)
+    few = person(300, 200, 0.8, missing=tuple(range(2, 18)))[None]
+    sealed = []
+    for i in range(60):
+        kp = scene(i)[:1] if i < 2 or i >= 38 else (few if 20 <= i < 26 else empty)
+        sealed += w.push(pose_frame(i, kp))
+    sealed += w.flush()
+    # a track is confirmed on its 2nd detection: windows ending at frames 29 (1 real frame) and 39
+    # (1) are skipped, 49 (11) and 59 (21) are sealed
+    assert [s.t1 for s in sealed] == pytest.approx([4.9, 5.9])
+    assert w.sparse == 2
+    assert sealed[1].seq == sealed[0].seq + 1
+    o = open_window(sealed[0].blob, {key.kid: key}, ReplayGuard())
+    assert o.data.shape == (3, 30, 18, 1)
+
+
+def test_stalled_live_camera_gets_its_final_window(tmp_path: Path) -> None:
+    """A live camera that stops delivering: its last frames are windowed after the stall timeout,
+    with no end of stream; frames that return later continue the stream."""
+    stats = CameraStats("cam")
+    w, _ = make(tmp_path, T=10, stride=5, stats=stats)
+    inq: BoundedQueue[PoseFrame | EndOfStream] = BoundedQueue(100, "drop_oldest")
+    out: BoundedQueue[SealedWindow | EndOfStream] = BoundedQueue(8, "latest_wins", key=lambda x: x.seq)
+    stage = WindowingStage(w, inq, out, stats, stall_flush_s=0.3)
+    stop = threading.Event()
+    th = threading.Thread(target=stage.run, args=(stop,), daemon=True)
+    th.start()
+    try:
+        for i in range(12):
+            inq.put(pose_frame(i, scene(i)))
+        first = out.get(timeout_s=10)
+        final = out.get(timeout_s=10)  # frames 10, 11 only reach a window through the stall flush
+        assert isinstance(first, SealedWindow) and isinstance(final, SealedWindow)
+        assert first.t1 == pytest.approx(0.9) and final.t1 == pytest.approx(1.1)
+        for i in range(12, 17):
+            inq.put(pose_frame(i, scene(i)))
+        nxt = out.get(timeout_s=10)
+        assert isinstance(nxt, SealedWindow) and nxt.t1 == pytest.approx(1.6)
+    finally:
+        stop.set()
+        th.join(10)
+    assert not th.is_alive()
+
+
+def test_replay_stage_never_flushes_on_a_pause(tmp_path: Path) -> None:
+    w, _ = make(tmp_path, T=10, stride=5)
+    inq: BoundedQueue[PoseFrame | EndOfStream] = BoundedQueue(100, "block")
+    out: BoundedQueue[SealedWindow | EndOfStream] = BoundedQueue(8, "block")
+    stage = WindowingStage(w, inq, out, CameraStats("cam"))
+    assert stage.stall_flush_s is None
 
 
 def test_seq_counter_is_persisted_and_strictly_increasing(tmp_path: Path) -> None:
