@@ -627,6 +627,14 @@ class EvaluationEnclave:
             except VeilcamError as e:  # e.g. GPU worker unreachable: the window is lost, counted
                 self._save_counters()
                 return self._reject(w.device, "eval_error", f"{type(e).__name__}: {e}", w.seq)
+            except (ValueError, RuntimeError, IndexError) as e:  # authentic, but not what the model takes
+                self._save_counters()
+                return self._reject(
+                    w.device,
+                    "malformed",
+                    f"window {tuple(w.data.shape)} does not fit the model ({type(e).__name__})",
+                    w.seq,
+                )
             dt = time.perf_counter() - t
             self.stats_counters["windows_ok"] += 1
             self.stats_counters["eval_s_total"] += dt

@@ -182,8 +182,13 @@ def parse_header(blob: bytes) -> tuple[WindowHeader, bytes, bytes]:
     return WindowHeader(device, seq, t0, t1, kid), nonce, ct
 
 
-def open_window(blob: bytes, keys: Mapping[str, DataKey], guard: ReplayGuard) -> OpenedWindow:
-    """Authenticate, decrypt and replay-check one envelope.
+def open_window(
+    blob: bytes, keys: Mapping[str, DataKey], guard: ReplayGuard, joints: int | None = None
+) -> OpenedWindow:
+    """Authenticate, decrypt and replay-check one envelope; with `joints`, V must be that.
+
+    Non-finite values and empty or mis-shaped tensors are rejected with a reason (counted by the
+    caller) rather than failing later inside the model as an unexplained error.
 
     Raises `IntegrityError` for a bad tag, unknown kid, replay/reorder or malformed content; the
     message names the header fields only, never the payload.
@@ -209,8 +214,13 @@ def open_window(blob: bytes, keys: Mapping[str, DataKey], guard: ReplayGuard) ->
             raise WindowRejected("malformed", "malformed window body: track_ids")
     except (ValueError, TypeError, TransportError, msgpack.exceptions.UnpackException) as e:
         raise WindowRejected("malformed", f"malformed window body: {type(e).__name__}") from e
-    if data.ndim != 4 or data.shape[0] != 3 or data.dtype != np.float32:
+    if data.ndim != 4 or data.shape[0] != 3 or data.dtype != np.float32 or 0 in data.shape:
         raise WindowRejected("malformed", f"malformed window body: tensor {data.dtype} {data.shape}")
+    if joints is not None and data.shape[2] != joints:
+        raise WindowRejected("malformed", f"malformed window body: {data.shape[2]} joints, expected {joints}")
+    if not np.isfinite(data).all():
+        # authenticated but unusable (a capture-side bug): counted apart, never evaluated
+        raise WindowRejected("nonfinite", f"window has NaN/inf values (device {hdr.device!r} seq {hdr.seq})")
     guard.accept(hdr.device, hdr.seq)
     return OpenedWindow(hdr.device, hdr.seq, hdr.t0, hdr.t1, hdr.kid, data.copy(), tuple(tids))
 

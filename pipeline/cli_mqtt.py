@@ -64,6 +64,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--persistent", action="store_true", help="keep a broker session: alerts wait for you while away"
     )
     p.add_argument("--state", type=Path, help="SQLite file remembering seen (device, seq) across restarts")
+    p.add_argument(
+        "--max-age-s",
+        type=float,
+        help="reject alerts whose enclave time is further than this from now "
+        "(default: 300 without --state, off with it; 0 = off)",
+    )
     p.add_argument("--username", help="MQTT user name")
     p.add_argument("--password-file", type=Path, help="file holding the MQTT password")
     p.add_argument("--ca-file", type=Path, help="CA bundle for TLS to the broker")
@@ -180,6 +186,14 @@ def build_opener(args: argparse.Namespace) -> Any:
     return AlertOpener(consumer, verify_key)
 
 
+def freshness_window(max_age_s: float | None, state: Path | None) -> float | None:
+    """`--max-age-s`, else 5 min when there is no `--state` (nothing else stops an old genuine alert
+    re-published later); 0 turns the check off."""
+    if max_age_s is None:
+        return None if state is not None else 300.0
+    return max_age_s if max_age_s > 0 else None
+
+
 def cmd_subscribe(args: argparse.Namespace) -> int:
     """Exit 0 after `--count`/`--timeout-s`/a signal; 1 when this key has no grant in the policy or
     (without `--wait`) the broker cannot be reached — a consumer that would silently print nothing
@@ -210,6 +224,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
         state_path=args.state,
         client_id=args.client_id,
         persistent=args.persistent,
+        max_age_s=freshness_window(args.max_age_s, args.state),
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
@@ -237,7 +252,8 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     print(
         f"# {st.delivered} alert(s), {st.duplicates} duplicate(s) dropped, "
         f"{st.rejected_forged} forged and {st.rejected_replayed} replayed rejected"
-        + (f", {st.rejected_no_grant} without a grant for this key" if st.rejected_no_grant else ""),
+        + (f", {st.rejected_no_grant} without a grant for this key" if st.rejected_no_grant else "")
+        + (f", {st.rejected_stale} outside the freshness window" if st.rejected_stale else ""),
         file=sys.stderr,
     )
     if sub.no_grant.is_set():

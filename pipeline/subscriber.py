@@ -9,6 +9,9 @@ looks at it, so a forged message can neither print nor poison the duplicate filt
   byte-identical copies of an already seen `(device, seq)` are dropped as duplicates; a different
   envelope claiming a seen `(device, seq)` is counted as a replay. With `state_path` the seen set
   survives consumer restarts (SQLite).
+- without that state, a consumer cannot tell an old genuine alert re-published by anyone from a new
+  one, so `max_age_s` (CLI default 5 min when no `--state`) rejects alerts whose enclave timestamp
+  `ts` is further than that from now (counted as `rejected_stale`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class SubscriberStats:
     rejected_forged: int = 0
     rejected_replayed: int = 0
     rejected_no_grant: int = 0  # genuine alerts the policy grants this consumer nothing of
+    rejected_stale: int = 0  # genuine alerts older (or newer) than the freshness window
 
 
 class SeenSet:
@@ -116,6 +120,7 @@ class AlertSubscriber:
         state_path: Path | None = None,
         client_id: str = "",
         persistent: bool = False,
+        max_age_s: float | None = None,
     ) -> None:
         if persistent and not client_id:
             raise ConfigError("a persistent subscription needs a fixed --client-id")
@@ -125,6 +130,7 @@ class AlertSubscriber:
         self.topic = cfg.topic(device, "alerts")
         self.stats = SubscriberStats()
         self.seen = SeenSet(state_path)
+        self.max_age_s = max_age_s
         self.subscribed = threading.Event()
         # Set when a connection attempt fails (refused, unreachable, bad credentials): a caller that
         # is not asked to wait can stop at once instead of retrying silently.
@@ -214,6 +220,17 @@ class AlertSubscriber:
             if device != topic_device:
                 self.stats.rejected_replayed += 1
                 log.warning("rejected alert %s/%d published on %s (device mismatch)", device, seq, topic)
+                return None
+            age = time.time() - float(alert["ts"])
+            if self.max_age_s is not None and not abs(age) <= self.max_age_s:  # NaN ts is stale too
+                self.stats.rejected_stale += 1
+                log.warning(
+                    "rejected alert %s/%d: %.0f s old, outside the %.0f s freshness window",
+                    device,
+                    seq,
+                    age,
+                    self.max_age_s,
+                )
                 return None
             verdict = self.seen.check_and_add(device, seq, hashlib.sha256(payload).digest())
             if verdict == "duplicate":
