@@ -114,7 +114,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument(
         "--broker", default="auto", choices=("auto", "mosquitto", "embedded"), help="local broker to start"
     )
-    p.add_argument("--mode", default="paper", choices=("paper", "slalom", "enclave"), help="secure-eval mode")
+    p.add_argument(
+        "--mode",
+        default="paper",
+        choices=("paper", "slalom", "split2", "split3", "enclave"),
+        help="secure-eval mode (split2/split3 start 2/3 GPU-worker processes)",
+    )
     p.add_argument(
         "--keep", type=Path, help="keep the keys/state/logs in this directory instead of a temp dir"
     )

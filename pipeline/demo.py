@@ -187,7 +187,23 @@ def run_demo(
         )  # fmt: skip
         # 2. enclaves and GPU worker ---------------------------------------------------------------
         key_sock, eval_sock, worker_sock = work / "key.sock", work / "enclave.sock", work / "worker.sock"
-        demo.spawn("gpu-worker", "gpu-worker", "--listen", f"unix:{worker_sock}", wait_for=worker_sock)
+        n_workers = {"split2": 2, "split3": 3}.get(mode, 1)
+        worker_socks = (
+            [worker_sock] if n_workers == 1 else [work / f"worker{i}.sock" for i in range(n_workers)]
+        )
+        for i, sock in enumerate(worker_socks):  # split modes: one process per non-colluding party
+            demo.spawn(
+                f"gpu-worker{i if n_workers > 1 else ''}",
+                "gpu-worker",
+                "--listen",
+                f"unix:{sock}",
+                wait_for=sock,
+            )
+        worker_args = (
+            ["--worker", f"unix:{worker_sock}"]
+            if n_workers == 1
+            else ["--workers", *(f"unix:{s}" for s in worker_socks)]
+        )
         demo.veilcam(
             "enclave-config",
             "--role",
@@ -201,7 +217,7 @@ def run_demo(
             "enclave-config", "--role", "eval",
             "--data-owner-pub", "keys/city.pub", "--model-owner-pub", "keys/vendor.pub",
             "--key-enclave", f"unix:{key_sock}",
-            "--mode", mode, "--worker", f"unix:{worker_sock}",
+            "--mode", mode, *worker_args,
             "--out", "enclave.yaml",
         )  # fmt: skip
         demo.veilcam("measure", "--config", "enclave.yaml")  # what the owners would approve
@@ -246,6 +262,11 @@ def run_demo(
         )
         if mode == "enclave":
             demo.say("secure evaluation mode 'enclave': every layer inside the enclave (GPU worker unused)")
+        elif n_workers > 1:
+            demo.say(
+                f"secure evaluation mode {mode!r}: linear layers shared over {n_workers} non-colluding "
+                "GPU-worker processes (CPU here), nothing precomputed in the enclave"
+            )
         else:
             demo.say(f"secure evaluation mode {mode!r}: linear layers on the GPU-worker process (CPU here)")
 
@@ -327,6 +348,9 @@ def _start_subscriber(
             print(alert_json(alert) if as_json else "ALERT " + format_alert(alert), file=demo.out, flush=True)
 
     cfg = BrokerConfig(host=host, port=port, reconnect_min_delay_s=0.2, reconnect_max_delay_s=2.0)
+    if logging.getLogger().getEffectiveLevel() == logging.INFO:
+        # the demo prints its own progress lines; the subscriber's INFO lines would repeat them
+        logging.getLogger("pipeline.subscriber").setLevel(logging.WARNING)
     sub = AlertSubscriber(cfg, opener, on_alert)
     sub.start()
     if not sub.subscribed.wait(15):
