@@ -108,7 +108,7 @@ class LocalBroker:
                 raise TransportError(f"{self.kind} broker exited with {self.proc.returncode}: {tail}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
-                    log.info("%s broker listening on %s", self.kind, self.address)
+                    log.debug("%s broker listening on %s", self.kind, self.address)
                     return
             except OSError:
                 time.sleep(0.05)
