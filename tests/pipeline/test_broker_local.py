@@ -52,7 +52,7 @@ def test_mosquitto_local_broker(tmp_path: Path) -> None:
 
 def test_embedded_broker_and_fallback_to_311(tmp_path: Path) -> None:
     if not embedded_available():
-        pytest.skip("embedded broker needs the demo extra: pip install 'veilcam[demo]'")
+        pytest.skip("embedded broker (amqtt, a dependency of veilcam) is not importable: reinstall veilcam")
     with start_broker("embedded", workdir=tmp_path / "b") as broker:
         assert broker.kind == "embedded" and not broker.mqtt5
         pub = _roundtrip(broker.host, broker.port, tmp_path)
@@ -62,7 +62,7 @@ def test_embedded_broker_and_fallback_to_311(tmp_path: Path) -> None:
 
 def test_pinned_protocol_311_connects_directly(tmp_path: Path) -> None:
     if not embedded_available():
-        pytest.skip("embedded broker needs the demo extra: pip install 'veilcam[demo]'")
+        pytest.skip("embedded broker (amqtt, a dependency of veilcam) is not importable: reinstall veilcam")
     with start_broker("embedded", workdir=tmp_path / "b") as broker:
         ob = Outbox(tmp_path / "o.sqlite")
         pub = AlertPublisher(BrokerConfig(host=broker.host, port=broker.port, protocol="3.1.1"), ob, ["c"])

@@ -36,7 +36,7 @@ def _no_children_left(tmp_path: Path) -> None:
 @pytest.mark.broker
 def test_demo_one_command_prints_decrypted_alerts_and_cleans_up(tmp_path: Path) -> None:
     if mosquitto_path() is None and not embedded_available():
-        pytest.skip("no broker: mosquitto or the embedded one (pip install 'veilcam[demo]')")
+        pytest.skip("no broker: mosquitto or the embedded one (amqtt, a dependency of veilcam: reinstall it)")
     # 32 frames at 10 fps = one 30-frame window of the (default or placeholder) model
     r = _demo(tmp_path, "--max-frames", "32", "--mode", "enclave", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -57,7 +57,7 @@ def test_demo_on_the_fall_clip_raises_a_fall_alert_end_to_end(tmp_path: Path, sh
     """Real footage through the whole secure system: pose, sealed windows, attested enclave, MQTT,
     consumer decryption — the window covering the fall (~3.0-3.7 s) arrives as `falling`."""
     if mosquitto_path() is None and not embedded_available():
-        pytest.skip("no broker: mosquitto or the embedded one (pip install 'veilcam[demo]')")
+        pytest.skip("no broker: mosquitto or the embedded one (amqtt, a dependency of veilcam: reinstall it)")
     clip = shared_sample("fall-01-cam0.mp4")
     r = _demo(
         tmp_path,
@@ -87,7 +87,7 @@ def test_demo_on_the_fall_clip_raises_a_fall_alert_end_to_end(tmp_path: Path, sh
 @pytest.mark.broker
 def test_demo_paper_mode_with_embedded_broker_keep_dir(tmp_path: Path) -> None:
     if not embedded_available():
-        pytest.skip("embedded broker needs the demo extra: pip install 'veilcam[demo]'")
+        pytest.skip("embedded broker (amqtt, a dependency of veilcam) is not importable: reinstall veilcam")
     keep = tmp_path / "kept"
     r = _demo(tmp_path, "--max-frames", "45", "--broker", "embedded", "--keep", str(keep))
     assert r.returncode == 0, r.stderr[-3000:]
