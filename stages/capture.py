@@ -145,13 +145,22 @@ class CaptureStage:
     def run(self, stop: threading.Event) -> None:
         """Read until end of file, `max_frames`, or `stop`; then put an `EndOfStream`.
 
-        Live sources re-open with exponential backoff when reads fail; a source that cannot be opened
-        at all raises `StageError` for the supervisor (which applies the restart budget).
+        Live sources re-open with exponential backoff when reads fail or when they cannot be opened
+        at start (forever with `reconnect.max_attempts: null`; past a set budget `StageError` goes
+        to the supervisor). A file that cannot be opened raises `StageError` at once.
         """
         if self.finished:
             return
-        cap = self.open()
         file_source = self.cfg.source_kind == "file"
+        try:
+            cap = self.open()
+        except StageError as e:
+            if file_source:
+                raise  # a missing or undecodable file does not come back by waiting
+            # a camera that is down at start is the same as one that dropped: the reconnect loop
+            # (backoff, `reconnect.max_attempts`, null = keep trying forever), not the supervisor
+            log.warning("%s", e)
+            cap = self._reconnect(None, stop)
         realtime = self.cfg.realtime if self.cfg.realtime is not None else self.cfg.is_live
         if self._t_origin is None:
             self._t_origin = time.monotonic()
@@ -262,9 +271,10 @@ class CaptureStage:
             )
         return np.ascontiguousarray(image[y : min(y + h, height), x : min(x + w, width)])
 
-    def _reconnect(self, cap: cv2.VideoCapture, stop: threading.Event) -> Any:
-        """Re-open a lost live source with exponential backoff (`reconnect.*` settings)."""
-        cap.release()
+    def _reconnect(self, cap: cv2.VideoCapture | None, stop: threading.Event) -> Any:
+        """Re-open a lost (or never opened) live source with exponential backoff (`reconnect.*`)."""
+        if cap is not None:
+            cap.release()
         rc = self.cfg.reconnect
         delay = rc.initial_backoff_s
         attempt = 0

@@ -1,0 +1,109 @@
+"""A camera that is down when the daemon starts keeps reconnecting (issue 19.6).
+
+Before: the first open failure of a live stream went to the supervisor's restart budget instead of
+the capture reconnect loop, so `reconnect.max_attempts: null` (never give up) was ignored and the
+daemon exited 1 after ~31 s — with an `AttributeError` from `PoseProcess.close` running twice.
+Here a real HTTP video stream (`ClipServer`) is absent at start and appears later; and a real pose
+child process is closed from several threads at once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from config.schema import CameraConfig, ReconnectConfig
+from pipeline.daemon import PoseProcess
+from pipeline.errors import StageError
+from pipeline.messages import EndOfStream, Frame
+from pipeline.queues import BoundedQueue
+from pipeline.stats import CameraStats
+from stages.capture import CaptureStage
+from tests.stages.test_capture_reconnect import ClipServer, clip  # noqa: F401  (fixture)
+
+
+def stage_for(url: str, max_attempts: int | None) -> tuple[CaptureStage, BoundedQueue, CameraStats]:
+    cfg = CameraConfig(
+        source=url,
+        max_frames=30,
+        reconnect=ReconnectConfig(
+            initial_backoff_s=0.05,
+            max_backoff_s=0.2,
+            open_timeout_s=2,
+            read_timeout_s=2,
+            max_attempts=max_attempts,
+        ),
+    )
+    q: BoundedQueue[Frame | EndOfStream] = BoundedQueue(1000, "drop_oldest")
+    stats = CameraStats("cam")
+    return CaptureStage("cam", cfg, q, stats), q, stats
+
+
+def test_stream_down_at_start_is_reconnected_forever(clip: Path) -> None:  # noqa: F811
+    server = ClipServer(clip, bytes_per_s=clip.stat().st_size // 300 * 60)  # not started: camera down
+    stage, q, stats = stage_for(server.url, max_attempts=None)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            stage.run(threading.Event())
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 60
+    while stats.get("reconnects") < 4:  # keeps trying with backoff instead of failing
+        assert not errors, errors
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    server.start()  # the camera comes up
+    t.join(60)
+    server.cut()
+    assert not t.is_alive() and not errors, errors
+    items = []
+    while len(q):
+        items.append(q.get(timeout_s=0))
+    assert isinstance(items[-1], EndOfStream) and items[-1].reason == "max_frames"
+    assert sum(isinstance(i, Frame) for i in items) == 30
+
+
+def test_stream_down_at_start_gives_up_after_max_attempts(clip: Path) -> None:  # noqa: F811
+    server = ClipServer(clip, bytes_per_s=10_000)  # never started
+    stage, _, stats = stage_for(server.url, max_attempts=2)
+    with pytest.raises(StageError, match="gave up after 2 re-open attempts"):
+        stage.run(threading.Event())
+    assert stats.get("reconnects") == 2
+
+
+def test_pose_process_close_from_several_threads(tmp_path: Path) -> None:
+    (tmp_path / "pose").mkdir()
+    doc = {"people": [{"pose_keypoints_2d": [float(v) for v in np.arange(54) % 50 + 1]}]}
+    (tmp_path / "pose" / "c_000000000000_keypoints.json").write_text(json.dumps(doc))
+    for _ in range(3):
+        proc = PoseProcess("cam", "openpose-json", {"directory": str(tmp_path / "pose")})
+        proc.start()
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(3)
+
+        def close(
+            p: PoseProcess = proc, errs: list[BaseException] = errors, b: threading.Barrier = barrier
+        ) -> None:
+            b.wait()
+            try:
+                p.close()
+            except BaseException as e:
+                errs.append(e)
+
+        threads = [threading.Thread(target=close) for _ in range(3)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(30)
+        proc.close()  # and once more, afterwards
+        assert errors == [] and proc.pid is None
