@@ -45,7 +45,9 @@ from stages.pose.compare import Agreement  # noqa: E402
 NET_BACKENDS = ("opencv-openpose", "openvino-openpose")
 
 
-def decode(clip: Path, n: int, start: int, crop: tuple[int, int, int, int] | None) -> list[np.ndarray]:
+def decode(
+    clip: Path, n: int, start: int, crop: tuple[int, int, int, int] | None, step: int = 1
+) -> list[np.ndarray]:
     cap = cv2.VideoCapture(str(clip))
     if not cap.isOpened():
         raise SystemExit(f"cannot open {clip}")
@@ -55,7 +57,7 @@ def decode(clip: Path, n: int, start: int, crop: tuple[int, int, int, int] | Non
         ok, img = cap.read()
         if not ok:
             break
-        if i >= start:
+        if i >= start and (i - start) % step == 0:
             if crop:
                 x0, y0, x1, y1 = crop
                 img = np.ascontiguousarray(img[y0:y1, x0:x1])
@@ -166,7 +168,7 @@ def write_json_dir(directory: Path, skeletons: list[np.ndarray]) -> None:
 def bench_clip(clip: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Every backend × size on the first `--frames` frames of `clip`; returns the clip's record."""
     crop = tuple(int(v) for v in args.crop.split(",")) if args.crop else None
-    frames = decode(clip, args.frames, args.start, crop)  # type: ignore[arg-type]
+    frames = decode(clip, args.frames, args.start, crop, args.step)  # type: ignore[arg-type]
     h, w = frames[0].shape[:2]
     rows: list[dict[str, Any]] = []
     configs: list[tuple[str, str, Any]] = []
@@ -249,6 +251,7 @@ def main() -> None:
     ap.add_argument("--clip", type=Path, action="append", help="repeatable (default: samples/vtest.avi)")
     ap.add_argument("--frames", type=int, default=30)
     ap.add_argument("--start", type=int, default=0, help="first frame index used")
+    ap.add_argument("--step", type=int, default=1, help="use every step-th frame (spread over the clip)")
     ap.add_argument("--crop", default=None, help="x0,y0,x1,y1 (e.g. 320,0,640,240 for fall-01-cam0)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument(

@@ -62,6 +62,11 @@ class PoseConfig(_Model):
     in_process: bool = Field(
         False, description="run pose in the daemon process instead of a child process (debugging only)"
     )
+    shared: bool = Field(
+        False,
+        description="one pose process serves every camera with equal pose settings (frames batched) "
+        "instead of one process per camera",
+    )
 
     def backend_options(self) -> dict[str, Any]:
         """`options` plus `person_height_px` when set: the keyword options `create_backend` gets."""

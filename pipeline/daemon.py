@@ -55,6 +55,7 @@ from stages.enclave_client import (
     WindowJournal,
     load_model_dir,
 )
+from stages.pose.server import SharedPoseClient
 from stages.windowing import SeqCounter, Windower, WindowingStage
 
 log = logging.getLogger(__name__)
@@ -298,11 +299,13 @@ class PoseStage:
         self.stats = stats
         self.on_frame = on_frame
         self._timing = stats.stage("pose")
-        self.worker: PoseProcess | _InProcessPose | None = None
+        self.worker: PoseProcess | _InProcessPose | SharedPoseClient | None = None
         self.finished = False
 
-    def _new_worker(self) -> PoseProcess | _InProcessPose:
+    def _new_worker(self) -> PoseProcess | _InProcessPose | SharedPoseClient:
         p = self.cam.pose
+        if p.shared:
+            return SharedPoseClient(self.camera_id, p.backend, p.backend_options(), failure=_PoseFailure)
         if p.in_process:
             return _InProcessPose(self.camera_id, p.backend, p.backend_options())
         return PoseProcess(self.camera_id, p.backend, p.backend_options())
