@@ -51,7 +51,7 @@ class Parties:
         return build_alert(
             device,
             seq,
-            1_700_000_000.0 + seq,
+            time.time(),  # the enclave stamps alerts with its current time (consumers check freshness)
             fields,
             self.recipients,
             s.sign,
