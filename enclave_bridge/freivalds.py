@@ -33,44 +33,77 @@ def soundness_bits(reps: int = REPS) -> float:
 
 @dataclass
 class Check:
-    """The secret vectors of one op's check and the enclave-side accumulators."""
+    """The secret vectors of one op's check and the enclave-side accumulators.
+
+    Convs and the dense op: s depends on the output channel only, so tᵀY·s needs one sum per
+    channel (`kernels.finish_flat`, flat contiguous loops). The per-joint op (block 0): s
+    depends on (channel, joint) and t on the row (b, t) only (`kernels.finish`).
+    """
 
     op: LinearOp
-    tv: np.ndarray  # (R, B, T', V) int64 (a broadcast view for the per-joint op)
-    s2: np.ndarray  # (R, C_out channels, V) int64 (a broadcast view for conv ops)
+    tv: np.ndarray  # joint: (R, B, T, V) broadcast view; others: (R, B, T'·V) contiguous
     s: torch.Tensor  # (R, C_out) int64: s over the GEMM's output columns
-    zhi: np.ndarray  # (R, C, V) int64: tᵀY accumulators (filled by `kernels.finish`)
-    zlo: np.ndarray
+    s2: np.ndarray  # joint: (R, C, V); others: (R, C)
+    z: np.ndarray  # joint: (2, R, C, V) hi/lo accumulators; others: (2R, C) folded mod p
+
+    @property
+    def flat(self) -> bool:
+        return self.op.meta.kind != "joint"
 
     @staticmethod
     def draw(op: LinearOp, out4: tuple[int, ...], rng: MaskRNG, reps: int = REPS) -> Check:
         """Fresh t and s for an output of shape (B, C, T', V) (dense: (B, C, 1, 1))."""
         b, c, t, v = out4
-        kind = op.meta.kind
-        if kind == "joint":
-            tv = np.broadcast_to(rng.small((reps, b, t, 1), kernels.T_BITS).numpy(), (reps, b, t, v))
-        else:
-            tv = rng.small((reps, b, t, v), kernels.T_BITS).numpy()
         s = rng.small((reps, op.c_out), kernels.T_BITS)
-        s_np = s.numpy()
-        s2 = s_np.reshape(reps, c, v) if kind == "joint" else np.broadcast_to(s_np[:, :, None], (reps, c, v))
-        z = np.zeros((reps, c, v), dtype=np.int64)
-        return Check(op, tv, s2, s, z, z.copy())
+        if op.meta.kind == "joint":
+            tv = np.broadcast_to(rng.small((reps, b, t, 1), kernels.T_BITS).numpy(), (reps, b, t, v))
+            return Check(op, tv, s, s.numpy().reshape(reps, c, v), np.zeros((2, reps, c, v), np.int64))
+        tv = rng.small((reps, b, t * v), kernels.T_BITS).numpy()
+        return Check(op, tv, s, s.numpy(), np.zeros((2 * reps, c), np.int64))
+
+    def finish(self, ys: list[np.ndarray], signs: tuple[int, int], scale: np.ndarray, out: np.ndarray) -> int:
+        """Combine/centre/range-check/dequantise the replies into `out`, accumulating tᵀY."""
+        a, b, c = ys
+        if self.flat:
+            sh = (a.shape[0], a.shape[1], -1)
+            return int(
+                kernels.finish_flat(
+                    a.reshape(sh), b.reshape(sh), c.reshape(c.shape[0], c.shape[1], -1),
+                    signs[0], signs[1], np.ascontiguousarray(scale[:, 0]), self.tv, out.reshape(sh), self.z,
+                )
+            )  # fmt: skip
+        return int(kernels.finish(a, b, c, signs[0], signs[1], scale, self.tv, out, self.z[0], self.z[1]))
+
+    def dequant(self, y: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
+        """Accumulate tᵀY for an exact result computed in the enclave (tests of the check)."""
+        yi = np.asarray(y, dtype=np.int64)
+        ring = np.where(yi < 0, yi + kernels.P, yi)
+        self.finish([ring, np.zeros_like(ring), np.zeros((1, 1, 1, 1), np.int64)], (1, 0), scale, out)
 
     def y_side(self) -> np.ndarray:
-        """tᵀ·Y·s mod p per repetition, from the accumulators `finish`/`dequant` filled."""
-        return kernels.y_projection(self.zhi, self.zlo, np.ascontiguousarray(self.s2))
+        """tᵀ·Y·s mod p per repetition, from the accumulators `finish` filled."""
+        if self.flat:
+            return kernels.y_projection_c(self.z, np.ascontiguousarray(self.s2))
+        return kernels.y_projection(self.z[0], self.z[1], np.ascontiguousarray(self.s2))
 
-    def x_side(self, xq4: np.ndarray) -> np.ndarray:
-        """(tᵀ·X̂)·(Ŵ·s) mod p per repetition, for the op's quantised input (B, C, T, V) int32."""
-        op, meta = self.op, self.op.meta
+    def x_side(self, xq: np.ndarray) -> np.ndarray:
+        """(tᵀ·X̂)·(Ŵ·s) mod p per repetition, for the op's quantised input (int32, (B, C, T, V) or (B, C))."""
+        meta = self.op.meta
         reps = self.tv.shape[0]
-        c = xq4.shape[1]
-        keep_v = meta.kind == "joint"
-        u = np.zeros((reps, c, meta.taps, xq4.shape[3] if keep_v else 1), dtype=np.int64)
-        pad = (meta.taps - 1) // 2
-        kernels.x_project(xq4, self.tv, meta.stride, meta.taps, pad, keep_v, u)
-        return kernels.dot_mod(u.reshape(reps, -1), weight_times_s(op, self.s))
+        xq4 = xq.reshape(xq.shape[0], xq.shape[1], 1, 1) if xq.ndim == 2 else xq
+        bsz, c, t, v = xq4.shape
+        taps, pad = meta.taps, (meta.taps - 1) // 2
+        if not self.flat:
+            u = np.zeros((reps, c, 1, v), dtype=np.int64)
+            kernels.x_project(xq4, self.tv, 1, 1, 0, True, u)
+        elif meta.stride == 1:
+            u = np.zeros((reps, c, taps), dtype=np.int64)
+            kernels.x_project_flat(xq4.reshape(bsz, c, t * v), self.tv, taps, pad, v, u)
+        else:
+            u = np.zeros((reps, c, taps, 1), dtype=np.int64)
+            tv4 = self.tv.reshape(reps, bsz, -1, v)
+            kernels.x_project(xq4, tv4, meta.stride, taps, pad, False, u)
+        return kernels.dot_mod(u.reshape(reps, -1), weight_times_s(self.op, self.s))
 
 
 def weight_times_s(op: LinearOp, s: torch.Tensor) -> np.ndarray:

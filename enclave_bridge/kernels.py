@@ -31,6 +31,7 @@ REPS = 2  # soundness error ≤ (2/2^23)^2 = 2^-44 per check
 MAX_T_ROWS = 1 << 13  # B·T' per call of `finish` (the evaluator chunks larger batches)
 MAX_X_TERMS = 1 << 19  # B·T'·V per accumulator of `x_project`
 Y_BOUND = 1 << 52  # |y| of every exact result (quant.WEIGHT_BUDGET)
+_CHUNK = 1 << 13  # elements per partial Freivalds sum in `finish_flat` (|Σ| < 2^62)
 _P = np.int64(P)
 _M26 = np.int64((1 << 26) - 1)
 _M31 = np.int64((1 << 31) - 1)
@@ -104,46 +105,163 @@ def mask_from(xq, r, sign, bar):  # pragma: no cover - compiled
 def finish(a, b, c, sb, sc, scale, tv, out, zhi, zlo):  # pragma: no cover - compiled
     """Combine replies, centre, range-check, project for Freivalds and dequantise, in one pass.
 
-    a, b, c: (B, C, T, V) int64 ring elements; y = a + sb·b + sc·c (mod p), sb, sc ∈ {−1, 0, 1}.
+    a, b, c: (B, C, T, V) int64 ring elements; y = a + sb·b + sc·c (mod p), sb ∈ {−1, 1}, sc ∈ {−1, 0, 1}.
     scale: (C, V) float64 dequantisation factors; out (B, C, T, V) float32 = y·scale.
     tv: (R, B, T, V) Freivalds row vector; zhi, zlo: (R, C, V) int64 accumulators of tᵀ·y.
     Returns the number of elements with |y| > Y_BOUND (a reply that cannot be right).
+
+    Loop order keeps the innermost loop over joints contiguous with per-(b, c) accumulators in
+    registers/L1, so the compiler vectorises it.
     """
     nb_, nc, nt, nv = a.shape
     nr = tv.shape[0]
     bad = 0
+    half = _P >> 1
+    # b is always a real term; an unused c (sc == 0) may be any (1, 1, 1, 1) array: index 0 only
+    kc = 1 if sc != 0 else 0
+    acc_hi = np.zeros((nr, nv), dtype=np.int64)
+    acc_lo = np.zeros((nr, nv), dtype=np.int64)
     for bi in range(nb_):
         for ci in range(nc):
+            acc_hi[:] = 0
+            acc_lo[:] = 0
             for ti in range(nt):
                 for vi in range(nv):
-                    v = a[bi, ci, ti, vi]
-                    if sb != 0:
-                        w = b[bi, ci, ti, vi]
-                        v = v + w if sb > 0 else v - w
-                        if v < 0:
-                            v += _P
-                        elif v >= _P:
-                            v -= _P
-                    if sc != 0:
-                        w = c[bi, ci, ti, vi]
-                        v = v + w if sc > 0 else v - w
-                        if v < 0:
-                            v += _P
-                        elif v >= _P:
-                            v -= _P
-                    if v > _P >> 1:
-                        v -= _P  # centred
-                    if v > Y_BOUND or v < -Y_BOUND:
-                        bad += 1
-                        v = 0
+                    # branch-free: (−p, 2p) → [0, p) → centred; sb, sc ∈ {−1, 0, 1} multiply
+                    v = a[bi, ci, ti, vi] + sb * b[bi, ci, ti, vi]
+                    v += (v >> 63) & _P
+                    v -= _P & ((_P - 1 - v) >> 63)
+                    v += sc * c[bi * kc, ci * kc, ti * kc, vi * kc]
+                    v += (v >> 63) & _P
+                    v -= _P & ((_P - 1 - v) >> 63)
+                    v -= _P & ((half - v) >> 63)
+                    bad += ((Y_BOUND - v) >> 63) | ((v + Y_BOUND) >> 63)
                     out[bi, ci, ti, vi] = np.float32(np.float64(v) * scale[ci, vi])
                     hi = v >> 26
                     lo = v & _M26
                     for ri in range(nr):
                         t = tv[ri, bi, ti, vi]
-                        zhi[ri, ci, vi] += hi * t
-                        zlo[ri, ci, vi] += lo * t
+                        acc_hi[ri, vi] += hi * t
+                        acc_lo[ri, vi] += lo * t
+            for ri in range(nr):
+                for vi in range(nv):
+                    zhi[ri, ci, vi] += acc_hi[ri, vi]
+                    zlo[ri, ci, vi] += acc_lo[ri, vi]
     return bad
+
+
+@nb.njit(**_opts)
+def _run2(ar, br, sb, sf, t0, t1, orow, lo_, hi_):  # pragma: no cover - compiled
+    """One contiguous run, y = a + sb·b: returns (bad, Σhi·t0, Σhi·t1, Σlo·t0, Σlo·t1)."""
+    bad = np.int64(0)
+    h0 = np.int64(0)
+    g0 = np.int64(0)
+    h1 = np.int64(0)
+    g1 = np.int64(0)
+    half = _P >> 1
+    for li in range(lo_, hi_):
+        v = ar[li] + sb * br[li]
+        v += (v >> 63) & _P
+        v -= _P & ((_P - 1 - v) >> 63)
+        v -= _P & ((half - v) >> 63)
+        bad += ((Y_BOUND - v) >> 63) | ((v + Y_BOUND) >> 63)
+        orow[li] = np.float32(np.float64(v) * sf)
+        hi = v >> 26
+        lo = v & _M26
+        h0 += hi * t0[li]
+        g0 += lo * t0[li]
+        h1 += hi * t1[li]
+        g1 += lo * t1[li]
+    return bad, h0, h1, g0, g1
+
+
+@nb.njit(**_opts)
+def _run3(ar, br, cr, sb, sc, sf, t0, t1, orow, lo_, hi_):  # pragma: no cover - compiled
+    """`_run2` with a third term: y = a + sb·b + sc·c."""
+    bad = np.int64(0)
+    h0 = np.int64(0)
+    g0 = np.int64(0)
+    h1 = np.int64(0)
+    g1 = np.int64(0)
+    half = _P >> 1
+    for li in range(lo_, hi_):
+        v = ar[li] + sb * br[li]
+        v += (v >> 63) & _P
+        v -= _P & ((_P - 1 - v) >> 63)
+        v += sc * cr[li]
+        v += (v >> 63) & _P
+        v -= _P & ((_P - 1 - v) >> 63)
+        v -= _P & ((half - v) >> 63)
+        bad += ((Y_BOUND - v) >> 63) | ((v + Y_BOUND) >> 63)
+        orow[li] = np.float32(np.float64(v) * sf)
+        hi = v >> 26
+        lo = v & _M26
+        h0 += hi * t0[li]
+        g0 += lo * t0[li]
+        h1 += hi * t1[li]
+        g1 += lo * t1[li]
+    return bad, h0, h1, g0, g1
+
+
+@nb.njit(**_opts)
+def finish_flat(a, b, c, sb, sc, scale_c, tv, out, zc):  # pragma: no cover - compiled
+    """`finish` for ops whose Freivalds vector s depends on the channel only (convs, dense).
+
+    a, b, c, out: (B, C, L) with L = T·V flattened (c unused when sc == 0: pass a); scale_c (C,);
+    tv (2·k, B, L) holds the R = 2·k Freivalds row vectors; zc (2R, C) int64 receives, folded mod p,
+    Σ_l t·hi in zc[r] and Σ_l t·lo in zc[R + r] (y = hi·2^26 + lo). The innermost loop is a flat,
+    contiguous run of at most _CHUNK elements: the form the compiler vectorises, and each partial
+    sum stays below 2^49·2^13.
+    """
+    nb_, nc, nl = a.shape
+    nr = tv.shape[0]
+    bad = 0
+    for bi in range(nb_):
+        for ci in range(nc):
+            sf = scale_c[ci]
+            ar = a[bi, ci]
+            br = b[bi, ci]
+            cr = c[bi, ci] if sc != 0 else ar
+            orow = out[bi, ci]
+            for l0_ in range(0, nl, _CHUNK):
+                l1_ = min(nl, l0_ + _CHUNK)
+                for rp in range(0, nr, 2):
+                    t0, t1 = tv[rp, bi], tv[rp + 1, bi]
+                    if sc == 0:
+                        bd, h0, h1, g0, g1 = _run2(ar, br, sb, sf, t0, t1, orow, l0_, l1_)
+                    else:
+                        bd, h0, h1, g0, g1 = _run3(ar, br, cr, sb, sc, sf, t0, t1, orow, l0_, l1_)
+                    if rp == 0:
+                        bad += bd
+                    zc[rp, ci] = _red(zc[rp, ci] + _signed_mod(h0))
+                    zc[rp + 1, ci] = _red(zc[rp + 1, ci] + _signed_mod(h1))
+                    zc[nr + rp, ci] = _red(zc[nr + rp, ci] + _signed_mod(g0))
+                    zc[nr + rp + 1, ci] = _red(zc[nr + rp + 1, ci] + _signed_mod(g1))
+    return bad
+
+
+@nb.njit(**_opts)
+def x_project_flat(xq, tv, taps, pad, nv, u):  # pragma: no cover - compiled
+    """`x_project` for stride-1 convs: u[r, c, k] += Σ_{b, l} t[r, b, l]·x̂[b, c, l + (k − pad)·V].
+
+    xq (B, C, T·V) int32, tv (R, B, T·V) int64, u (R, C, taps) int64: for a stride-1 temporal conv
+    every tap is a flat dot product of two contiguous runs (shifted by whole frames).
+    """
+    nb_, nc, nl = xq.shape
+    nr = tv.shape[0]
+    for bi in range(nb_):
+        for ci in range(nc):
+            xr = xq[bi, ci]
+            for k in range(taps):
+                off = (k - pad) * nv
+                lo = max(0, -off)
+                hi = min(nl, nl - off)
+                for ri in range(nr):
+                    tr = tv[ri, bi]
+                    acc = np.int64(0)
+                    for li in range(lo, hi):
+                        acc += np.int64(xr[li + off]) * tr[li]
+                    u[ri, ci, k] += acc
 
 
 @nb.njit(**_opts)
@@ -183,6 +301,25 @@ def y_projection(zhi, zlo, s):  # pragma: no cover - compiled
                 acc += mulmod(z, s[ri, ci, vi])
                 if acc >= _P:
                     acc -= _P
+        res[ri] = acc
+    return res
+
+
+@nb.njit(**_opts)
+def y_projection_c(zc, s):  # pragma: no cover - compiled
+    """Σ_c s[r, c]·(zc[r, c]·2^26 + zc[R + r, c]) mod p → (R,) int64 (after `finish_flat`)."""
+    nr = s.shape[0]
+    nc = s.shape[1]
+    res = np.zeros(nr, dtype=np.int64)
+    for ri in range(nr):
+        acc = np.int64(0)
+        for ci in range(nc):
+            z = mulmod(_signed_mod(zc[ri, ci]), np.int64(1 << 26)) + _signed_mod(zc[nr + ri, ci])
+            if z >= _P:
+                z -= _P
+            acc += mulmod(z, s[ri, ci])
+            if acc >= _P:
+                acc -= _P
         res[ri] = acc
     return res
 
@@ -240,9 +377,12 @@ __all__ = [
     "dequant",
     "dot_mod",
     "finish",
+    "finish_flat",
     "mask_from",
     "mulmod",
     "quant_mask",
     "x_project",
+    "x_project_flat",
     "y_projection",
+    "y_projection_c",
 ]
