@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from enclave_bridge.masking import WORKERS_NEEDED  # noqa: E402
 from enclave_bridge.protocol import SecureEvaluator  # noqa: E402
-from enclave_bridge.ring import BITS, RingWeight, limb_bits  # noqa: E402
+from enclave_bridge.ring import BITS, limb_bits  # noqa: E402
 from enclave_bridge.stgcn import STGCN  # noqa: E402
 from enclave_bridge.stgcn.fold import fold_batchnorm  # noqa: E402
 from enclave_bridge.worker_client import wait_for_worker  # noqa: E402
