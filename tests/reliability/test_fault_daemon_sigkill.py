@@ -32,10 +32,14 @@ import numpy as np
 import pytest
 import yaml
 
+from config.broker import BrokerConfig
 from config.schema import REPO_ROOT
 from enclave_bridge.alerts import AlertOpener
 from enclave_bridge.attest import new_nonce
+from pipeline.subscriber import AlertSubscriber
+from tests.conftest import Broker, mosquitto_binary
 from tests.enclave_bridge.test_enclave_service_support import make_deployment
+from tests.reliability.test_fault_broker_kill9 import broker_with, shipped_durability_lines
 from tests.security.test_security_support import provisioned, short_root
 
 VTEST = REPO_ROOT / "samples" / "vtest.avi"  # 795 frames, 10 fps, 768x576
@@ -66,7 +70,7 @@ def write_pose_clip(directory: Path, frames: int) -> None:
         (directory / f"clip_{i:012d}_keypoints.json").write_text(json.dumps(doc))
 
 
-def write_config(d, frames: int) -> Path:
+def write_config(d, frames: int, broker: Broker | None = None) -> Path:
     root = d.root / "daemon"
     root.mkdir()
     write_pose_clip(root / "pose", frames)
@@ -78,6 +82,19 @@ def write_config(d, frames: int) -> Path:
         "rules": {"labels": ["*"], "min_score": 0.0, "debounce_s": 0.0},
         "metrics": {"enabled": False},
         "supervisor": {"shutdown_timeout_s": 20},
+        **(
+            {}
+            if broker is None
+            else {
+                "broker": {
+                    "host": broker.host,
+                    "port": broker.port,
+                    "reconnect_min_delay_s": 0.2,
+                    "reconnect_max_delay_s": 1.0,
+                    "keepalive_s": 5,
+                }
+            }
+        ),
         "cameras": {
             DEVICE: {
                 "source": str(VTEST),
@@ -112,44 +129,77 @@ def start(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
-def kill_at_random_points(d, kills: int, frames: int, seed: int) -> dict[str, int]:
+def kill_at_random_points(
+    d, kills: int, frames: int, seed: int, broker: Broker | None = None
+) -> dict[str, int]:
+    """Kill, restart, finish; then count. With `broker`, alerts are counted at a persistent MQTT
+    consumer (verified, decrypted, deduplicated), else in the outbox (no publisher)."""
     rng = random.Random(seed)
-    cfg = write_config(d, frames)
+    cfg = write_config(d, frames, broker)
     state = cfg.parent / "state"
     log = cfg.parent / "daemon.log"
     expected = 1 + (frames - T) // STRIDE
-    tried = 0
-    finished = False
-    while tried < kills and not finished:
-        before = stored_alerts(state)
-        more = rng.randint(0, 2)  # kill this many alerts into the run (0: during start-up/recovery)
-        proc = start(cfg, log)
-        deadline = time.monotonic() + 180
-        while proc.poll() is None and stored_alerts(state) < min(before + more, expected):
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.4))  # a random point inside the next window's round trip
-        if proc.poll() is not None:
-            assert proc.returncode == 0, log.read_text()[-3000:]
-            finished = True
-            break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-        tried += 1
-    if not finished:
-        proc = start(cfg, log)
-        assert proc.wait(600) == 0, log.read_text()[-3000:]
     with d.client() as c:
         ev = c.evidence(nonce := new_nonce())
-        stats = c.stats()
     opener = AlertOpener(d.c1, d.verifier("eval").verify(ev, nonce).sign_pub)
+    got: list[dict] = []
+    sub = None
+    if broker is not None:
+        sub = AlertSubscriber(
+            BrokerConfig(
+                host=broker.host, port=broker.port, reconnect_min_delay_s=0.2, reconnect_max_delay_s=1
+            ),
+            opener,
+            got.append,
+            client_id="ops-kill",
+            persistent=True,
+        )
+        sub.start()
+        assert sub.subscribed.wait(20)
+    tried = 0
+    finished = False
+    made_so_far = (lambda: len(got)) if sub is not None else (lambda: stored_alerts(state))
+    try:
+        while tried < kills and not finished:
+            before = made_so_far()
+            more = rng.randint(0, 2)  # kill this many alerts into the run (0: during start-up/recovery)
+            proc = start(cfg, log)
+            deadline = time.monotonic() + 180
+            while proc.poll() is None and made_so_far() < min(before + more, expected):
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.4))  # a random point inside the next window's round trip
+            if proc.poll() is not None:
+                assert proc.returncode == 0, log.read_text()[-3000:]
+                finished = True
+                break
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+            tried += 1
+        if not finished:
+            proc = start(cfg, log)
+            assert proc.wait(600) == 0, log.read_text()[-3000:]
+        with d.client() as c:
+            stats = c.stats()
+        made = int(stats["alerts"])
+        if sub is not None:
+            deadline = time.monotonic() + 60
+            while sub.stats.delivered < made and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(1.0)  # late re-deliveries, if any, arrive now
+            alerts = list(got)
+        else:
+            with sqlite3.connect(f"file:{state / 'outbox.sqlite'}?mode=ro", uri=True) as c:
+                alerts = [
+                    opener.open(bytes(r[0])) for r in c.execute("SELECT payload FROM outbox ORDER BY oid")
+                ]
+    finally:
+        if sub is not None:
+            sub.stop()
     with sqlite3.connect(f"file:{state / 'outbox.sqlite'}?mode=ro", uri=True) as c:
-        payloads = [bytes(r[0]) for r in c.execute("SELECT payload FROM outbox ORDER BY oid")]
         journalled = int(c.execute("SELECT count(*) FROM windows").fetchone()[0])
-    alerts = [opener.open(p) for p in payloads]
     seqs = sorted(a["seq"] for a in alerts)
     windows = [round(float(a["t0"]), 3) for a in alerts]
-    made = int(stats["alerts"])
     report = {
         "kills": tried,
         "windows": expected,
@@ -157,6 +207,7 @@ def kill_at_random_points(d, kills: int, frames: int, seed: int) -> dict[str, in
         "alerts_delivered": len(set(seqs)),
         "lost": made - len(set(seqs)),
         "duplicated": len(windows) - len(set(windows)),
+        "redeliveries_dropped_by_consumer": sub.stats.duplicates if sub is not None else 0,
         "resends_answered_from_enclave_memory": int(stats.get("windows_retried", 0)),
         "resubmitted": log.read_text().count("left in flight by a previous run"),
     }
@@ -174,8 +225,17 @@ def test_daemon_sigkill_at_random_points_loses_and_doubles_nothing(dep) -> None:
 
 
 @pytest.mark.slow
-def test_daemon_sigkill_many_times_loses_and_doubles_nothing(dep) -> None:
-    r = kill_at_random_points(
-        dep, kills=30, frames=792, seed=int(os.environ.get("VEILCAM_KILL_SEED", "1919"))
-    )
+@pytest.mark.broker
+def test_daemon_sigkill_many_times_loses_and_doubles_nothing(dep, tmp_path: Path) -> None:
+    """30 kills over the whole clip, alerts delivered through a durable Mosquitto to a consumer."""
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto not installed (apt-get install -y mosquitto)")
+    broker = broker_with(tmp_path, shipped_durability_lines())
+    broker.start()
+    try:
+        r = kill_at_random_points(
+            dep, kills=30, frames=792, seed=int(os.environ.get("VEILCAM_KILL_SEED", "1919")), broker=broker
+        )
+    finally:
+        broker.stop()
     assert r["kills"] >= 20
