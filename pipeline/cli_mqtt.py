@@ -153,7 +153,7 @@ def build_opener(args: argparse.Namespace) -> Any:
     from enclave_bridge.alerts import AlertOpener
     from enclave_bridge.attest import load_platform_pub
     from enclave_bridge.enclave import load_enclave_config
-    from enclave_bridge.errors import ConfigError, VeilcamError
+    from enclave_bridge.errors import ConfigError, TransportError, VeilcamError
     from enclave_bridge.keys import PartyKey, PartyPublic, resolve_passphrase
     from enclave_bridge.measurement import compute_measurement
     from pipeline.subscriber import verify_key_from_evidence
@@ -178,7 +178,16 @@ def build_opener(args: argparse.Namespace) -> Any:
             from pipeline.subscriber import fetch_retained
 
             cfg = _broker_cfg(args)
-            topic, blob = fetch_retained(cfg, cfg.topic(args.device, "enclave"))
+            give_up = None if args.timeout_s is None else time.monotonic() + args.timeout_s
+            while True:  # with --wait, a broker (or daemon) still starting is waited for
+                try:
+                    topic, blob = fetch_retained(cfg, cfg.topic(args.device, "enclave"))
+                    break
+                except TransportError as e:
+                    if not args.wait or (give_up is not None and time.monotonic() >= give_up):
+                        raise
+                    log.warning("enclave evidence not available yet (%s); retrying in 2 s", e)
+                    time.sleep(2.0)
             log.info("enclave evidence from %s", topic)
             max_age_s = 300.0  # not an answer to our nonce: freshness by the evidence timestamp
         verify_key = verify_key_from_evidence(blob, load_platform_pub(args.platform_pub), allowed, max_age_s)

@@ -170,3 +170,35 @@ def test_start_broker_checks_the_port_before_starting(tmp_path: Path, kind: str)
 
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
             start_broker(kind, port=port, workdir=tmp_path)  # type: ignore[arg-type]
+
+
+def test_evidence_from_an_unreachable_broker_fails_or_is_waited_for(tmp_path: Path) -> None:
+    """`--evidence-from-broker` needs the broker before anything else: exit 1 at once without
+    `--wait`; with it, retried until `--timeout-s`, then exit 1 naming the cause."""
+    p = Parties()
+    p.consumer.save(tmp_path / "ops.key")
+    (tmp_path / "platform.pub").write_bytes(b"unused: never reached")
+    port = free_port()
+    argv = [
+        *VEILCAM,
+        "subscribe",
+        "--broker",
+        f"127.0.0.1:{port}",
+        "--consumer-key",
+        str(tmp_path / "ops.key"),
+    ]
+    argv += [
+        "--evidence-from-broker",
+        "--platform-pub",
+        str(tmp_path / "platform.pub"),
+        "--measurement",
+        "00",
+    ]
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 1 and f"broker 127.0.0.1:{port}" in r.stderr, r.stderr
+    assert "retrying" not in r.stderr
+    r = subprocess.run(
+        [*argv, "--wait", "--timeout-s", "3"], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert r.returncode == 1 and f"broker 127.0.0.1:{port}" in r.stderr, r.stderr
+    assert "enclave evidence not available yet" in r.stderr  # it did retry
