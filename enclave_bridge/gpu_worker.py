@@ -160,8 +160,11 @@ class WorkerCore:
         self.tampered += 1
         return y
 
-    def handle(self, msg: Any) -> dict[str, Any]:
-        """Dispatch one decoded request to a reply dict (never raises for bad requests)."""
+    def handle(self, msg: Any, arena: Any = None) -> dict[str, Any]:
+        """Dispatch one decoded request to a reply dict (never raises for bad requests).
+
+        `arena`: the connection's shared-memory arena (`shm.Arena`), when the client attached one.
+        """
         if not isinstance(msg, dict):
             return {"ok": False, "error": "request must be a map", "code": "bad_request"}
         op = msg.get("op")
@@ -184,11 +187,28 @@ class WorkerCore:
                 raw_terms = msg.get("terms")
                 if not isinstance(raw_terms, list):
                     raise WorkerError("terms must be a list")
-                terms = [Term.from_wire(t) for t in raw_terms]
+                terms = [Term.from_wire(t, arena) for t in raw_terms]
+                out_at = msg.get("out")
+                if out_at is not None and (
+                    arena is None
+                    or not isinstance(out_at, list)
+                    or len(out_at) != len(names)
+                    or not all(isinstance(o, int) for o in out_at)
+                ):
+                    raise WorkerError("bad output offsets (attach shared memory first)")
                 t0 = time.perf_counter()
                 outs = self.compute(str(msg.get("model_id")), names, terms)
                 dt = time.perf_counter() - t0
-                return {"ok": True, "outputs": [pack_tensor(o) for o in outs], "compute_s": dt}
+                if out_at is None:
+                    return {"ok": True, "outputs": [pack_tensor(o) for o in outs], "compute_s": dt}
+                placed = []
+                for off, o in zip(out_at, outs, strict=True):
+                    try:
+                        arena.view(off, o.shape, np.int64)[...] = o
+                    except TransportError as e:
+                        raise WorkerError(str(e)) from e
+                    placed.append({"shm": off, "shape": list(o.shape)})
+                return {"ok": True, "outputs": placed, "compute_s": dt}
             raise WorkerError(f"unknown op {op!r}")
         except WorkerError as e:
             return {"ok": False, "error": str(e), "code": e.code}
@@ -225,15 +245,30 @@ class LocalWorker:
 
 
 def _serve_conn(core: WorkerCore, conn: socket.socket, peer: str) -> None:
+    from enclave_bridge.shm import Arena
+
     conn.settimeout(None)
+    arena: Arena | None = None  # shared memory the client attached (same-host clients)
     with conn:
         while True:
             try:
                 msg = recv_frame(conn)
             except TransportError as e:
                 log.info("connection %s closed: %s", peer, e)
+                if arena is not None:
+                    arena.close()
                 return
-            reply = core.handle(msg)
+            if isinstance(msg, dict) and msg.get("op") == "attach":
+                if arena is not None:
+                    arena.close()
+                    arena = None
+                try:
+                    arena = Arena(int(msg.get("size", 0)), str(msg.get("name")))
+                    reply: dict[str, Any] = {"ok": True}
+                except (TransportError, TypeError, ValueError) as e:
+                    reply = {"ok": False, "error": f"attach failed: {e}", "code": "bad_request"}
+            else:
+                reply = core.handle(msg, arena)
             try:
                 send_frame(conn, reply)
             except TransportError as e:

@@ -167,21 +167,40 @@ class _DelegatedBackend:
         self.ev = ev
         self.window: WindowMasks | None = None
         self.degraded = False
+        self._views: list[list[np.ndarray] | None] = []
 
     def begin(self, window: WindowMasks | None) -> None:
         self.degraded = False
         self.window = window
 
     # -- per-mode request building -------------------------------------------------------------
+    def _reserve(self, shape: tuple[int, ...], outs: list[tuple[int, ...]]) -> None:
+        """Lay out each worker's shared-memory arena (if any) for this stage: inputs, then replies."""
+        tensor_input = {"split3": (0, 1)}.get(self.ev.mode, (0,))
+        self._views = []
+        for k, w in enumerate(self.ev.workers):
+            reserve = getattr(w, "reserve", None)
+            self._views.append(reserve([shape] if k in tensor_input else [], outs) if reserve else None)
+
+    def _buffer(self, k: int, shape: tuple[int, ...], outs: list[tuple[int, ...]]) -> np.ndarray:
+        """Where worker k's masked input goes: its shared-memory arena when it has one."""
+        views = self._views[k] if k < len(self._views) else None
+        return views[0] if views else np.empty(shape, np.int64)
+
     def _requests(
-        self, hn: np.ndarray, xq: np.ndarray, scale: float, names: tuple[str, ...]
+        self,
+        hn: np.ndarray,
+        xq: np.ndarray,
+        scale: float,
+        names: tuple[str, ...],
+        outs: list[tuple[int, ...]],
     ) -> tuple[list[list[Term]], Any]:
         """Quantise + mask in one pass; returns the terms per worker and the unmasking material."""
         ev, mode = self.ev, self.ev.mode
         flat_h, flat_q = hn.reshape(-1), xq.reshape(-1)
         shape = tuple(xq.shape)
         n = xq.size
-        bar = np.empty(shape, np.int64)
+        bar = self._buffer(0, shape, outs)
         if mode in MASKED_MODES:
             stage: StageMasks
             if self.window is not None:
@@ -200,7 +219,7 @@ class _DelegatedBackend:
                 kernels.quant_mask(flat_h, scale, r, -1, flat_q, bar.reshape(-1))
             return [[Term(0, 1, x=bar)], [Term(0, 1, seed=seed, shape=shape)]], None
         seed_a, seed_b = ev.rng.seed(), ev.rng.seed()
-        bar_b = np.empty(shape, np.int64)
+        bar_b = self._buffer(1, shape, outs)
         with _Timer(ev.stats, "mask"):
             kernels.quant_mask(flat_h, scale, prg_uniform(seed_a, n), 1, flat_q, bar.reshape(-1))
             kernels.mask_from(flat_q, prg_uniform(seed_b, n), 1, bar_b.reshape(-1))
@@ -212,16 +231,19 @@ class _DelegatedBackend:
             [Term(0, 1, seed=a.seed, shape=shape), b],
         ], None
 
-    def _call_all(self, names: list[str], requests: list[list[Term]]) -> list[list[np.ndarray]]:
+    def _call_all(
+        self, names: list[str], requests: list[list[Term]], outs: list[tuple[int, ...]]
+    ) -> list[list[np.ndarray]]:
         """Send each worker its request (in parallel when there are several)."""
         ev = self.ev
         t0 = time.perf_counter()
         if len(ev.workers) == 1:
-            outs, worker_s = ev.workers[0].compute(ev.model_id, names, requests[0])
-            replies, busy = [outs], worker_s
+            got, worker_s = _compute(ev.workers[0], ev.model_id, names, requests[0], outs)
+            replies, busy = [got], worker_s
         else:
+            assert ev._executor is not None
             futs = [
-                ev._executor.submit(w.compute, ev.model_id, names, req)
+                ev._executor.submit(_compute, w, ev.model_id, names, req, outs)
                 for w, req in zip(ev.workers, requests, strict=True)
             ]
             res = [f.result() for f in futs]
@@ -246,9 +268,15 @@ class _DelegatedBackend:
             if self.window is not None:
                 self.window.next_stage(tuple(xq.shape), names).consume()
             return [ev.local.one(xq, e, op) for op in ops]
-        requests, u = self._requests(hn, xq, scale, names)
+        outs = [out_shape(op.meta, tuple(xq.shape), op.c_out) for op in ops]
         try:
-            replies = self._call_all(list(names), requests)
+            self._reserve(tuple(xq.shape), outs)
+        except TransportError as err:  # a worker down before the stage: the same fallback below
+            self._views = []
+            log.warning("gpu worker unavailable (%s)", err)
+        requests, u = self._requests(hn, xq, scale, names, outs)
+        try:
+            replies = self._call_all(list(names), requests, outs)
         except TransportError as err:
             st.transport_errors += 1
             log.warning("gpu worker failed (%s); finishing this window in the enclave", err)
@@ -538,6 +566,15 @@ class SecureEvaluator:
                 self._executor.shutdown(wait=False)
         except Exception:  # noqa: S110 - interpreter shutdown: nothing left to release
             pass
+
+
+def _compute(
+    w: Worker, model_id: str, names: list[str], terms: list[Term], outs: list[tuple[int, ...]]
+) -> tuple[list[np.ndarray], float]:
+    """`w.compute`, telling workers with a shared-memory arena where the replies go."""
+    if getattr(w, "reserve", None) is not None:
+        return w.compute(model_id, names, terms, outs)  # type: ignore[call-arg]
+    return w.compute(model_id, names, terms)
 
 
 def _make_worker(spec: str | Worker | None, timeout_s: float) -> Worker:

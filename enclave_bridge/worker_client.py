@@ -18,17 +18,26 @@ import numpy as np
 from enclave_bridge.errors import TransportError
 from enclave_bridge.ring import P
 from enclave_bridge.wire import connect, pack_tensor, recv_frame, send_frame, unpack_tensor
+from enclave_bridge.shm import Arena, aligned
 from enclave_bridge.worker_proto import Term
 
 log = logging.getLogger(__name__)
 
 
 class WorkerClient:
-    """Talks to one worker at `addr` (`host:port` or `unix:/path`)."""
+    """Talks to one worker at `addr` (`host:port` or `unix:/path`).
 
-    def __init__(self, addr: str, timeout_s: float = 120.0) -> None:
+    Same-host workers (Unix sockets) get a shared-memory arena (`shm`): the evaluator masks
+    straight into `reserve()`d input views and reads replies in place; only control frames cross
+    the socket. `shared_memory=False` (or a TCP address) sends tensors inline in the frames.
+    """
+
+    def __init__(self, addr: str, timeout_s: float = 120.0, shared_memory: bool | None = None) -> None:
         self.address = addr
         self.timeout_s = timeout_s
+        self.shared_memory = addr.startswith("unix:") if shared_memory is None else shared_memory
+        self._arena: Arena | None = None
+        self._layout: tuple[list[int], int] | None = None  # input offsets, first output offset
         self._sock: socket.socket | None = None
         self._models: dict[str, list[dict[str, Any]]] = {}
         self.bytes_sent = self.bytes_received = 0
@@ -46,6 +55,8 @@ class WorkerClient:
             if hello.get("modulus") != P:
                 raise TransportError(f"worker uses modulus {hello.get('modulus')}, expected {P}")
             self.device = str(hello.get("device"))
+            if self._arena is not None:
+                self._attach()
             for model_id, ops in self._models.items():
                 self._load_raw(model_id, ops)
         except TransportError:
@@ -54,6 +65,43 @@ class WorkerClient:
         self.reconnects += 1
         log.info("connected to gpu worker %s (device %s)", self.address, self.device)
         return sock
+
+    def _attach(self) -> None:
+        assert self._arena is not None
+        reply = self._call_raw({"op": "attach", "name": self._arena.name, "size": self._arena.size})
+        if not reply.get("ok"):
+            log.warning(
+                "worker %s cannot map shared memory (%s); sending tensors inline",
+                self.address,
+                reply.get("error"),
+            )
+            self._arena.close()
+            self._arena = None
+            self.shared_memory = False
+
+    def reserve(
+        self, in_shapes: list[tuple[int, ...]], out_shapes: list[tuple[int, ...]]
+    ) -> list[np.ndarray] | None:
+        """Input views in the arena for the next `compute` (None: no shared memory, use arrays)."""
+        if not self.shared_memory:
+            return None
+        offs, pos = [], 0
+        for shp in in_shapes:
+            offs.append(pos)
+            pos += aligned(8 * int(np.prod(shp)))
+        need = pos + sum(aligned(8 * int(np.prod(s))) for s in out_shapes)
+        if self._arena is None or self._arena.size < need:
+            if self._arena is not None:
+                self._arena.close()
+            self._arena = Arena(max(need + need // 4, 16 << 20))
+            if self._sock is not None:
+                self._attach()
+            else:
+                self._connection()
+            if self._arena is None:
+                return None
+        self._layout = (offs, pos)
+        return [self._arena.view(o, s) for o, s in zip(offs, in_shapes, strict=True)]
 
     def _drop(self) -> None:
         if self._sock is not None:
@@ -100,10 +148,33 @@ class WorkerClient:
             except TransportError as e:
                 log.warning("gpu worker %s not reachable yet: %s", self.address, e)
 
-    def compute(self, model_id: str, names: list[str], terms: list[Term]) -> tuple[list[np.ndarray], float]:
+    def compute(
+        self,
+        model_id: str,
+        names: list[str],
+        terms: list[Term],
+        out_shapes: list[tuple[int, ...]] | None = None,
+    ) -> tuple[list[np.ndarray], float]:
         """Masked ring elements (or seeds) in, ring results out (+ the worker's compute seconds)."""
         self._connection()
-        msg = {"op": "compute", "model_id": model_id, "names": names, "terms": [t.to_wire() for t in terms]}
+        msg: dict[str, Any] = {"op": "compute", "model_id": model_id, "names": names}
+        arena, layout = self._arena, self._layout
+        self._layout = None
+        wire_terms = []
+        for t in terms:
+            off = _offset_in(arena, t.x) if arena is not None and t.x is not None else None
+            if off is not None:
+                wire_terms.append({"slot": t.slot, "sign": t.sign, "shm": off, "shape": list(t.x.shape)})
+            else:
+                wire_terms.append(t.to_wire())
+        msg["terms"] = wire_terms
+        out_offs: list[int] | None = None
+        if arena is not None and layout is not None and out_shapes is not None:
+            out_offs, pos = [], layout[1]
+            for shp in out_shapes:
+                out_offs.append(pos)
+                pos += aligned(8 * int(np.prod(shp)))
+            msg["out"] = out_offs
         reply = self._call_raw(msg)
         if not reply.get("ok") and reply.get("code") == "unknown_model" and model_id in self._models:
             self._load_raw(model_id, self._models[model_id])
@@ -114,6 +185,16 @@ class WorkerClient:
         if not isinstance(outs, list) or len(outs) != len(names):
             raise TransportError("worker reply has the wrong number of outputs")
         compute_s = reply.get("compute_s", 0.0)
+        if out_offs is not None:
+            assert arena is not None and out_shapes is not None
+            arrays = []
+            for o, off, shp in zip(outs, out_offs, out_shapes, strict=True):
+                if not isinstance(o, dict) or o.get("shm") != off or o.get("shape") != list(shp):
+                    raise TransportError("worker placed a reply outside the agreed arena region")
+                arrays.append(arena.view(off, tuple(shp)))
+            self.bytes_sent += sum(t.x.nbytes for t in terms if t.x is not None)  # via the arena
+            self.bytes_received += sum(a.nbytes for a in arrays)
+            return arrays, float(compute_s) if isinstance(compute_s, float) else 0.0
         arrays = [unpack_tensor(o) for o in outs]
         if any(a.dtype != np.int64 for a in arrays):
             raise TransportError("worker reply is not int64 ring elements")
@@ -127,6 +208,18 @@ class WorkerClient:
 
     def close(self) -> None:
         self._drop()
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None
+
+
+def _offset_in(arena: Arena, x: np.ndarray) -> int | None:
+    """Offset of `x` inside the arena if it is a contiguous view into it, else None."""
+    base = np.frombuffer(arena._shm.buf, dtype=np.uint8)
+    ptr = x.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+    if x.flags.c_contiguous and 0 <= ptr and ptr + x.nbytes <= arena.size and ptr % 8 == 0:
+        return int(ptr)
+    return None
 
 
 def _reply_bytes(reply: dict[str, Any]) -> int:

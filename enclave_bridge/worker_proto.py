@@ -42,26 +42,28 @@ class Term:
         return d
 
     @staticmethod
-    def from_wire(d: Any) -> Term:
+    def from_wire(d: Any, arena: Any = None) -> Term:
+        """Decode a term; `{shm: offset, shape}` inputs are views into the connection's arena."""
         if not isinstance(d, dict):
             raise WorkerError("term must be a map")
         slot, sign = d.get("slot"), d.get("sign")
         if not isinstance(slot, int) or not 0 <= slot < 8 or sign not in (1, -1):
             raise WorkerError("bad term slot/sign")
+        if "shm" in d:
+            off, shape = d.get("shm"), d.get("shape")
+            if arena is None or not isinstance(off, int) or not _good_shape(shape):
+                raise WorkerError("bad shared-memory term (attach first)")
+            try:
+                return Term(slot, int(sign), x=arena.view(off, tuple(shape), np.int64))
+            except TransportError as e:
+                raise WorkerError(str(e)) from e
         if "input" in d:
             try:
                 return Term(slot, int(sign), x=unpack_tensor(d["input"]))
             except TransportError as e:
                 raise WorkerError(str(e)) from e
         seed, shape = d.get("seed"), d.get("shape")
-        if (
-            not isinstance(seed, bytes)
-            or len(seed) != SEED_BYTES
-            or not isinstance(shape, list)
-            or not 0 < len(shape) <= 4
-            or not all(isinstance(s, int) and 0 < s < 1 << 24 for s in shape)
-            or int(np.prod(shape)) > 1 << 28
-        ):
+        if not isinstance(seed, bytes) or len(seed) != SEED_BYTES or not _good_shape(shape):
             raise WorkerError("bad seed term")
         return Term(slot, int(sign), seed=seed, shape=tuple(shape))
 
@@ -70,6 +72,15 @@ class Term:
             return self.x
         assert self.seed is not None and self.shape is not None
         return prg_uniform(self.seed, int(np.prod(self.shape))).reshape(self.shape)
+
+
+def _good_shape(shape: Any) -> bool:
+    return (
+        isinstance(shape, list)
+        and 0 < len(shape) <= 4
+        and all(isinstance(s, int) and 0 < s < 1 << 24 for s in shape)
+        and int(np.prod(shape)) <= 1 << 28
+    )
 
 
 __all__ = ["Term", "WorkerError"]
