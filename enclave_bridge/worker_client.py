@@ -17,8 +17,8 @@ import numpy as np
 
 from enclave_bridge.errors import TransportError
 from enclave_bridge.ring import P
-from enclave_bridge.wire import connect, pack_tensor, recv_frame, send_frame, unpack_tensor
 from enclave_bridge.shm import Arena, aligned
+from enclave_bridge.wire import connect, pack_tensor, recv_frame, send_frame, unpack_tensor
 from enclave_bridge.worker_proto import Term
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ def _offset_in(arena: Arena, x: np.ndarray) -> int | None:
     """Offset of `x` inside the arena if it is a contiguous view into it, else None."""
     base = np.frombuffer(arena._shm.buf, dtype=np.uint8)
     ptr = x.__array_interface__["data"][0] - base.__array_interface__["data"][0]
-    if x.flags.c_contiguous and 0 <= ptr and ptr + x.nbytes <= arena.size and ptr % 8 == 0:
+    if x.flags.c_contiguous and ptr >= 0 and ptr + x.nbytes <= arena.size and ptr % 8 == 0:
         return int(ptr)
     return None
 
