@@ -96,6 +96,8 @@ class Check:
         if not self.flat:
             u = np.zeros((reps, c, 1, v), dtype=np.int64)
             kernels.x_project(xq4, self.tv, 1, 1, 0, True, u)
+        elif taps > 1:
+            u = x_project_blas(xq4, self.tv.reshape(reps, bsz, -1, v), meta.stride, taps, pad)
         elif meta.stride == 1:
             u = np.zeros((reps, c, taps), dtype=np.int64)
             kernels.x_project_flat(xq4.reshape(bsz, c, t * v), self.tv, taps, pad, v, u)
@@ -104,6 +106,43 @@ class Check:
             tv4 = self.tv.reshape(reps, bsz, -1, v)
             kernels.x_project(xq4, tv4, meta.stride, taps, pad, False, u)
         return kernels.dot_mod(u.reshape(reps, -1), weight_times_s(self.op, self.s))
+
+
+_T_LO = 12  # t = hi·2^12 + lo: |x̂|·2^12·(T·V ≤ 2^21) < 2^53 keeps every float64 sum exact
+
+
+def x_project_blas(xq4: np.ndarray, tv4: np.ndarray, stride: int, taps: int, pad: int) -> np.ndarray:
+    """tᵀ·X̂ for a temporal conv with float64 BLAS, exactly: u[r, c, k] (int64, (R, C, taps)).
+
+    Row (b, t', v) of the conv's GEMM reads x̂[b, c, t'·stride + k − pad, v] for tap k, so
+    u[:, c, k] = Σ_(t, v) x̂[b, c, t, v]·T_k[(t, v)] with T_k the row vector t placed at the input
+    frames tap k reads. One GEMM (C × T·V) @ (T·V × taps·2R) per person-window; t is split into
+    12- and 11-bit halves so that |x̂|·2^12·T·V < 2^53: every sum is an exact integer.
+    """
+    bsz, c, t, v = xq4.shape
+    reps, _, t_out, _ = tv4.shape
+    lo = (tv4 & ((1 << _T_LO) - 1)).astype(np.float64)
+    hi = (tv4 >> _T_LO).astype(np.float64)
+    u = np.zeros((reps, c, taps), dtype=np.int64)
+    for b in range(bsz):
+        tm = np.zeros((t, v, taps, 2, reps))
+        for k in range(taps):
+            first = max(0, -((k - pad) // stride) if k < pad else 0)
+            while first * stride + k - pad < 0:
+                first += 1
+            last = t_out
+            while last > first and (last - 1) * stride + k - pad > t - 1:
+                last -= 1
+            if last <= first:
+                continue
+            rows = slice(first * stride + k - pad, (last - 1) * stride + k - pad + 1, stride)
+            tm[rows, :, k, 0, :] = lo[:, b, first:last, :].transpose(1, 2, 0)
+            tm[rows, :, k, 1, :] = hi[:, b, first:last, :].transpose(1, 2, 0)
+        x = torch.from_numpy(xq4[b].reshape(c, t * v)).to(torch.float64)
+        prod = (x @ torch.from_numpy(tm.reshape(t * v, -1))).numpy().reshape(c, taps, 2, reps)
+        part = prod[:, :, 0, :].astype(np.int64) + (prod[:, :, 1, :].astype(np.int64) << _T_LO)
+        u += part.transpose(2, 0, 1)
+    return u
 
 
 def weight_times_s(op: LinearOp, s: torch.Tensor) -> np.ndarray:

@@ -219,12 +219,15 @@ class WorkerCore:
 class LocalWorker:
     """In-process worker with the client's interface (tests, `worker=None`)."""
 
+    _count = 0  # distinct names in stats.worker_faults
+
     def __init__(
         self, device: str | None = None, tamper: str | None = None, tamper_rate: float = 0.0
     ) -> None:
         self.core = WorkerCore(device, tamper, tamper_rate)
         self.bytes_sent = self.bytes_received = 0
-        self.address = f"in-process:{self.core.device}"
+        LocalWorker._count += 1
+        self.address = f"in-process:{self.core.device}#{LocalWorker._count}"
 
     def load(self, model_id: str, ops: list[dict[str, Any]]) -> None:
         self.bytes_sent += sum(int(w.nbytes) for o in ops for w in o["slots"])

@@ -135,7 +135,7 @@ def finish(a, b, c, sb, sc, scale, tv, out, zhi, zlo):  # pragma: no cover - com
                     v += (v >> 63) & _P
                     v -= _P & ((_P - 1 - v) >> 63)
                     v -= _P & ((half - v) >> 63)
-                    bad += ((Y_BOUND - v) >> 63) | ((v + Y_BOUND) >> 63)
+                    bad -= ((Y_BOUND - v) >> 63) | ((v + Y_BOUND) >> 63)
                     out[bi, ci, ti, vi] = np.float32(np.float64(v) * scale[ci, vi])
                     hi = v >> 26
                     lo = v & _M26
@@ -164,7 +164,7 @@ def _run2(ar, br, sb, sf, t0, t1, orow, lo_, hi_):  # pragma: no cover - compile
         v += (v >> 63) & _P
         v -= _P & ((_P - 1 - v) >> 63)
         v -= _P & ((half - v) >> 63)
-        bad += ((Y_BOUND - v) >> 63) | ((v + Y_BOUND) >> 63)
+        bad -= ((Y_BOUND - v) >> 63) | ((v + Y_BOUND) >> 63)
         orow[li] = np.float32(np.float64(v) * sf)
         hi = v >> 26
         lo = v & _M26
@@ -192,7 +192,7 @@ def _run3(ar, br, cr, sb, sc, sf, t0, t1, orow, lo_, hi_):  # pragma: no cover -
         v += (v >> 63) & _P
         v -= _P & ((_P - 1 - v) >> 63)
         v -= _P & ((half - v) >> 63)
-        bad += ((Y_BOUND - v) >> 63) | ((v + Y_BOUND) >> 63)
+        bad -= ((Y_BOUND - v) >> 63) | ((v + Y_BOUND) >> 63)
         orow[li] = np.float32(np.float64(v) * sf)
         hi = v >> 26
         lo = v & _M26
@@ -256,12 +256,24 @@ def x_project_flat(xq, tv, taps, pad, nv, u):  # pragma: no cover - compiled
                 off = (k - pad) * nv
                 lo = max(0, -off)
                 hi = min(nl, nl - off)
-                for ri in range(nr):
-                    tr = tv[ri, bi]
-                    acc = np.int64(0)
-                    for li in range(lo, hi):
-                        acc += np.int64(xr[li + off]) * tr[li]
-                    u[ri, ci, k] += acc
+                for rp in range(0, nr - 1, 2):  # two repetitions per pass over the row
+                    a0, a1 = _dot2(xr, tv[rp, bi], tv[rp + 1, bi], off, lo, hi)
+                    u[rp, ci, k] += a0
+                    u[rp + 1, ci, k] += a1
+                if nr % 2:
+                    a0, _ = _dot2(xr, tv[nr - 1, bi], tv[nr - 1, bi], off, lo, hi)
+                    u[nr - 1, ci, k] += a0
+
+
+@nb.njit(**_opts)
+def _dot2(xr, t0, t1, off, lo, hi):  # pragma: no cover - compiled
+    a0 = np.int64(0)
+    a1 = np.int64(0)
+    for li in range(lo, hi):
+        xv = np.int64(xr[li + off])
+        a0 += xv * t0[li]
+        a1 += xv * t1[li]
+    return a0, a1
 
 
 @nb.njit(**_opts)
