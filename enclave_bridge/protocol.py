@@ -38,7 +38,7 @@ from enclave_bridge.errors import IntegrityError, TransportError
 from enclave_bridge.masking import DELEGATED_MODES, MASKED_MODES, WORKERS_NEEDED, MaskingEngine
 from enclave_bridge.pool import PrecomputePool, StageMasks, WindowKey, WindowMasks
 from enclave_bridge.quant import BX, act_exponent
-from enclave_bridge.ring import MaskRNG, prg_uniform
+from enclave_bridge.ring import MaskRNG, prg_raw
 from enclave_bridge.secure_layers import (
     LinearOp,
     QuantModel,
@@ -215,14 +215,13 @@ class _DelegatedBackend:
         if mode == "split2":
             seed = ev.rng.seed()
             with _Timer(ev.stats, "mask"):
-                r = prg_uniform(seed, n)
-                kernels.quant_mask(flat_h, scale, r, -1, flat_q, bar.reshape(-1))
+                kernels.quant_mask(flat_h, scale, prg_raw(seed, n), -1, flat_q, bar.reshape(-1))
             return [[Term(0, 1, x=bar)], [Term(0, 1, seed=seed, shape=shape)]], None
         seed_a, seed_b = ev.rng.seed(), ev.rng.seed()
         bar_b = self._buffer(1, shape, outs)
         with _Timer(ev.stats, "mask"):
-            kernels.quant_mask(flat_h, scale, prg_uniform(seed_a, n), 1, flat_q, bar.reshape(-1))
-            kernels.mask_from(flat_q, prg_uniform(seed_b, n), 1, bar_b.reshape(-1))
+            kernels.quant_mask(flat_h, scale, prg_raw(seed_a, n), 1, flat_q, bar.reshape(-1))
+            kernels.mask_from(flat_q, prg_raw(seed_b, n), 1, bar_b.reshape(-1))
         a = Term(0, 1, seed=seed_a, shape=shape)
         b = Term(1, 1, seed=seed_b, shape=shape)
         return [

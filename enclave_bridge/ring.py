@@ -94,6 +94,18 @@ def prg_uniform(seed: bytes, n: int) -> np.ndarray:
     return _keystream_uniform(n, lambda k: enc.update(bytes(k)))
 
 
+def prg_raw(seed: bytes, n: int) -> np.ndarray:
+    """The raw 64-bit keystream words behind `prg_uniform(seed, n)` (int64, not yet in F_p).
+
+    The enclave's fused kernels (`kernels.quant_mask`, `mask_from`) apply the same low-61-bit,
+    p ↦ 0 rule while they mask, which saves two passes over the mask.
+    """
+    if len(seed) != SEED_BYTES:
+        raise ValueError(f"PRG seed must be {SEED_BYTES} bytes")
+    enc = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_NONCE)).encryptor()
+    return np.frombuffer(enc.update(bytes(8 * n)), dtype=np.int64)
+
+
 def reduce(x: torch.Tensor) -> torch.Tensor:
     """Any int64 tensor → its representative in [0, p)."""
     return torch.remainder(x, P)
@@ -242,6 +254,7 @@ __all__ = [
     "exact_linear",
     "limb_bits",
     "mul_pow2",
+    "prg_raw",
     "prg_uniform",
     "reduce",
     "ring_matmul",
