@@ -42,6 +42,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         input_transform=args.input_transform,
         ema_decay=args.ema_decay,
         init_from=args.init_from or "",
+        real_windows=args.real_windows or "",
+        real_fraction=args.real_fraction,
         classes=CLASSES,
     )
     command = (
@@ -98,7 +100,30 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_realcheck(args: argparse.Namespace) -> int:
     from training.annotations import confusion_png, format_confusion
-    from training.realcheck import run_realcheck
+    from training.realcheck import export_windows, run_realcheck
+
+    if args.export_windows:
+        if not args.annotations or not args.clips:
+            print(
+                "--export-windows needs --annotations and the annotated clip names to export", file=sys.stderr
+            )
+            return 2
+        from training.evaluate import load_package
+
+        _, labels, meta = load_package(args.model)
+        counts = export_windows(
+            args.annotations,
+            args.clips,
+            args.export_windows,
+            meta,
+            args.clips_dir,
+            cache_dir=args.cache,
+            classes=labels,
+        )
+        for k, v in sorted(counts.items()):
+            print(f"  {k}: {v} windows")
+        print(f"{sum(counts.values())} windows in {args.export_windows}")
+        return 0
 
     report: dict[str, Any] = run_realcheck(
         args.model,
@@ -212,6 +237,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument(
         "--init-from", default=None, help="fine-tune: start from this package dir or model.pt (same classes)"
     )
+    p.add_argument(
+        "--real-windows", default=None, help="npz of annotated real windows (realcheck --export-windows)"
+    )
+    p.add_argument(
+        "--real-fraction", type=float, default=0.0, help="real windows per synthetic window each epoch"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_train)
@@ -259,6 +290,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--clips-dir", default=None, help="annotated clip paths are relative to this (default: its dir)"
     )
     r.add_argument("--png", default=None, help="with --annotations: save the confusion matrix here")
+    r.add_argument(
+        "--export-windows",
+        default=None,
+        metavar="NPZ",
+        help="save the annotated windows (stride 1) of the named clips for train --real-windows",
+    )
     r.set_defaults(func=_cmd_realcheck)
 
 

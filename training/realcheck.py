@@ -229,6 +229,81 @@ def classify_clip(
     }
 
 
+def export_windows(
+    annotations: str | Path,
+    clips: list[str] | tuple[str, ...],
+    out: str | Path,
+    meta: dict[str, Any],
+    clips_dir: str | Path | None = None,
+    stride: int = 1,
+    cache_dir: str | Path | None = None,
+    classes: tuple[str, ...] | list[str] = (),
+) -> dict[str, int]:
+    """Annotated training windows from real clips (`veilcam train --real-windows`): the daemon's
+    windows of each clip in `clips` (annotation clip names) every `stride` frames, labelled with
+    their reference label (`training.annotations.reference_label`); unlabelled windows are left
+    out. Saves `x` (N, 3, T, 18, M) float32, `y` (N,) int64 and the clip of each window to `out`
+    (npz). Clips used here are training clips: report realcheck on them apart from held-out ones."""
+    from training.annotations import reference_label
+
+    notes = load_annotations(annotations)
+    root = Path(clips_dir) if clips_dir else Path(annotations).resolve().parent
+    pose = PoseConfig()
+    fps = float(meta["fps"])
+    index = {c: i for i, c in enumerate(classes)}
+    xs: list[np.ndarray] = []
+    ys: list[int] = []
+    names: list[str] = []
+    counts: dict[str, int] = {}
+    for clip in clips:
+        mine = [a for a in notes if a.clip == clip]
+        if not mine:
+            raise StageError(f"clip {clip} has no annotations in {annotations}")
+        path = root / clip
+        frames, times, w, h, _ = extract_skeletons(
+            path, fps, KNOWN_CROPS.get(path.name), cache_dir, pose.backend, pose.backend_options()
+        )
+        for wi in clip_windows(frames, times, w, h, meta, WindowConfig(stride_frames=stride)):
+            ref = reference_label(wi.t0, wi.t1 + 1.0 / fps, mine, wi.track_ids[0] if wi.track_ids else -1)
+            if ref is None or ref not in index:
+                continue
+            xs.append(wi.data)
+            ys.append(index[ref])
+            names.append(clip)
+            counts[f"{clip}:{ref}"] = counts.get(f"{clip}:{ref}", 0) + 1
+    if not xs:
+        raise StageError("no annotated windows in the given clips")
+    np.savez_compressed(
+        out, x=np.stack(xs).astype(np.float32), y=np.asarray(ys, np.int64), clip=np.asarray(names)
+    )
+    return counts
+
+
+def reapply_rules(report: dict[str, Any], rules: AlertRules) -> dict[str, Any]:
+    """The same windows under other alert rules (a fresh `RuleEngine` per clip): how the
+    recall/false-alert trade-off of `min_score`/`min_windows` is measured without re-running pose
+    or the model. Returns a copy of `report` (without `scores`)."""
+    out = {**report, "rules": rules.to_dict(), "clips": []}
+    out.pop("scores", None)
+    for clip in report["clips"]:
+        engine = RuleEngine()
+        wins = []
+        for w in clip["windows"]:
+            label, score = w["top"][0]
+            wins.append({**w, "alert": engine.decide(DEVICE, rules, w["track"], label, score, w["t1"])})
+        alerts = [w for w in wins if w["alert"] and w["label"] == FALL_LABEL]
+        out["clips"].append(
+            {
+                **clip,
+                "windows": wins,
+                "min_score": rules.score_for(FALL_LABEL),
+                "fall_alerts": len(alerts),
+                "fall_alert_times": [(w["t0"], w["t1"]) for w in alerts],
+            }
+        )
+    return out
+
+
 def rules_and_window(
     config: str | Path | None, min_score: float | None = None
 ) -> tuple[AlertRules, WindowConfig]:
@@ -302,7 +377,9 @@ __all__ = [
     "KNOWN_CROPS",
     "classify_clip",
     "clip_windows",
+    "export_windows",
     "extract_skeletons",
+    "reapply_rules",
     "rules_and_window",
     "run_realcheck",
 ]

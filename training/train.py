@@ -29,7 +29,7 @@ from tqdm import tqdm
 from enclave_bridge.errors import CheckpointError, ConfigError
 from enclave_bridge.model_inputs import INPUT_TRANSFORMS, apply_input_transform
 from enclave_bridge.stgcn import STGCN
-from training.dataset import SplitSpec, batches, epoch_spec, make_arrays
+from training.dataset import SplitSpec, augment_real, batches, epoch_spec, load_real_windows, make_arrays
 from training.synth import CLASSES, SynthConfig
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ class TrainConfig:
     input_transform: str = "reference"  # what the enclave applies before ST-GCN (model.json)
     ema_decay: float = 0.0  # > 0: validate and ship an exponential moving average of the weights
     init_from: str = ""  # start from these weights (a package dir or model.pt): fine-tuning
+    real_windows: str = ""  # npz of annotated real windows (`training.realcheck.export_windows`)
+    real_fraction: float = 0.0  # per epoch: this many real windows (augmented) per synthetic one
     classes: tuple[str, ...] = field(default=CLASSES)
 
     def validate(self) -> None:
@@ -77,6 +79,8 @@ class TrainConfig:
             )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.real_fraction <= 1.0 or (self.real_fraction > 0 and not self.real_windows):
+            raise ConfigError("real_fraction must be in [0, 1] and needs real_windows")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.lr <= 0 or self.stride < 1 or self.T < 4 or self.fps <= 0 or self.M < 1:
@@ -221,9 +225,15 @@ def train(
     # every invocation that contributed (the first run, then each --resume), in order
     history.setdefault("commands", [])
     history["commands"].append(cmd)
+    real = load_real_windows(cfg.real_windows, cfg) if cfg.real_windows and cfg.real_fraction > 0 else None
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.monotonic()
         x, y = make_arrays(epoch_spec(cfg.seed, epoch, cfg.train_per_epoch), cfg.synth)
+        if real is not None:
+            rx, ry = augment_real(
+                *real, int(cfg.real_fraction * len(y)), np.random.default_rng([cfg.seed, 11, epoch])
+            )
+            x, y = np.concatenate([x, rx]), np.concatenate([y, ry])
         x = apply_input_transform(x, cfg.input_transform)
         gen_s = time.monotonic() - t0
         model.train()
