@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import weakref
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -52,6 +53,8 @@ class Arena:
             raise TransportError("shared-memory segment smaller than announced")
         self.size = size
         self.name = self._shm.name
+        if self.owner:  # unlinked even if the client is dropped without close() (or at exit)
+            self._finalizer = weakref.finalize(self, _unlink, self._shm)
 
     def view(self, offset: int, shape: tuple[int, ...], dtype: np.dtype | str = np.int64) -> np.ndarray:
         """An ndarray over [offset, offset + nbytes) — bounds checked (offsets come from a peer)."""
@@ -66,8 +69,14 @@ class Arena:
         with contextlib.suppress(Exception):
             self._shm.close()
         if self.owner:
-            with contextlib.suppress(Exception):
-                self._shm.unlink()
+            self._finalizer()
+
+
+def _unlink(shm: shared_memory.SharedMemory) -> None:
+    with contextlib.suppress(Exception):
+        shm.close()
+    with contextlib.suppress(Exception):
+        shm.unlink()
 
 
 def _attach(name: str) -> shared_memory.SharedMemory:
