@@ -28,6 +28,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,79 @@ def bench_clip(clip: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def rss_mb(pid: int | None) -> float:
+    """Resident memory of a process (Linux /proc), MB; 0 when unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0.0
+
+
+def bench_shared(clip: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """N cameras (threads, each waiting for its answer like the daemon's pose stage) served by one
+    shared pose process vs by N processes of their own; total frames/s, per-camera spread, RSS."""
+    from pipeline.messages import Frame
+    from stages.pose.server import PoseServer
+
+    frames = decode(clip, max(4, args.shared_frames // 4), args.start, None, args.step)
+    name, opts = backend_options(args.backends.split(",")[1 if "," in args.backends else 0])
+    opts = {**opts, "threads": args.threads} if args.threads is not None else opts
+    rows = []
+    for n in (int(v) for v in args.shared.split(",")):
+        for mode in ("shared", "separate"):
+            servers = [PoseServer(name, opts) for _ in range(1 if mode == "shared" else n)]
+            for srv in servers:
+                srv.start()
+            per_cam = [0] * n
+
+            def camera(i: int, srv: PoseServer, per_cam: list[int] = per_cam) -> None:
+                for k in range(args.shared_frames):
+                    srv.submit(Frame(f"cam{i}", k, 0.0, 0.0, frames[k % len(frames)])).result(timeout=600)
+                    per_cam[i] += 1
+
+            for i in range(n):  # warm-up: one frame per camera
+                servers[i % len(servers)].submit(Frame(f"cam{i}", -1, 0.0, 0.0, frames[0])).result(
+                    timeout=600
+                )
+            threads = [threading.Thread(target=camera, args=(i, servers[i % len(servers)])) for i in range(n)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            rss = sum(rss_mb(srv.pid) for srv in servers)
+            batches = sum(srv.stats.batches for srv in servers)
+            done = sum(srv.stats.frames for srv in servers)
+            for srv in servers:
+                srv.close()
+            rows.append(
+                {
+                    "cameras": n,
+                    "mode": mode,
+                    "processes": len(servers),
+                    "backend": name + (f":{opts['precision']}" if "precision" in opts else ""),
+                    "fps_total": round(n * args.shared_frames / wall, 2),
+                    "fps_per_camera_min": round(min(per_cam) / wall, 2),
+                    "mean_batch": round(done / max(1, batches), 2),
+                    "rss_mb_total": rss,
+                }
+            )
+    print(f"\n{clip.name}: N cameras through one shared pose process vs one process each")
+    print(
+        f"{'cameras':>8}{'mode':>10}{'procs':>7}{'fps total':>11}{'min cam fps':>13}{'batch':>7}{'RSS MB':>9}"
+    )
+    for r in rows:
+        print(
+            f"{r['cameras']:>8}{r['mode']:>10}{r['processes']:>7}{r['fps_total']:>11.2f}"
+            f"{r['fps_per_camera_min']:>13.2f}{r['mean_batch']:>7.2f}{r['rss_mb_total']:>9.1f}"
+        )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clip", type=Path, action="append", help="repeatable (default: samples/vtest.avi)")
@@ -264,13 +338,17 @@ def main() -> None:
     ap.add_argument(
         "--match-px", type=float, default=10.0, help="agreement: max mean joint distance of a pair"
     )
+    ap.add_argument("--shared", default=None, help="also compare shared vs per-camera processes, e.g. 1,2,4")
+    ap.add_argument("--shared-frames", type=int, default=20, help="frames per camera in --shared runs")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "pose_fps.json")
     args = ap.parse_args()
 
     if args.threads is not None:
         cv2.setNumThreads(args.threads)
     load_start = os.getloadavg()[0]
-    runs = [bench_clip(c, args) for c in (args.clip or [REPO / "samples" / "vtest.avi"])]
+    clips = args.clip or [REPO / "samples" / "vtest.avi"]
+    runs = [bench_clip(c, args) for c in clips]
+    shared = bench_shared(clips[0], args) if args.shared else None
     try:
         import openvino
 
@@ -288,7 +366,7 @@ def main() -> None:
         "loadavg_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"machine": machine, "runs": runs, "shared": shared}, indent=2) + "\n")
     print(
         f"\n{machine['cpus']} CPUs ({machine['processor']}), cv2 threads {machine['cv2_threads']}, "
         f"openvino {ov_version}, load avg {machine['loadavg_1m']}; wrote {args.out}"
