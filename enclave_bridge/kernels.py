@@ -78,7 +78,7 @@ def quant_mask(h, scale, r, sign, xq, bar):  # pragma: no cover - compiled
             m = r[i] & _P
             if m == _P:
                 m = 0
-            v = q + m if sign > 0 else q - m  # in (−p, p + 2^20)
+            v = q + m if sign > 0 else q + (_P - m)  # both in (−2^20, p + 2^20)  # in (−p, p + 2^20)
             if v < 0:
                 v += _P
             elif v >= _P:
@@ -93,7 +93,7 @@ def mask_from(xq, r, sign, bar):  # pragma: no cover - compiled
         m = r[i] & _P
         if m == _P:
             m = 0
-        v = np.int64(xq[i]) + m if sign > 0 else np.int64(xq[i]) - m
+        v = np.int64(xq[i]) + m if sign > 0 else np.int64(xq[i]) + (_P - m)
         if v < 0:
             v += _P
         elif v >= _P:

@@ -201,10 +201,12 @@ class RingWeight:
             raise ValueError("ring weight must be (D, C_out)")
         wc = centred(w_ring.to(torch.int64))
         d = int(w_ring.shape[0])
-        l1 = int(wc.abs().sum(dim=0).max().item()) if wc.numel() else 0
+        # decide in float64 first: Σ|centred| of a full ring column (≈ 2^60 per entry) overflows int64
+        approx = float(wc.abs().to(torch.float64).sum(dim=0).max().item()) if wc.numel() else 0.0
         self.shape = tuple(w_ring.shape)
         self.parts: list[tuple[int, torch.Tensor, int]] = []  # (shift, float64 limb, l1 bound)
-        if l1 < 2**40:  # small: one signed matrix, inputs split into ≥ 13-bit limbs
+        if approx < 2**40:  # small: one signed matrix, inputs split into ≥ 13-bit limbs
+            l1 = int(wc.abs().sum(dim=0).max().item()) if wc.numel() else 0  # exact: no overflow here
             self.parts.append((0, wc.to(torch.float64).to(device), max(l1, 1)))
             return
         best: tuple[int, int] | None = None

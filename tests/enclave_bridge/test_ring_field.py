@@ -167,19 +167,7 @@ def _mask_cases() -> tuple[np.ndarray, np.ndarray]:
     return x, r
 
 
-@pytest.mark.parametrize(
-    "sign",
-    [
-        1,
-        pytest.param(
-            -1,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG kernels.quant_mask/mask_from (kernels.py:81,96): x̂ − r < −p not reduced",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("sign", [1, -1])
 def test_quant_mask_kernel_masks_exactly_at_the_edges(sign):
     """x̄ = (x̂ ± r) mod p from the fused kernels, in [0, p), for every x̂ and every ring r.
 
@@ -280,14 +268,8 @@ def test_exact_linear_splits_signed_input_when_needed():
     assert np.array_equal(got.numpy(), _ref_linear(OpMeta("dense"), to_ring(xq), to_ring(w)))
 
 
-_RW_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG ring.RingWeight (ring.py:204): int64 overflow of Σ|centred(w)| → full ring weights "
-    "taken for small ones when every column's sum wraps negative",
-)
 
 
-@_RW_BUG
 def test_ring_weight_single_full_ring_column_of_many_rows():
     """A full-ring column with D ≥ 8 rows: Σ_d |centred(w_d)| exceeds 2^63 (paper's W̄ and split3's
     shares are such columns; the fc of a 5-class model has 5 of them, all wrapping with p ≈ 2^-5)."""
