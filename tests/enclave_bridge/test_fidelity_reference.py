@@ -52,7 +52,7 @@ def _rel_err(out: np.ndarray, ref: np.ndarray) -> float:
 @pytest.mark.parametrize(
     ("layout", "num_class", "joints", "modes", "t"),
     [
-        ("openpose", 400, 18, ("enclave", "slalom", "paper", "split2", "split3"), 12),
+        ("openpose", 400, 18, ("enclave", "slalom", "paper", "split2", "split3"), 8),
         ("ntu-rgb+d", 60, 25, ("enclave", "slalom", "split2", "split3"), 8),
     ],
 )
