@@ -179,7 +179,7 @@ class ServerStats:
 class PoseServer:
     """The shared pose child plus the dispatcher thread that batches the cameras' frames."""
 
-    def __init__(self, backend: str, options: dict[str, Any], max_batch: int = 8) -> None:
+    def __init__(self, backend: str, options: dict[str, Any], max_batch: int = 4) -> None:
         if max_batch < 1:
             raise StageError(f"shared pose: max_batch must be >= 1, got {max_batch}")
         self.backend = backend
