@@ -5,6 +5,7 @@ files corrupted in the ways disks and uploads corrupt them."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from pathlib import Path
 
@@ -161,8 +162,11 @@ def test_malformed_video_files(tmp_path: Path, name: str) -> None:
         assert [f.seq for f in frames] == list(range(len(frames)))
 
 
-def test_evaluator_act_limbs_is_validated_and_reaches_the_evaluator() -> None:
+def test_evaluator_act_limbs_is_validated_and_obsolete(caplog: pytest.LogCaptureFixture) -> None:
+    """`act_limbs` is obsolete (one 20-bit ring element per activation): old configs with 1, 2 or
+    3 still validate, 2/3 are logged and ignored; anything else is a config error."""
     from enclave_bridge.enclave import make_evaluator
+    from enclave_bridge.protocol import SecureEvaluator
     from tests.enclave_bridge.secure_helpers import calibrated_model
 
     ok = {**_ENCLAVE_GOOD, "evaluator": {"mode": "enclave", "worker": None, "act_limbs": 1}}
@@ -174,6 +178,17 @@ def test_evaluator_act_limbs_is_validated_and_reaches_the_evaluator() -> None:
             continue
         with pytest.raises(ConfigError, match="act_limbs"):
             validate_enclave_config(cfg, "eval")
+    for old in (2, 3):
+        legacy = {**_ENCLAVE_GOOD, "evaluator": {"mode": "enclave", "worker": None, "act_limbs": old}}
+        validate_enclave_config(legacy, "eval")
     model = calibrated_model(4, seed=1, t=8, m=1)
-    assert make_evaluator(model, "enclave", None, None, 1).qm.act_limbs == 1
-    assert make_evaluator(model, "enclave", None).qm.act_limbs == 2
+    x = np.zeros((1, 3, 8, 18, 1), np.float32)
+    x[0, :, :, :, 0] = 0.1
+    ref = SecureEvaluator(model, "slalom").exact_reference(x)
+    with caplog.at_level(logging.WARNING, logger="enclave_bridge.enclave"):
+        assert np.array_equal(make_evaluator(model, "slalom", None, None, 1).evaluate(x), ref)
+        assert "obsolete" not in caplog.text
+        assert np.array_equal(make_evaluator(model, "slalom", None, None, 2).evaluate(x), ref)
+        assert "act_limbs is obsolete" in caplog.text
+    with pytest.raises(ValueError, match="act_limbs"):
+        SecureEvaluator(model, "enclave", act_limbs=2)
