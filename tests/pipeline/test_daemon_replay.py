@@ -145,7 +145,8 @@ def test_failed_camera_is_given_up_within_budget_and_the_daemon_survives(
         cameras={
             "gate": CameraConfig(
                 source=f"rtsp://127.0.0.1:{unused_tcp_port}/live",
-                reconnect=ReconnectConfig(open_timeout_s=1),
+                # down at start: reconnect loop first (1 attempt here), then the supervisor's budget
+                reconnect=ReconnectConfig(open_timeout_s=1, initial_backoff_s=0.05, max_attempts=1),
             ),
             "file": CameraConfig(source=str(VTEST), max_frames=12),
         },

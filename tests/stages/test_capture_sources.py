@@ -103,7 +103,9 @@ def closed_port() -> int:
 def test_unreachable_rtsp_is_a_clear_stage_error() -> None:
     port = closed_port()
     cfg = CameraConfig(
-        source=f"rtsp://user:secret@127.0.0.1:{port}/live", reconnect=ReconnectConfig(open_timeout_s=2)
+        source=f"rtsp://user:secret@127.0.0.1:{port}/live",
+        # a camera down at start is retried like a dropped one (forever by default); give up after 1
+        reconnect=ReconnectConfig(open_timeout_s=2, initial_backoff_s=0.05, max_attempts=1),
     )
     with pytest.raises(StageError) as ei:
         run_capture(cfg)
