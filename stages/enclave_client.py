@@ -10,8 +10,10 @@
   bytes. It is *not* an enclave: the model and the data key live in the daemon's memory.
 
 `EnclaveStage` is the thread between the windows queue and the outbox. Rejections are counted and
-logged by reason without payload; transport errors are retried with backoff, then the window is
-dropped (counted) — alerts, once produced, are never dropped: they go to the outbox first.
+logged by reason without payload; transport errors are retried with backoff for up to
+`retry_timeout_s`, then the window is dropped (counted; the daemon exits non-zero). With the
+outbox as its journal, a window is on disk before the enclave sees it and its alerts are stored in
+the transaction that removes it — alerts, once numbered, are never dropped, even by a crash.
 """
 
 from __future__ import annotations
