@@ -107,3 +107,61 @@ def test_pose_process_close_from_several_threads(tmp_path: Path) -> None:
             th.join(30)
         proc.close()  # and once more, afterwards
         assert errors == [] and proc.pid is None
+
+
+def test_daemon_keeps_a_camera_down_at_start_running(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The whole daemon, default settings: a live camera that never comes up is not given up (the
+    issue's daemon exited 1 after 31 s); it keeps reconnecting until shut down, cleanly."""
+    import logging
+    import socket
+
+    import torch
+
+    from config.schema import EnclaveConfig, MetricsConfig, PoseConfig, SupervisorConfig, VeilcamConfig
+    from enclave_bridge.keys import PartyKey, generate_data_key
+    from enclave_bridge.stgcn import STGCN
+    from pipeline.daemon import Daemon, ListSink, make_local_enclave
+
+    model = tmp_path / "model"
+    model.mkdir()
+    torch.manual_seed(3)
+    torch.save(STGCN(2).state_dict(), model / "model.pt")
+    (model / "labels.txt").write_text("calm\nbusy\n")
+    (model / "model.json").write_text(json.dumps({"T": 8, "stride": 4, "fps": 10}))
+    (tmp_path / "pose").mkdir()
+    (tmp_path / "pose" / "c_000000000000_keypoints.json").write_text(json.dumps({"people": []}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    key = generate_data_key()
+    cfg = VeilcamConfig(
+        state_dir=tmp_path / "state",
+        data_key_path=tmp_path / "unused.key",
+        enclave=EnclaveConfig(model_dir=model),
+        metrics=MetricsConfig(enabled=False),
+        supervisor=SupervisorConfig(max_restarts=2, window_s=60, backoff_s=0.05),
+        cameras={
+            "gate": CameraConfig(
+                source=f"rtsp://127.0.0.1:{port}/live",
+                reconnect=ReconnectConfig(initial_backoff_s=0.05, max_backoff_s=0.2, open_timeout_s=1),
+                pose=PoseConfig(backend="openpose-json", options={"directory": str(tmp_path / "pose")}),
+            )
+        },
+    )
+    link = make_local_enclave(cfg, key, [PartyKey.generate("consumer", "ops").public])
+    daemon = Daemon(cfg, key=key, link=link, sink=ListSink(), metrics=False)
+    caplog.set_level(logging.INFO)
+    daemon.start()
+    gate = daemon.cameras["gate"]
+    deadline = time.monotonic() + 60
+    while gate.stats.get("reconnects") < 8:  # well past the supervisor's budget of 2 restarts
+        assert gate.stats.status != "failed", "camera given up"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert gate.stats.get("stage_restarts") == 0 and gate.stats.status == "running"
+    daemon.request_shutdown()
+    daemon.run_until_done(tick_s=0.1)
+    assert gate.stats.status != "failed"
+    assert "AttributeError" not in caplog.text and "Traceback" not in caplog.text
