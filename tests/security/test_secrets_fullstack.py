@@ -170,17 +170,25 @@ def test_full_replay_leaks_nothing(mosquitto, monkeypatch: pytest.MonkeyPatch) -
         computes = [f for f in to_worker if isinstance(f, dict) and f.get("op") == "compute"]
         loads = [f for f in to_worker if isinstance(f, dict) and f.get("op") == "load"]
         assert computes and loads
-        # what the worker saw is uniformly masked: inputs and weights alike
+        # what the worker saw is uniformly masked: inputs and weights alike (protocol v2: terms
+        # carry inline int64 tensors over TCP, a load carries each op's weight slots)
+        n_inputs = n_weights = 0
         for f in computes:
-            x = unpack_tensor(f["input"])
-            assert near_zero_fraction(x) < 0.02, "unmasked input reached the GPU worker"
+            for term in f["terms"]:
+                assert "shm" not in term  # a TCP worker gets inline tensors, nothing else
+                x = unpack_tensor(term["input"])
+                assert x.dtype == np.int64 and x.min() >= 0 and x.max() < P
+                assert near_zero_fraction(x) < 0.02, "unmasked input reached the GPU worker"
+                n_inputs += 1
         for f in loads:
             for op in f["ops"]:
-                for v in op.values():
-                    if isinstance(v, dict) and {"dtype", "shape", "data"} <= set(v):
-                        w = unpack_tensor(v)
-                        if w.dtype.kind in "iu" and w.size >= 64:
-                            assert near_zero_fraction(w) < 0.02, "unmasked weights reached the GPU worker"
+                for v in op["slots"]:
+                    w = unpack_tensor(v)
+                    assert w.dtype == np.int64
+                    if w.size >= 64:
+                        assert near_zero_fraction(w) < 0.02, "unmasked weights reached the GPU worker"
+                        n_weights += 1
+        assert n_inputs >= len(computes) and n_weights > 10
 
         sources: dict[str, bytes] = {
             "daemon log": daemon_log.read_bytes(),
