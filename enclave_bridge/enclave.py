@@ -206,8 +206,11 @@ class RequestServer:
     def connections(self) -> int:
         return self.limiter.accepted
 
-    def serve(self, addr: str, ready: Callable[[], None] | None = None) -> None:
-        self._sock = listen(addr)
+    def serve(
+        self, addr: str, ready: Callable[[], None] | None = None, sock: socket.socket | None = None
+    ) -> None:
+        """Serve on `addr` (or on `sock`, already bound to it by `wire.listen`) until `stop()`."""
+        self._sock = sock if sock is not None else listen(addr)
         log.info("%s listening on %s", self.name, addr)
         if ready:
             ready()
@@ -822,16 +825,23 @@ def run_enclave(
 ) -> int:
     """Entry point of `veilcam enclave`."""
     cfg = load_enclave_config(config_path, "eval")
-    backend = make_backend(cfg, platform_key, "eval")
-    enclave = open_state(lambda: EvaluationEnclave(cfg, backend, state_dir), backend, state_dir)
-    if policy_path:
-        from enclave_bridge.policy import load_policy_doc
-
-        enclave.h_set_policy(Connection("cli"), {"policy": load_policy_doc(policy_path)})
+    # bind first: a second instance on a live socket must refuse before it touches the sealed state
+    sock = listen(listen_addr)
     try:
-        enclave.fetch_data_keys()
-    except VeilcamError as e:
-        log.warning("data keys not available yet (%s); will retry when a window arrives", e)
+        backend = make_backend(cfg, platform_key, "eval")
+        enclave = open_state(lambda: EvaluationEnclave(cfg, backend, state_dir), backend, state_dir)
+        if policy_path:
+            from enclave_bridge.policy import load_policy_doc
+
+            enclave.h_set_policy(Connection("cli"), {"policy": load_policy_doc(policy_path)})
+        try:
+            enclave.fetch_data_keys()
+        except VeilcamError as e:
+            log.warning("data keys not available yet (%s); will retry when a window arrives", e)
+    except BaseException:
+        unlink_socket(sock)
+        sock.close()
+        raise
     log.info(
         "evaluation enclave ready: backend %s, measurement %s, signing key %s, mode %s",
         backend.name,
@@ -841,7 +851,7 @@ def run_enclave(
     )
     server = RequestServer("enclave", enclave.handlers())
     install_signal_handlers(server)
-    server.serve(listen_addr)
+    server.serve(listen_addr, sock=sock)
     return 0
 
 

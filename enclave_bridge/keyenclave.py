@@ -44,6 +44,7 @@ from enclave_bridge.enclave import (
 from enclave_bridge.errors import AttestationError, ConfigError, IntegrityError
 from enclave_bridge.keys import DataKey, b64d, verify_ed25519
 from enclave_bridge.sealing import SealedStore, Sealer
+from enclave_bridge.wire import listen, unlink_socket
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +185,15 @@ class KeyEnclave:
 def run_key_enclave(config_path: str, state_dir: str, listen_addr: str, platform_key: str | None) -> int:
     """Entry point of `veilcam key-enclave`."""
     cfg = load_enclave_config(config_path, "key")
-    backend = make_backend(cfg, platform_key, "key")
-    ke = open_state(lambda: KeyEnclave(cfg, backend, state_dir), backend, state_dir)
+    # bind first: a second instance on a live socket must refuse before it touches the sealed state
+    sock = listen(listen_addr)
+    try:
+        backend = make_backend(cfg, platform_key, "key")
+        ke = open_state(lambda: KeyEnclave(cfg, backend, state_dir), backend, state_dir)
+    except BaseException:
+        unlink_socket(sock)
+        sock.close()
+        raise
     log.info(
         "key enclave ready: backend %s, measurement %s, signing key %s",
         backend.name,
@@ -197,7 +205,7 @@ def run_key_enclave(config_path: str, state_dir: str, listen_addr: str, platform
         "key-enclave", ke.handlers(), max_request_bytes=1024 * 1024, max_connections=32, idle_timeout_s=60.0
     )
     install_signal_handlers(server)
-    server.serve(listen_addr)
+    server.serve(listen_addr, sock=sock)
     return 0
 
 
