@@ -229,6 +229,8 @@ class RingWeight:
         x_abs_max: int = P - 1,
     ) -> torch.Tensor:
         """Exact fn(x, W) mod p for x int64 in [0, p), or signed with |x| ≤ x_abs_max."""
+        if x.device.type == "cpu":
+            return self._apply_cpu(fn, x, x_abs_max)
         acc: torch.Tensor | None = None
         for shift, w, l1 in self.parts:
             part = exact_linear(lambda t, w=w: fn(t, w), x, x_abs_max, l1)
@@ -236,6 +238,43 @@ class RingWeight:
             acc = part if acc is None else add_mod(acc, part)
         assert acc is not None
         return acc
+
+    def _apply_cpu(
+        self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, x_abs_max: int
+    ) -> torch.Tensor:
+        """CPU path: each input limb is extracted once and every partial product is reduced,
+        rotated and accumulated in one fused pass (`kernels.limb_f64`, `kernels.acc_part`)."""
+        from enclave_bridge import kernels
+
+        if bool((x < 0).any()):
+            pos = self._apply_cpu(fn, x.clamp(min=0), x_abs_max)
+            neg = self._apply_cpu(fn, (-x).clamp(min=0), x_abs_max)
+            return sub_mod(pos, neg)
+        xn = np.ascontiguousarray(x.numpy()).reshape(-1)
+        nbits = max(int(x_abs_max).bit_length(), 1)
+        limbs: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        acc: np.ndarray | None = None
+        shape: tuple[int, ...] = ()
+        for w_shift, w, l1 in self.parts:
+            b = nbits if x_abs_max * l1 < EXACT else limb_bits(l1)
+            if b not in limbs:
+                parts = []
+                for sx in range(0, nbits, b):
+                    buf = np.empty(xn.size, np.float64)
+                    kernels.limb_f64(xn, sx, (1 << b) - 1 if b < 63 else -1, buf)
+                    parts.append((sx, torch.from_numpy(buf).view(x.shape)))
+                limbs[b] = parts
+            for sx, xl in limbs[b]:
+                yt = fn(xl, w)
+                y = np.ascontiguousarray(yt.numpy()).reshape(-1)
+                if acc is None:
+                    shape = tuple(yt.shape)
+                    acc = np.empty(y.size, np.int64)
+                    kernels.acc_part(acc, y, sx + w_shift, True)
+                else:
+                    kernels.acc_part(acc, y, sx + w_shift, False)
+        assert acc is not None
+        return torch.from_numpy(acc).view(shape)
 
 
 def ring_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
