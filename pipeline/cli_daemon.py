@@ -86,7 +86,8 @@ def unproductive_camera(cam: Any) -> str | None:
             "(reason logged above; unknown_kid = a data key the enclave was never given)"
         )
     ended = cam.end is not None and cam.end.reason in ("eof", "max_frames", "truncated")
-    if ended and submitted == 0:
+    # windows a killed previous run already evaluated (a resumed replay skips them) count as done
+    if ended and submitted + cam.stats.get("windows_skipped_done") == 0:
         return (
             f"camera {cam.device}: no window was evaluated ({cam.stats.get('frames_captured')} frame(s) "
             f"captured, {cam.stats.get('windows_sealed')} window(s) sealed, "
