@@ -208,3 +208,17 @@ def test_window_dropped_after_retry_timeout_fails_the_run(dep, tmp_path: Path) -
     text = generate_latest(registry).decode()
     n = cam.stats.get("windows_dropped")
     assert f'veilcam_events_total{{camera="{cam.device}",event="windows_dropped"}} {n}.0' in text
+
+
+def test_resumed_replay_with_every_window_done_is_not_an_unproductive_camera() -> None:
+    """Killed after its last window was stored: the restarted run skips every window (done by the
+    previous run) and must exit 0, not report "no window was evaluated"."""
+    from types import SimpleNamespace
+
+    from pipeline.cli_daemon import unproductive_camera
+
+    stats = CameraStats("gate")
+    cam = SimpleNamespace(device="gate", stats=stats, end=EndOfStream("gate", 99, time.time(), reason="eof"))
+    assert unproductive_camera(cam) is not None  # nothing evaluated at all: an error
+    stats.inc("windows_skipped_done", 12)
+    assert unproductive_camera(cam) is None
