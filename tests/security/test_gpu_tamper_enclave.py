@@ -2,8 +2,9 @@
 
 The enclave's worker address points at a `TcpProxy` (test-owned forwarder) whose upstream is
 switched between `veilcam gpu-worker` processes started with `--tamper flip|scale --tamper-rate r`.
-Every tampered reply must fail Freivalds (counted) and be recomputed in the enclave: the alert's
-probabilities equal, bit for bit, an enclave-only evaluation of the same window.
+Every tampered reply must fail Freivalds (counted, blamed on the worker) and be recomputed in the
+enclave: the alert's probabilities equal, bit for bit, the exact integer reference of the
+delegated modes (`SecureEvaluator.exact_reference`; `enclave` mode is the float32 model now).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _run(rates: list[tuple[str, float]], windows: int) -> None:
                     r = c.submit(seal_window(dep.dk, "cam1", seq, 0.0, 1.0, x))
                     assert r.status == "ok" and len(r.alerts) == 1
                     got = opener.open(r.alerts[0])
-                    probs = softmax(np.asarray(reference.evaluate(x[None]), dtype=np.float64)[0])
+                    probs = softmax(np.asarray(reference.exact_reference(x[None]), dtype=np.float64)[0])
                     expect = sorted(
                         ((LABELS[i], float(probs[i])) for i in range(len(LABELS))), key=lambda t: -t[1]
                     )
@@ -77,8 +78,11 @@ def _run(rates: list[tuple[str, float]], windows: int) -> None:
                     k: after[k] - before[k]
                     for k in ("delegated_ops", "freivalds_failures", "transport_errors", "enclave_recomputes")
                 }
+                faults = after.get("worker_faults", {})
+                results[spec]["blamed"] = sum(faults.values()) - sum(before.get("worker_faults", {}).values())
         for spec, d in results.items():
             assert d["transport_errors"] == 0 and d["delegated_ops"] > 0, (spec, d)
+            assert d["blamed"] == d["freivalds_failures"], (spec, d)  # each failure named the worker
             if spec[1] == 0.0:
                 assert d["freivalds_failures"] == 0, (spec, d)
             elif spec[1] == 1.0:
