@@ -175,7 +175,17 @@ class WorkerClient:
                 out_offs.append(pos)
                 pos += aligned(8 * int(np.prod(shp)))
             msg["out"] = out_offs
-        reply = self._call_raw(msg)
+        try:
+            reply = self._call_raw(msg)
+        except TransportError as e:
+            # A connection the worker closed while idle (its idle timeout) fails at once: compute is
+            # stateless, so reconnect (re-attaching the arena) and send it again, once. A timeout
+            # is not retried: a hung worker must cost one timeout_s, not two.
+            if "timed out" in str(e):
+                raise
+            log.info("gpu worker %s connection lost (%s): reconnecting once", self.address, e)
+            self._connection()
+            reply = self._call_raw(msg)
         if not reply.get("ok") and reply.get("code") == "unknown_model" and model_id in self._models:
             self._load_raw(model_id, self._models[model_id])
             reply = self._call_raw(msg)
