@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="torch device")
     p.add_argument(
         "--tamper",
-        choices=["flip", "scale", "replace"],
+        choices=["flip", "scale", "replace", "garbage", "stall"],
         default=None,
         help="fault injection: corrupt replies (to demonstrate detection)",
     )

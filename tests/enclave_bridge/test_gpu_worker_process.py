@@ -257,14 +257,6 @@ def test_split_modes_with_worker_processes_exact_and_equal_to_slalom(sockdir, mo
             p.stop()
 
 
-_CLI_TAMPER = pytest.mark.xfail(
-    strict=True,
-    raises=TransportError,
-    reason="BUG pipeline/cli_worker.py:31: --tamper choices lack 'garbage' and 'stall'",
-)
-
-
-@_CLI_TAMPER
 def test_split3_one_garbage_process_named_by_address(sockdir, model, x, reference):
     procs = _parties(sockdir, 3, {2: ("--tamper", "garbage", "--tamper-rate", "1.0")})
     try:
@@ -279,7 +271,6 @@ def test_split3_one_garbage_process_named_by_address(sockdir, model, x, referenc
             p.stop()
 
 
-@_CLI_TAMPER
 def test_split3_one_stalled_process_times_out_and_the_window_stays_exact(sockdir, model, x, reference):
     """Party B never answers (`--tamper stall`): the request times out (short timeout_s), the
     window is finished in the enclave with exact logits, and the timeout is counted."""
