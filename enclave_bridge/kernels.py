@@ -208,7 +208,7 @@ def finish_flat(a, b, c, sb, sc, scale_c, tv, out, zc):  # pragma: no cover - co
     """`finish` for ops whose Freivalds vector s depends on the channel only (convs, dense).
 
     a, b, c, out: (B, C, L) with L = T·V flattened (c unused when sc == 0: pass a); scale_c (C,);
-    tv (2·k, B, L) holds the R = 2·k Freivalds row vectors; zc (2R, C) int64 receives, folded mod p,
+    tv (R, B, L) holds the R Freivalds row vectors (two per pass); zc (2R, C) int64 receives, folded mod p,
     Σ_l t·hi in zc[r] and Σ_l t·lo in zc[R + r] (y = hi·2^26 + lo). The innermost loop is a flat,
     contiguous run of at most _CHUNK elements: the form the compiler vectorises, and each partial
     sum stays below 2^49·2^13.
@@ -226,7 +226,9 @@ def finish_flat(a, b, c, sb, sc, scale_c, tv, out, zc):  # pragma: no cover - co
             for l0_ in range(0, nl, _CHUNK):
                 l1_ = min(nl, l0_ + _CHUNK)
                 for rp in range(0, nr, 2):
-                    t0, t1 = tv[rp, bi], tv[rp + 1, bi]
+                    pair = rp + 1 < nr  # an odd last repetition runs alone (its twin discarded)
+                    t0 = tv[rp, bi]
+                    t1 = tv[rp + 1, bi] if pair else t0
                     if sc == 0:
                         bd, h0, h1, g0, g1 = _run2(ar, br, sb, sf, t0, t1, orow, l0_, l1_)
                     else:
@@ -234,9 +236,10 @@ def finish_flat(a, b, c, sb, sc, scale_c, tv, out, zc):  # pragma: no cover - co
                     if rp == 0:
                         bad += bd
                     zc[rp, ci] = _red(zc[rp, ci] + _signed_mod(h0))
-                    zc[rp + 1, ci] = _red(zc[rp + 1, ci] + _signed_mod(h1))
                     zc[nr + rp, ci] = _red(zc[nr + rp, ci] + _signed_mod(g0))
-                    zc[nr + rp + 1, ci] = _red(zc[nr + rp + 1, ci] + _signed_mod(g1))
+                    if pair:
+                        zc[rp + 1, ci] = _red(zc[rp + 1, ci] + _signed_mod(h1))
+                        zc[nr + rp + 1, ci] = _red(zc[nr + rp + 1, ci] + _signed_mod(g1))
     return bad
 
 

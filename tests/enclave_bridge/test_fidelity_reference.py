@@ -90,3 +90,14 @@ def test_the_error_is_quantisation_not_luck() -> None:
         assert _rel_err(ev.exact_reference(x), ref) < 1e-4
     finally:
         ev.close()
+
+
+def test_an_odd_number_of_freivalds_repetitions_is_checked_and_exact() -> None:
+    """freivalds_reps=3 (allowed: ≥ 40 bits): the fused kernel pairs repetitions, the odd one alone."""
+    model = reference_style_model(10, "openpose", seed=5)
+    x = _windows(18, 8, seed=9)
+    with SecureEvaluator(model, "split2", pool_capacity=0, freivalds_reps=3) as ev:
+        out = ev.evaluate(x)
+        assert np.array_equal(out, ev.exact_reference(x))
+        assert ev.stats.freivalds_checks == len(ev.qm.ops)
+        assert ev.stats.freivalds_failures == 0
