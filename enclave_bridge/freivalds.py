@@ -74,12 +74,6 @@ class Check:
             )  # fmt: skip
         return int(kernels.finish(a, b, c, signs[0], signs[1], scale, self.tv, out, self.z[0], self.z[1]))
 
-    def dequant(self, y: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
-        """Accumulate tᵀY for an exact result computed in the enclave (tests of the check)."""
-        yi = np.asarray(y, dtype=np.int64)
-        ring = np.where(yi < 0, yi + kernels.P, yi)
-        self.finish([ring, np.zeros_like(ring), np.zeros((1, 1, 1, 1), np.int64)], (1, 0), scale, out)
-
     def y_side(self) -> np.ndarray:
         """tᵀ·Y·s mod p per repetition, from the accumulators `finish` filled."""
         if self.flat:

@@ -29,7 +29,6 @@ from enclave_bridge.ring import P
 T_BITS = 23  # Freivalds vectors are uniform in [0, 2^T_BITS)
 REPS = 2  # soundness error ≤ (2/2^23)^2 = 2^-44 per check
 MAX_T_ROWS = 1 << 13  # B·T' per call of `finish` (the evaluator chunks larger batches)
-MAX_X_TERMS = 1 << 19  # B·T'·V per accumulator of `x_project`
 Y_BOUND = 1 << 52  # |y| of every exact result (quant.WEIGHT_BUDGET)
 _CHUNK = 1 << 13  # elements per partial Freivalds sum in `finish_flat` (|Σ| < 2^62)
 _P = np.int64(P)
@@ -280,26 +279,6 @@ def _dot2(xr, t0, t1, off, lo, hi):  # pragma: no cover - compiled
 
 
 @nb.njit(**_opts)
-def dequant(y, scale, tv, out, zhi, zlo):  # pragma: no cover - compiled
-    """`finish` for an exact float64 result computed in the enclave (the fallback path)."""
-    nb_, nc, nt, nv = y.shape
-    nr = tv.shape[0]
-    for bi in range(nb_):
-        for ci in range(nc):
-            for ti in range(nt):
-                for vi in range(nv):
-                    f = y[bi, ci, ti, vi]
-                    out[bi, ci, ti, vi] = np.float32(f * scale[ci, vi])
-                    v = np.int64(f)
-                    hi = v >> 26
-                    lo = v & _M26
-                    for ri in range(nr):
-                        t = tv[ri, bi, ti, vi]
-                        zhi[ri, ci, vi] += hi * t
-                        zlo[ri, ci, vi] += lo * t
-
-
-@nb.njit(**_opts)
 def y_projection(zhi, zlo, s):  # pragma: no cover - compiled
     """Σ_{c,v} s[r,c,v]·(zhi·2^26 + zlo)[r,c,v] mod p → (R,) int64."""
     nr, nc, nv = zhi.shape
@@ -411,11 +390,9 @@ def dot_mod(u, ws):  # pragma: no cover - compiled
 
 __all__ = [
     "MAX_T_ROWS",
-    "MAX_X_TERMS",
     "REPS",
     "T_BITS",
     "Y_BOUND",
-    "dequant",
     "dot_mod",
     "finish",
     "finish_flat",
