@@ -1,4 +1,4 @@
-"""Video capture with OpenCV: files, RTSP/HTTP streams and webcams (DESIGN §2).
+"""Video capture with OpenCV: files, RTSP/HTTP streams and webcams (docs/ARCHITECTURE.md §2).
 
 One `CaptureStage` per camera reads frames and puts `Frame`s on a bounded queue. The queue's policy
 carries the back-pressure rule: live sources use `drop_oldest` (capture never stalls; each drop is

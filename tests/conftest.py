@@ -101,7 +101,8 @@ def mosquitto(tmp_path: Path) -> Iterator[Broker]:
 
 @pytest.fixture
 def shared_sample() -> object:
-    """Return a function mapping a file name in ../shared/samples to its path, skipping if absent."""
+    """Map a file name to its path in the shared sample directory (`shared/samples/` next to the
+    checkout, when present; third-party clips that are not shipped), skipping the test if absent."""
 
     def _get(name: str) -> Path:
         path = SHARED_SAMPLES / name

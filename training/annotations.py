@@ -14,7 +14,8 @@ Format (CSV, UTF-8; `#` lines are comments), version 1::
 - `note`: free text.
 
 A file without the version line is read as version 0, the older five-column layout
-`clip,start_s,end_s,label,note` (whole frame), which `../shared/samples/annotations.csv` uses.
+`clip,start_s,end_s,label,note` (whole frame), which `annotations.csv` of the shared sample
+directory (`shared/samples/` next to the checkout, when present) uses.
 
 Scoring (all on the windows realcheck builds, i.e. the daemon's windows):
 - a fall is *found* when a window that raised a `falling` alert under the rules overlaps it;

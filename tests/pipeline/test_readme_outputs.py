@@ -1,6 +1,7 @@
 """README output blocks against the code that prints them: the demo block shows as many alerts as
 the default `veilcam demo` evaluates windows, and the subscribe examples show exactly the fields
-the README's own policy grants (rendered by the real `format_alert`)."""
+the walkthrough's own policy grants (docs/OWNERS.md, docs/CONSUMERS.md), rendered by the real
+`format_alert`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pipeline.subscriber import format_alert
 
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
+OWNERS = (REPO / "docs" / "OWNERS.md").read_text()  # the provisioning walkthrough and its policy
+CONSUMERS = (REPO / "docs" / "CONSUMERS.md").read_text()  # "Consuming alerts"
 _TS = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
 
 
@@ -50,7 +53,7 @@ def test_demo_block_shows_what_the_default_demo_prints() -> None:
 
 
 def _walkthrough_grant() -> list[str]:
-    m = re.search(r"--recipient keys/control-room\.pub=([\w,]+)", README)
+    m = re.search(r"--recipient keys/control-room\.pub=([\w,]+)", OWNERS)
     assert m is not None
     return m.group(1).split(",")
 
@@ -71,12 +74,12 @@ def _line_for(grant: list[str], example: str) -> str:
 def test_subscribe_examples_show_exactly_the_granted_fields() -> None:
     grant = _walkthrough_grant()
     assert "window_seq" not in grant and "topk" not in grant
-    mqtt = README[README.index("**Consuming alerts.**") :]
+    mqtt = CONSUMERS[CONSUMERS.index("**Consuming alerts.**") :]
     example = re.search(rf"^# ({_TS}  .+)$", mqtt, re.M)
     assert example is not None, "Alerts over MQTT: no example subscriber line"
     shown = example.group(1).split("  ", 1)[1]
     assert shown == _line_for(grant, shown)
-    prose = re.search(rf"`({_TS}  trial #\d+  .+?)`", README)
+    prose = re.search(rf"`({_TS}  trial #\d+  .+?)`", OWNERS)
     assert prose is not None, "walkthrough: no example subscriber line"
     shown = prose.group(1).split("  ", 1)[1]
     assert shown == _line_for(grant, shown)

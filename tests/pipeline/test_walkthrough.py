@@ -1,5 +1,5 @@
-"""README's "Provisioning, step by step", run as written: the test takes the bash block between the
-`walkthrough:begin/end` markers of README.md and runs its commands one after another, in an empty
+"""docs/OWNERS.md's "Provisioning, step by step", run as written: the test takes the bash block between
+the `walkthrough:begin/end` markers of docs/OWNERS.md and runs its commands one after another, in an empty
 temp dir outside the checkout, as real processes (key enclave, evaluation enclave, broker,
 subscriber, camera daemon). README and test cannot drift: editing the block changes the test.
 
@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-README = REPO / "README.md"
+README = REPO / "docs" / "OWNERS.md"  # the walkthrough moved here from README.md
 PORT = 18830  # the walkthrough's broker port (outside the ephemeral range other tests draw from)
 # what the walkthrough creates in its directory, and so must never appear in the checkout
 ARTEFACTS = ("platform", "keys", "state", "run", "model.vcpkg", "policy.json", "enclave.evidence")
@@ -34,7 +34,7 @@ def walkthrough_commands(text: str) -> list[str]:
     """The commands of the README block: continuation lines joined, comments and blanks dropped."""
     m = re.search(r"<!-- walkthrough:begin -->\n```bash\n(.*?)\n```\n<!-- walkthrough:end -->", text, re.S)
     if m is None:
-        raise AssertionError("README.md: no ```bash block between walkthrough:begin/end markers")
+        raise AssertionError("docs/OWNERS.md: no ```bash block between walkthrough:begin/end markers")
     commands: list[str] = []
     pending = ""
     for line in m.group(1).splitlines():
