@@ -223,6 +223,11 @@ class EnclaveConfig(_Model):
     address: str | None = Field(
         None, description="host:port or unix:/path of `veilcam enclave`; null = in-process local evaluator"
     )
+    addresses: list[str] = Field(
+        default_factory=list,
+        description="an enclave pool: several `veilcam enclave` addresses (with `address`, if set, first); "
+        "each device is pinned to one, a failing one is skipped with backoff (docs/SCALE_OUT.md)",
+    )
     timeout_s: float = Field(30.0, gt=0, description="per-request socket timeout")
     retry_backoff_s: float = Field(
         1.0, gt=0, description="first wait before retrying a window after a transport error (doubles, ≤ 5 s)"
