@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "pipeline.cli_enclave",  # platform, keygen, model, provision, enclave, attest
     "pipeline.cli_worker",  # gpu-worker, bench
     "pipeline.cli_train",  # train, evaluate
+    "pipeline.app.cli_batch",  # batch (archive replay on Ray)
 )
 
 

@@ -1,0 +1,1 @@
+"""The application layer: daemon, CLIs, demo, subscriber, replay and batch (issue 13)."""
