@@ -39,7 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from enclave_bridge.errors import StageError  # noqa: E402
+from enclave_bridge.shared.errors import StageError  # noqa: E402
 from stages.pose import create_backend  # noqa: E402
 from stages.pose.compare import Agreement  # noqa: E402
 

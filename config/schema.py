@@ -18,8 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from config.broker import BrokerConfig
-from enclave_bridge.errors import ConfigError, VeilcamError
-from enclave_bridge.keys import DataKey, load_data_key
+from enclave_bridge.shared.errors import ConfigError, VeilcamError
+from enclave_bridge.shared.keys import DataKey, load_data_key
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO_ROOT / "samples" / "default_model"

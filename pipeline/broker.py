@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from enclave_bridge.errors import ConfigError, TransportError
+from enclave_bridge.shared.errors import ConfigError, TransportError
 
 log = logging.getLogger(__name__)
 

@@ -120,7 +120,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             raise ConfigError(f"replay options: {e}") from e
         consumer = None
         if args.consumer_key:
-            from enclave_bridge.keys import PartyKey
+            from enclave_bridge.shared.keys import PartyKey
 
             consumer = PartyKey.load(args.consumer_key)
         report = run_replay(

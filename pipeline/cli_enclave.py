@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def _pass(args: argparse.Namespace) -> str | None:
-    from enclave_bridge.keys import resolve_passphrase
+    from enclave_bridge.shared.keys import resolve_passphrase
 
     return resolve_passphrase(getattr(args, "passphrase_file", None))
 
@@ -36,8 +36,8 @@ def _add_pass(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_platform_init(args: argparse.Namespace) -> int:
-    from enclave_bridge.attest import PlatformKey
-    from enclave_bridge.errors import ConfigError
+    from enclave_bridge.shared.attest import PlatformKey
+    from enclave_bridge.shared.errors import ConfigError
 
     target = Path(args.dir) / "platform.key"
     if target.exists() and not args.force:
@@ -50,8 +50,8 @@ def cmd_platform_init(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from enclave_bridge.errors import ConfigError
-    from enclave_bridge.keys import PartyKey, generate_data_key
+    from enclave_bridge.shared.errors import ConfigError
+    from enclave_bridge.shared.keys import PartyKey, generate_data_key
 
     pw = _pass(args)
     if args.data_key:
@@ -83,9 +83,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_model_package(args: argparse.Namespace) -> int:
-    from enclave_bridge.errors import ConfigError
-    from enclave_bridge.keys import generate_model_key, load_model_key
-    from enclave_bridge.model_package import package_model
+    from enclave_bridge.measured.model_package import package_model
+    from enclave_bridge.shared.errors import ConfigError
+    from enclave_bridge.shared.keys import generate_model_key, load_model_key
 
     pw = _pass(args)
     key_path = Path(args.model_key)
@@ -110,8 +110,8 @@ def cmd_model_package(args: argparse.Namespace) -> int:
 
 
 def _sign_pub_b64(pub_path: str, role: str) -> str:
-    from enclave_bridge.errors import ConfigError
-    from enclave_bridge.keys import PartyPublic, b64e
+    from enclave_bridge.shared.errors import ConfigError
+    from enclave_bridge.shared.keys import PartyPublic, b64e
 
     pub = PartyPublic.load(pub_path)
     if pub.role != role:
@@ -122,8 +122,8 @@ def _sign_pub_b64(pub_path: str, role: str) -> str:
 def cmd_enclave_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from enclave_bridge.enclave import validate_enclave_config
-    from enclave_bridge.measurement import compute_measurement
+    from enclave_bridge.measured.enclave import validate_enclave_config
+    from enclave_bridge.shared.measurement import compute_measurement
 
     cfg: dict[str, Any] = {
         "role": args.role,
@@ -131,7 +131,7 @@ def cmd_enclave_config(args: argparse.Namespace) -> int:
         "data_owner_pub": _sign_pub_b64(args.data_owner_pub, "data-owner"),
     }
     if args.role == "eval":
-        from enclave_bridge.errors import ConfigError
+        from enclave_bridge.shared.errors import ConfigError
 
         if not args.model_owner_pub or not args.key_enclave:
             raise ConfigError("--role eval needs --model-owner-pub and --key-enclave")
@@ -152,8 +152,8 @@ def cmd_enclave_config(args: argparse.Namespace) -> int:
 def cmd_measure(args: argparse.Namespace) -> int:
     import yaml
 
-    from enclave_bridge.enclave import load_enclave_config
-    from enclave_bridge.measurement import compute_measurement, file_digests
+    from enclave_bridge.measured.enclave import load_enclave_config
+    from enclave_bridge.shared.measurement import compute_measurement, file_digests
 
     raw = yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))
     role = raw.get("role") if isinstance(raw, dict) else None
@@ -166,13 +166,13 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
 
 def cmd_enclave(args: argparse.Namespace) -> int:
-    from enclave_bridge.enclave import run_enclave
+    from enclave_bridge.measured.enclave import run_enclave
 
     return run_enclave(args.config, args.state_dir, args.listen, args.platform_key, args.policy)
 
 
 def cmd_key_enclave(args: argparse.Namespace) -> int:
-    from enclave_bridge.keyenclave import run_key_enclave
+    from enclave_bridge.measured.keyenclave import run_key_enclave
 
     return run_key_enclave(args.config, args.state_dir, args.listen, args.platform_key)
 
@@ -183,10 +183,10 @@ def cmd_key_enclave(args: argparse.Namespace) -> int:
 
 
 def _verifier(args: argparse.Namespace, role: str) -> Any:
-    from enclave_bridge.attest import Verifier, load_platform_pub
-    from enclave_bridge.enclave import load_enclave_config
-    from enclave_bridge.errors import ConfigError
-    from enclave_bridge.measurement import compute_measurement
+    from enclave_bridge.measured.enclave import load_enclave_config
+    from enclave_bridge.shared.attest import Verifier, load_platform_pub
+    from enclave_bridge.shared.errors import ConfigError
+    from enclave_bridge.shared.measurement import compute_measurement
 
     allowed = [m.lower() for m in (args.measurement or [])]
     allowed += [
@@ -208,9 +208,9 @@ def _add_verifier_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_attest(args: argparse.Namespace) -> int:
-    from enclave_bridge.attest import evidence_to_json, new_nonce
-    from enclave_bridge.client import _Rpc
-    from enclave_bridge.errors import AttestationError
+    from enclave_bridge.host.client import _Rpc
+    from enclave_bridge.shared.attest import evidence_to_json, new_nonce
+    from enclave_bridge.shared.errors import AttestationError
 
     verifier = _verifier(args, args.role)
     nonce = new_nonce()
@@ -248,8 +248,8 @@ def cmd_attest(args: argparse.Namespace) -> int:
 
 
 def cmd_provision_model(args: argparse.Namespace) -> int:
-    from enclave_bridge.client import provision_model
-    from enclave_bridge.keys import PartyKey, load_model_key
+    from enclave_bridge.host.client import provision_model
+    from enclave_bridge.shared.keys import PartyKey, load_model_key
 
     pw = _pass(args)
     rep = provision_model(
@@ -266,11 +266,11 @@ def cmd_provision_model(args: argparse.Namespace) -> int:
 
 
 def cmd_provision_data_key(args: argparse.Namespace) -> int:
-    from enclave_bridge.client import provision_data_key
-    from enclave_bridge.enclave import load_enclave_config
-    from enclave_bridge.errors import ConfigError
-    from enclave_bridge.keys import PartyKey, load_data_key
-    from enclave_bridge.measurement import compute_measurement
+    from enclave_bridge.host.client import provision_data_key
+    from enclave_bridge.measured.enclave import load_enclave_config
+    from enclave_bridge.shared.errors import ConfigError
+    from enclave_bridge.shared.keys import PartyKey, load_data_key
+    from enclave_bridge.shared.measurement import compute_measurement
 
     pw = _pass(args)
     allow = list(args.allow_eval or [])
@@ -292,8 +292,8 @@ def cmd_provision_data_key(args: argparse.Namespace) -> int:
 
 
 def cmd_provision_policy(args: argparse.Namespace) -> int:
-    from enclave_bridge.client import EnclaveClient
-    from enclave_bridge.policy import load_policy_doc
+    from enclave_bridge.host.client import EnclaveClient
+    from enclave_bridge.shared.policy import load_policy_doc
 
     with EnclaveClient(args.enclave) as c:
         rep = c.set_policy(load_policy_doc(args.policy))
@@ -309,9 +309,9 @@ def cmd_provision_policy(args: argparse.Namespace) -> int:
 def cmd_policy_create(args: argparse.Namespace) -> int:
     import yaml
 
-    from enclave_bridge.errors import ConfigError
-    from enclave_bridge.keys import PartyPublic
-    from enclave_bridge.policy import ALERT_FIELDS, create_policy, save_policy_doc
+    from enclave_bridge.shared.errors import ConfigError
+    from enclave_bridge.shared.keys import PartyPublic
+    from enclave_bridge.shared.policy import ALERT_FIELDS, create_policy, save_policy_doc
 
     recips = []
     for spec in args.recipient:
@@ -334,8 +334,8 @@ def cmd_policy_create(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_sign(args: argparse.Namespace) -> int:
-    from enclave_bridge.keys import PartyKey
-    from enclave_bridge.policy import load_policy_doc, save_policy_doc, sign_policy
+    from enclave_bridge.shared.keys import PartyKey
+    from enclave_bridge.shared.policy import load_policy_doc, save_policy_doc, sign_policy
 
     key = PartyKey.load(args.key, _pass(args))
     doc = sign_policy(load_policy_doc(args.policy), key)
@@ -345,8 +345,8 @@ def cmd_policy_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_verify(args: argparse.Namespace) -> int:
-    from enclave_bridge.keys import PartyPublic
-    from enclave_bridge.policy import load_policy_doc, verify_policy
+    from enclave_bridge.shared.keys import PartyPublic
+    from enclave_bridge.shared.policy import load_policy_doc, verify_policy
 
     pol = verify_policy(
         load_policy_doc(args.policy),
@@ -366,7 +366,7 @@ def cmd_policy_verify(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add this area's subcommands to the `veilcam` parser."""
-    from enclave_bridge.keys import ROLES
+    from enclave_bridge.shared.keys import ROLES
 
     p = sub.add_parser("platform", help="simulated enclave platform key")
     psub = p.add_subparsers(dest="platform_cmd", metavar="ACTION", required=True)

@@ -150,12 +150,12 @@ def _broker_cfg(args: argparse.Namespace) -> Any:
 
 def build_opener(args: argparse.Namespace) -> Any:
     """Consumer key + the enclave's signing key (from verified evidence, or a dev signer file)."""
-    from enclave_bridge.alerts import AlertOpener
-    from enclave_bridge.attest import load_platform_pub
-    from enclave_bridge.enclave import load_enclave_config
-    from enclave_bridge.errors import ConfigError, TransportError, VeilcamError
-    from enclave_bridge.keys import PartyKey, PartyPublic, resolve_passphrase
-    from enclave_bridge.measurement import compute_measurement
+    from enclave_bridge.measured.alerts import AlertOpener
+    from enclave_bridge.measured.enclave import load_enclave_config
+    from enclave_bridge.shared.attest import load_platform_pub
+    from enclave_bridge.shared.errors import ConfigError, TransportError, VeilcamError
+    from enclave_bridge.shared.keys import PartyKey, PartyPublic, resolve_passphrase
+    from enclave_bridge.shared.measurement import compute_measurement
     from pipeline.subscriber import verify_key_from_evidence
 
     consumer = PartyKey.load(args.consumer_key, resolve_passphrase(args.passphrase_file))
@@ -212,7 +212,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     """Exit 0 after `--count`/`--timeout-s`/a signal; 1 when this key has no grant in the policy or
     (without `--wait`) the broker cannot be reached — a consumer that would silently print nothing
     must not look like one that is working."""
-    from enclave_bridge.errors import TransportError
+    from enclave_bridge.shared.errors import TransportError
     from pipeline.subscriber import AlertSubscriber, alert_json, format_alert, stats_json
 
     cfg = _broker_cfg(args)

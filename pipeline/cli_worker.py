@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 def _run_worker(args: argparse.Namespace) -> int:
     import torch
 
-    from enclave_bridge.gpu_worker import WorkerCore, serve
+    from enclave_bridge.gpu.worker import WorkerCore, serve
 
     if not 0.0 <= args.tamper_rate <= 1.0:
         raise ConfigError("--tamper-rate must be in [0, 1]")

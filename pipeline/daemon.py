@@ -41,7 +41,7 @@ from config.schema import (
     load_data_key_from_config,
     model_window_defaults,
 )
-from enclave_bridge.keys import DataKey
+from enclave_bridge.shared.keys import DataKey
 from pipeline.errors import ConfigError, StageError, TransportError, VeilcamError
 from pipeline.messages import AlertEnvelope, EndOfStream, Frame, PoseFrame, SealedWindow
 from pipeline.queues import BoundedQueue, QueueClosed
@@ -665,8 +665,8 @@ def build_link(cfg: VeilcamConfig, key: DataKey, recipients_extra: list[Any] | N
 def make_local_enclave(cfg: VeilcamConfig, key: DataKey, extra_recipients: list[Any]) -> LocalEnclave:
     """The in-process evaluator: model from `enclave.model_dir`, a persisted signing key, the
     configured recipients (+ `extra_recipients`, e.g. a replay's throw-away consumer)."""
-    from enclave_bridge.keys import PartyKey, PartyPublic
-    from enclave_bridge.policy import ALERT_FIELDS, Recipient
+    from enclave_bridge.shared.keys import PartyKey, PartyPublic
+    from enclave_bridge.shared.policy import ALERT_FIELDS, Recipient
 
     model_dir = cfg.enclave.model_dir or DEFAULT_MODEL_DIR
     model, labels, meta = load_model_dir(model_dir)
@@ -697,7 +697,7 @@ def make_local_enclave(cfg: VeilcamConfig, key: DataKey, extra_recipients: list[
                 counters[device] = SeqCounter(cfg.state_dir / "alerts" / f"{device}.seq")
             return counters[device].next()
 
-    from enclave_bridge.model_inputs import input_transform_of
+    from enclave_bridge.measured.model_inputs import input_transform_of
 
     return LocalEnclave(
         {key.kid: key},

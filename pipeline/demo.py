@@ -28,7 +28,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from enclave_bridge.errors import ConfigError, StageError
+from enclave_bridge.shared.errors import ConfigError, StageError
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def _model_dir(demo: Demo) -> tuple[Path, dict[str, Any], bool]:
         return DEFAULT_MODEL, meta, True
     import torch
 
-    from enclave_bridge.stgcn import STGCN
+    from enclave_bridge.measured.stgcn import STGCN
 
     d = demo.work / "placeholder_model"
     d.mkdir(exist_ok=True)
@@ -328,9 +328,9 @@ def _start_subscriber(
 ) -> tuple[Any, _Received]:
     """The control room's consumer: attested signing key from the evidence file, own key, dedupe."""
     from config.broker import BrokerConfig
-    from enclave_bridge.alerts import AlertOpener
-    from enclave_bridge.attest import load_platform_pub
-    from enclave_bridge.keys import PartyKey
+    from enclave_bridge.measured.alerts import AlertOpener
+    from enclave_bridge.shared.attest import load_platform_pub
+    from enclave_bridge.shared.keys import PartyKey
     from pipeline.subscriber import AlertSubscriber, alert_json, format_alert, verify_key_from_evidence
 
     verify_key = verify_key_from_evidence(

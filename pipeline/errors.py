@@ -1,6 +1,6 @@
 """Re-export of the error tree for the untrusted side (stages import `pipeline`, not the enclave)."""
 
-from enclave_bridge.errors import (
+from enclave_bridge.shared.errors import (
     AttestationError,
     CheckpointError,
     ConfigError,

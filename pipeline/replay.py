@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from config.schema import CameraConfig, EnclaveConfig, MetricsConfig, VeilcamConfig
-from enclave_bridge.keys import DataKey, PartyKey, generate_data_key
+from enclave_bridge.shared.keys import DataKey, PartyKey, generate_data_key
 from pipeline.daemon import Daemon, ListSink, TeeSink, camera_error, make_local_enclave, window_params
 from pipeline.errors import ConfigError, IntegrityError, VeilcamError
 from pipeline.messages import PoseFrame, SealedWindow
@@ -137,7 +137,7 @@ def run_replay(
     `score_windows` (for `--plot`, in-process evaluator only) records every window's top-k scores,
     not just those of windows that raised an alert.
     """
-    from enclave_bridge.alerts import AlertOpener
+    from enclave_bridge.measured.alerts import AlertOpener
 
     cfg = cfg or replay_config(clip)
     name = next(iter(cfg.cameras))
@@ -248,9 +248,9 @@ def _shadow_evaluator(cfg: VeilcamConfig, key: DataKey) -> tuple[LocalEnclave, A
     import itertools
 
     from config.schema import DEFAULT_MODEL_DIR
-    from enclave_bridge.alerts import AlertOpener
-    from enclave_bridge.model_inputs import input_transform_of
-    from enclave_bridge.policy import ALERT_FIELDS, Recipient
+    from enclave_bridge.measured.alerts import AlertOpener
+    from enclave_bridge.measured.model_inputs import input_transform_of
+    from enclave_bridge.shared.policy import ALERT_FIELDS, Recipient
     from stages.enclave_client import load_model_dir
 
     model, labels, meta = load_model_dir(cfg.enclave.model_dir or DEFAULT_MODEL_DIR)

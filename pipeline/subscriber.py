@@ -1,6 +1,6 @@
 """Alert consumer (`veilcam subscribe`): MQTT in, verified + decrypted alerts out (DESIGN §7).
 
-Every message on `<prefix>/<device>/alerts` is opened with `enclave_bridge.alerts.AlertOpener`
+Every message on `<prefix>/<device>/alerts` is opened with `enclave_bridge.measured.alerts.AlertOpener`
 (enclave signature, this consumer's wrapped field keys, AES-GCM per field) *before* anything else
 looks at it, so a forged message can neither print nor poison the duplicate filter. Then:
 - the envelope's device must match the topic's device (a genuine alert of camera A re-published
@@ -33,8 +33,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from config.broker import BrokerConfig
-from enclave_bridge.alerts import AlertOpener, NoGrantError
-from enclave_bridge.errors import AttestationError, ConfigError, IntegrityError, StageError, TransportError
+from enclave_bridge.measured.alerts import AlertOpener, NoGrantError
+from enclave_bridge.shared.errors import (
+    AttestationError,
+    ConfigError,
+    IntegrityError,
+    StageError,
+    TransportError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +264,7 @@ def verify_key_from_evidence(
     Freshness: a file written by `veilcam attest` answered that command's nonce; `max_age_s=None`
     trusts that check. Evidence read from the broker should pass a `max_age_s`.
     """
-    from enclave_bridge.attest import Verifier
+    from enclave_bridge.shared.attest import Verifier
 
     if isinstance(evidence, bytes | bytearray):
         try:

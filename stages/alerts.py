@@ -37,7 +37,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from config.broker import BrokerConfig
-from enclave_bridge.errors import ConfigError, StageError, TransportError
+from enclave_bridge.shared.errors import ConfigError, StageError, TransportError
 from pipeline.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -533,7 +533,7 @@ def enclave_evidence_provider(address: str, timeout_s: float = 10.0) -> Evidence
     def provide(_device: str) -> Mapping[str, Any]:
         import os
 
-        from enclave_bridge.client import EnclaveClient
+        from enclave_bridge.host.client import EnclaveClient
 
         with EnclaveClient(address, timeout_s=timeout_s) as client:
             return client.evidence(os.urandom(32))

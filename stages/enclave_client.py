@@ -1,12 +1,12 @@
 """Sending sealed windows to the enclave and collecting its encrypted, signed alerts (DESIGN §2, §7).
 
 `EnclaveLink` is the seam: the daemon only needs `hello`, `submit`, `stats` and `close`.
-- `RemoteEnclave` talks to a `veilcam enclave` process through `enclave_bridge.client.EnclaveClient`
+- `RemoteEnclave` talks to a `veilcam enclave` process through `enclave_bridge.host.client.EnclaveClient`
   (the deployment path: attested, separate process, secure evaluation).
 - `LocalEnclave` is the in-process stand-in used when no enclave address is configured (replays,
   development): it opens windows with the data key, evaluates an ST-GCN from
-  `enclave_bridge.stgcn`, applies the same alert rules and seals alerts with
-  `enclave_bridge.alerts` — so the rest of the pipeline, the outbox and MQTT see exactly the same
+  `enclave_bridge.measured.stgcn`, applies the same alert rules and seals alerts with
+  `enclave_bridge.measured.alerts` — so the rest of the pipeline, the outbox and MQTT see exactly the same
   bytes. It is *not* an enclave: the model and the data key live in the daemon's memory.
 
 `EnclaveStage` is the thread between the windows queue and the outbox. Rejections are counted and
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class SubmitResult:
-    """The enclave's answer to one window (same fields as `enclave_bridge.client.SubmitResult`)."""
+    """The enclave's answer to one window (same fields as `enclave_bridge.host.client.SubmitResult`)."""
 
     status: str  # "ok" | "rejected"
     reason: str | None
@@ -64,11 +64,11 @@ class EnclaveLink(Protocol):
 
 # -- remote ----------------------------------------------------------------------------------------
 class RemoteEnclave:
-    """`EnclaveLink` over `enclave_bridge.client.EnclaveClient` (a `veilcam enclave` process)."""
+    """`EnclaveLink` over `enclave_bridge.host.client.EnclaveClient` (a `veilcam enclave` process)."""
 
     def __init__(self, address: str, timeout_s: float = 30.0) -> None:
         try:
-            client_mod = importlib.import_module("enclave_bridge.client")
+            client_mod = importlib.import_module("enclave_bridge.host.client")
         except ImportError as e:  # pragma: no cover - the module ships with the package
             raise ConfigError(f"enclave.address: no enclave client available ({e})") from e
         self.address = address
@@ -97,8 +97,8 @@ class RemoteEnclave:
 # -- local stand-in --------------------------------------------------------------------------------
 def load_model_dir(model_dir: Path) -> tuple[Any, list[str], dict[str, Any]]:
     """(STGCN in eval mode, labels, model.json) from a directory like `samples/default_model`."""
-    from enclave_bridge.model_inputs import input_transform_of
-    from enclave_bridge.stgcn import STGCN, load_label_map
+    from enclave_bridge.measured.model_inputs import input_transform_of
+    from enclave_bridge.measured.stgcn import STGCN, load_label_map
 
     weights, labels_path, meta_path = (
         model_dir / "model.pt",
@@ -128,8 +128,8 @@ def load_model_dir(model_dir: Path) -> tuple[Any, list[str], dict[str, Any]]:
 class LocalEnclave:
     """In-process evaluator behind `EnclaveLink` (see module docstring: a stand-in, not an enclave).
 
-    Alerts are built exactly as the enclave builds them (`enclave_bridge.alerts.build_alert`,
-    rules and debounce from `enclave_bridge.rules`), signed by `signer` and encrypted to
+    Alerts are built exactly as the enclave builds them (`enclave_bridge.measured.alerts.build_alert`,
+    rules and debounce from `enclave_bridge.shared.rules`), signed by `signer` and encrypted to
     `recipients`; `next_alert_seq(device)` hands out the persisted per-device alert numbers.
     """
 
@@ -146,8 +146,8 @@ class LocalEnclave:
         input_transform: str = "reference",
         last_results_path: Path | None = None,
     ) -> None:
-        from enclave_bridge.rules import RuleEngine
-        from enclave_bridge.windows import ReplayGuard
+        from enclave_bridge.shared.rules import RuleEngine
+        from enclave_bridge.shared.windows import ReplayGuard
 
         if not recipients:
             raise ConfigError("enclave.recipients: the local evaluator needs at least one alert recipient")
@@ -180,7 +180,7 @@ class LocalEnclave:
         return bytes(self._signer.public.sign_pub)
 
     def hello(self, device: str, rules: dict[str, Any]) -> dict[str, Any]:
-        from enclave_bridge.rules import ANY_LABEL, AlertRules
+        from enclave_bridge.shared.rules import ANY_LABEL, AlertRules
 
         parsed = AlertRules.from_dict(rules, where="rules")
         unknown = sorted(set(parsed.labels) - set(self._labels) - {ANY_LABEL})
@@ -228,10 +228,10 @@ class LocalEnclave:
 
         import torch
 
-        from enclave_bridge.alerts import build_alert
-        from enclave_bridge.keys import fingerprint
-        from enclave_bridge.model_inputs import apply_input_transform
-        from enclave_bridge.windows import open_window, parse_header
+        from enclave_bridge.measured.alerts import build_alert
+        from enclave_bridge.measured.model_inputs import apply_input_transform
+        from enclave_bridge.shared.keys import fingerprint
+        from enclave_bridge.shared.windows import open_window, parse_header
 
         try:
             hdr = parse_header(blob)[0]

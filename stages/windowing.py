@@ -4,7 +4,7 @@
 two skeletons match when enough joints are close), keeps the last `T` frames, and every `stride`
 frames builds a `(3, T, 18, M)` float32 window of the `M` most confident tracks, normalised as the
 reference demo does (x/W−0.5, y/H−0.5, score; zeros where a joint or a person is missing). The
-window is sealed with AES-GCM immediately (`enclave_bridge.windows.seal_window`); plaintext never
+window is sealed with AES-GCM immediately (`enclave_bridge.shared.windows.seal_window`); plaintext never
 leaves this module.
 
 Window `seq` numbers are per device, strictly increasing and persisted (`SeqCounter`), because the
@@ -28,8 +28,8 @@ from norfair import Detection, Tracker
 from norfair.distances import create_keypoints_voting_distance
 
 from config.schema import TrackerConfig
-from enclave_bridge.keys import DataKey
-from enclave_bridge.windows import seal_window
+from enclave_bridge.shared.keys import DataKey
+from enclave_bridge.shared.windows import seal_window
 from pipeline.errors import ConfigError, StageError
 from pipeline.messages import EndOfStream, PoseFrame, SealedWindow
 from pipeline.queues import BoundedQueue, QueueClosed, QueueTimeout

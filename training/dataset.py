@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from enclave_bridge.errors import ConfigError
+from enclave_bridge.shared.errors import ConfigError
 from training.synth import CLASSES, SynthConfig, generate
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from enclave_bridge.errors import CheckpointError, ConfigError
-from enclave_bridge.model_inputs import apply_input_transform, input_transform_of
-from enclave_bridge.stgcn import STGCN, load_label_map
+from enclave_bridge.measured.model_inputs import apply_input_transform, input_transform_of
+from enclave_bridge.measured.stgcn import STGCN, load_label_map
+from enclave_bridge.shared.errors import CheckpointError, ConfigError
 from training.dataset import SplitSpec, make_arrays
 from training.synth import CLASSES, SynthConfig
 from training.train import predict

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from enclave_bridge.errors import CheckpointError, ConfigError
-from enclave_bridge.stgcn import STGCN, load_label_map
+from enclave_bridge.measured.stgcn import STGCN, load_label_map
+from enclave_bridge.shared.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from config.schema import PoseConfig, RulesConfig, WindowConfig
-from enclave_bridge.errors import StageError
-from enclave_bridge.model_inputs import apply_input_transform, input_transform_of
-from enclave_bridge.rules import AlertRules, RuleEngine
+from enclave_bridge.measured.model_inputs import apply_input_transform, input_transform_of
+from enclave_bridge.shared.errors import StageError
+from enclave_bridge.shared.rules import AlertRules, RuleEngine
 from pipeline.messages import PoseFrame
 from stages.windowing import PlainWindow, WindowBuilder
 from training.annotations import Annotation, load_annotations, score_clips

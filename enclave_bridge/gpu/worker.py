@@ -6,7 +6,7 @@ or 32-byte PRG seeds it expands itself. It returns Σ sign·x·W[slot] mod p exa
 GEMMs, `ring.RingWeight`) with torch on CUDA when present, else CPU. It is not trusted: every
 reply is checked by the enclave (Freivalds), and `tamper` injects faults to show that.
 
-Wire protocol (msgpack frames from `enclave_bridge.wire`), one request → one reply:
+Wire protocol (msgpack frames from `enclave_bridge.shared.wire`), one request → one reply:
 - `{op: "hello"}` → `{ok, device, modulus, version}`
 - `{op: "load", model_id, ops: [{name, meta: {kind, stride, v, k}, slots: [tensor int64]}]}` → `{ok}`
 - `{op: "compute", model_id, names: [..], terms: [{slot, sign, input: tensor int64} |
@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from enclave_bridge.errors import TransportError
-from enclave_bridge.ring import P, RingWeight, add_mod, sub_mod
-from enclave_bridge.secure_layers import OpMeta, apply_linear
-from enclave_bridge.wire import listen, pack_tensor, recv_frame, send_frame, unpack_tensor
-from enclave_bridge.worker_proto import Term, WorkerError
+from enclave_bridge.measured.secure_layers import OpMeta, apply_linear
+from enclave_bridge.shared.errors import TransportError
+from enclave_bridge.shared.ring import P, RingWeight, add_mod, sub_mod
+from enclave_bridge.shared.wire import listen, pack_tensor, recv_frame, send_frame, unpack_tensor
+from enclave_bridge.shared.worker_proto import Term, WorkerError
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class LocalWorker:
 
 
 def _serve_conn(core: WorkerCore, conn: socket.socket, peer: str) -> None:
-    from enclave_bridge.shm import Arena
+    from enclave_bridge.shared.shm import Arena
 
     conn.settimeout(None)
     arena: Arena | None = None  # shared memory the client attached (same-host clients)
@@ -292,7 +292,7 @@ def serve(
     `max_connections` at once; a connection idle for `idle_timeout_s` is closed (the enclave's
     worker client reconnects on its next request), and EMFILE at accept backs off instead of
     ending the worker (`wire.ConnectionLimiter`). A Unix socket file is removed on exit."""
-    from enclave_bridge.wire import ConnectionLimiter, unlink_socket
+    from enclave_bridge.shared.wire import ConnectionLimiter, unlink_socket
 
     sock = listen(addr)
     bound = sock.getsockname()

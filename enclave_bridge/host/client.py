@@ -6,7 +6,7 @@ resent window would be counted as a replay, so the caller decides; when the call
 whose reply was lost, the request is flagged `resend` and the enclave answers it idempotently.
 
 Owner-side helpers (`provision_model`, `provision_data_key`, `fetch_evidence`) implement the remote
-attestation flow of `enclave_bridge.attest` against a running enclave / key enclave.
+attestation flow of `enclave_bridge.shared.attest` against a running enclave / key enclave.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from enclave_bridge.attest import VerifiedEnclave, Verifier, new_nonce, wrap_secret
-from enclave_bridge.enclave import MODEL_KEY_INFO, error_class, provision_model_message
-from enclave_bridge.errors import IntegrityError, TransportError
-from enclave_bridge.keyenclave import DATA_KEY_WRAP_INFO, DEFAULT_GRACE_S, provision_data_key_message
-from enclave_bridge.keys import DataKey, ModelKey, PartyKey
-from enclave_bridge.model_package import package_kid
-from enclave_bridge.wire import connect, recv_frame, send_frame
+from enclave_bridge.measured.enclave import MODEL_KEY_INFO, error_class, provision_model_message
+from enclave_bridge.measured.keyenclave import DATA_KEY_WRAP_INFO, DEFAULT_GRACE_S, provision_data_key_message
+from enclave_bridge.measured.model_package import package_kid
+from enclave_bridge.shared.attest import VerifiedEnclave, Verifier, new_nonce, wrap_secret
+from enclave_bridge.shared.errors import IntegrityError, TransportError
+from enclave_bridge.shared.keys import DataKey, ModelKey, PartyKey
+from enclave_bridge.shared.wire import connect, recv_frame, send_frame
 
 log = logging.getLogger(__name__)
 

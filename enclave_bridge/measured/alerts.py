@@ -28,10 +28,10 @@ import msgpack
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from enclave_bridge.attest import Verifier, unwrap_secret, wrap_secret
-from enclave_bridge.errors import IntegrityError
-from enclave_bridge.keys import PartyKey, fingerprint, verify_ed25519
-from enclave_bridge.policy import ALERT_FIELDS, Recipient
+from enclave_bridge.shared.attest import Verifier, unwrap_secret, wrap_secret
+from enclave_bridge.shared.errors import IntegrityError
+from enclave_bridge.shared.keys import PartyKey, fingerprint, verify_ed25519
+from enclave_bridge.shared.policy import ALERT_FIELDS, Recipient
 
 ALERT_VERSION = 2
 _OPENABLE_VERSIONS = (1, 2)

@@ -1,6 +1,6 @@
 """The evaluation enclave service (`veilcam enclave`): decrypt windows, run ST-GCN, emit sealed alerts.
 
-A separate OS process reached over `enclave_bridge.wire` frames (Unix or TCP). Requests are msgpack
+A separate OS process reached over `enclave_bridge.shared.wire` frames (Unix or TCP). Requests are msgpack
 maps `{op, id, ...}`; replies `{id, ok: true, ...}` or `{id, ok: false, error: <class>, message}`.
 Ops (see docs/ARCHITECTURE.md "Enclave service"):
 
@@ -39,8 +39,10 @@ import numpy as np
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from enclave_bridge import errors
-from enclave_bridge.attest import (
+from enclave_bridge.measured.model_inputs import apply_input_transform, input_transform_of
+from enclave_bridge.measured.sealing import SealedStore, Sealer
+from enclave_bridge.shared import errors
+from enclave_bridge.shared.attest import (
     EnclaveBackend,
     PlatformKey,
     SessionKey,
@@ -50,7 +52,7 @@ from enclave_bridge.attest import (
     new_nonce,
     unwrap_secret,
 )
-from enclave_bridge.errors import (
+from enclave_bridge.shared.errors import (
     AttestationError,
     ConfigError,
     EnclaveError,
@@ -58,11 +60,16 @@ from enclave_bridge.errors import (
     TransportError,
     VeilcamError,
 )
-from enclave_bridge.keys import DataKey, ModelKey, b64d, fingerprint, raw_public_bytes, verify_ed25519
-from enclave_bridge.measurement import compute_measurement
-from enclave_bridge.model_inputs import apply_input_transform, input_transform_of
-from enclave_bridge.sealing import SealedStore, Sealer
-from enclave_bridge.wire import ConnectionLimiter, connect, listen, recv_frame, send_frame, unlink_socket
+from enclave_bridge.shared.keys import DataKey, ModelKey, b64d, fingerprint, raw_public_bytes, verify_ed25519
+from enclave_bridge.shared.measurement import compute_measurement
+from enclave_bridge.shared.wire import (
+    ConnectionLimiter,
+    connect,
+    listen,
+    recv_frame,
+    send_frame,
+    unlink_socket,
+)
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +158,7 @@ def make_backend(cfg: Mapping[str, Any], platform_key_path: str | None, role: st
     """The configured TEE backend; its measurement covers this package's code and `cfg`."""
     backend = cfg.get("backend", "simulated")
     if backend == "gramine-sgx":
-        from enclave_bridge.gramine.backend import GramineBackend
+        from enclave_bridge.host.gramine.backend import GramineBackend
 
         return GramineBackend()
     if not platform_key_path:
@@ -302,7 +309,7 @@ class EnclaveIdentity:
         raw = store.get("identity")
         if raw is None:
             self._priv = Ed25519PrivateKey.generate()
-            from enclave_bridge.keys import raw_private_bytes
+            from enclave_bridge.shared.keys import raw_private_bytes
 
             store.put("identity", raw_private_bytes(self._priv))
             log.info("generated a new enclave signing key")
@@ -341,7 +348,7 @@ def require_session(conn: Connection) -> tuple[SessionKey, bytes]:
 
 
 class _TorchEnclaveEvaluator:
-    """Fallback used only until `enclave_bridge.protocol` exists: mode "enclave" = all in here."""
+    """Fallback used only until `enclave_bridge.measured.protocol` exists: mode "enclave" = all in here."""
 
     def __init__(self, model: Any) -> None:
         import torch
@@ -367,13 +374,13 @@ def make_evaluator(
 ) -> Any:
     """`SecureEvaluator` in the configured mode (falls back to torch for mode "enclave" only)."""
     try:
-        from enclave_bridge.protocol import SecureEvaluator
+        from enclave_bridge.measured.protocol import SecureEvaluator
     except ImportError:
         if mode != "enclave":
             raise EnclaveError(
-                f"evaluator mode {mode!r} needs enclave_bridge.protocol, which is not available"
+                f"evaluator mode {mode!r} needs enclave_bridge.measured.protocol, which is not available"
             ) from None
-        log.info("enclave_bridge.protocol not available; evaluating in-enclave with torch")
+        log.info("enclave_bridge.measured.protocol not available; evaluating in-enclave with torch")
         return _TorchEnclaveEvaluator(model)
     kw: dict[str, Any] = {"allow_plaintext": True} if mode == "plaintext" else {}
     if timeout_s is not None and (worker is not None or workers):
@@ -402,8 +409,8 @@ class EvaluationEnclave:
     def __init__(
         self, cfg: dict[str, Any], backend: EnclaveBackend, state_dir: str | os.PathLike[str]
     ) -> None:
-        from enclave_bridge.rules import RuleEngine
-        from enclave_bridge.windows import ReplayGuard
+        from enclave_bridge.shared.rules import RuleEngine
+        from enclave_bridge.shared.windows import ReplayGuard
 
         self.cfg = cfg
         self.backend = backend
@@ -488,7 +495,7 @@ class EvaluationEnclave:
         if doc is None:
             log.info("no access policy yet: alerts are refused until one is set")
             return
-        from enclave_bridge.policy import verify_policy
+        from enclave_bridge.shared.policy import verify_policy
 
         self.policy = verify_policy(doc, self.do_pub, self.mo_pub)
         log.info(
@@ -496,7 +503,7 @@ class EvaluationEnclave:
         )
 
     def _install_model(self, package: bytes, key: ModelKey) -> None:
-        from enclave_bridge.model_package import build_model_checked, open_package
+        from enclave_bridge.measured.model_package import build_model_checked, open_package
 
         bundle = open_package(package, key)
         model = build_model_checked(bundle)
@@ -554,7 +561,7 @@ class EvaluationEnclave:
         }
 
     def h_hello(self, conn: Connection, req: dict[str, Any]) -> dict[str, Any]:
-        from enclave_bridge.rules import AlertRules
+        from enclave_bridge.shared.rules import AlertRules
 
         device = req["device"]
         if not isinstance(device, str) or not device or len(device) > 128 or "|" in device:
@@ -583,7 +590,7 @@ class EvaluationEnclave:
         return {"status": "rejected", "reason": reason, "alerts": [], "window_seq": seq}
 
     def h_submit(self, conn: Connection, req: dict[str, Any]) -> dict[str, Any]:
-        from enclave_bridge.windows import WindowRejected, open_window, parse_header
+        from enclave_bridge.shared.windows import WindowRejected, open_window, parse_header
 
         blob = req["blob"]
         try:
@@ -651,7 +658,7 @@ class EvaluationEnclave:
         return {"status": "ok", "reason": None, "alerts": alerts, "window_seq": w.seq}
 
     def _alerts_for(self, w: Any, logits: np.ndarray, dev: _Device) -> list[bytes]:
-        from enclave_bridge.alerts import build_alert
+        from enclave_bridge.measured.alerts import build_alert
 
         rules = self.policy.rules_for(w.device) or dev.rules
         if rules is None:
@@ -689,7 +696,7 @@ class EvaluationEnclave:
         signed = provision_model_message(nonce, package, wrapped)
         verify_ed25519(self.mo_pub, sig, signed, "provision_model (model owner)")
         raw = unwrap_secret(session.exchange, session.public, wrapped, MODEL_KEY_INFO, nonce)
-        from enclave_bridge.model_package import package_kid
+        from enclave_bridge.measured.model_package import package_kid
 
         key = ModelKey(raw, package_kid(package))
         self._install_model(package, key)
@@ -700,7 +707,7 @@ class EvaluationEnclave:
         return {"model_kid": key.kid, "num_class": len(self.labels)}
 
     def h_set_policy(self, conn: Connection, req: dict[str, Any]) -> dict[str, Any]:
-        from enclave_bridge.policy import verify_policy
+        from enclave_bridge.shared.policy import verify_policy
 
         raw = req["policy"]
         doc = json.loads(raw) if isinstance(raw, str | bytes) else raw
@@ -831,7 +838,7 @@ def run_enclave(
         backend = make_backend(cfg, platform_key, "eval")
         enclave = open_state(lambda: EvaluationEnclave(cfg, backend, state_dir), backend, state_dir)
         if policy_path:
-            from enclave_bridge.policy import load_policy_doc
+            from enclave_bridge.shared.policy import load_policy_doc
 
             enclave.h_set_policy(Connection("cli"), {"policy": load_policy_doc(policy_path)})
         try:
@@ -870,11 +877,11 @@ __all__ = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m enclave_bridge.enclave --role eval|key ...`: the entry point inside Gramine, where
+    """`python -m enclave_bridge.measured.enclave --role eval|key ...`: the entry point inside Gramine, where
     only the measured `enclave_bridge` package is present (no `pipeline`)."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m enclave_bridge.enclave")
+    p = argparse.ArgumentParser(prog="python -m enclave_bridge.measured.enclave")
     p.add_argument("--role", choices=("eval", "key"), required=True)
     p.add_argument("--listen", required=True)
     p.add_argument("--state-dir", required=True)
@@ -885,7 +892,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.role == "key":
-            from enclave_bridge.keyenclave import run_key_enclave
+            from enclave_bridge.measured.keyenclave import run_key_enclave
 
             return run_key_enclave(args.config, args.state_dir, args.listen, args.platform_key)
         return run_enclave(args.config, args.state_dir, args.listen, args.platform_key, args.policy)

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from enclave_bridge import kernels
-from enclave_bridge.ring import MaskRNG, P, limb_bits, mul_pow2, reduce
-from enclave_bridge.secure_layers import LinearOp
+from enclave_bridge.measured import kernels
+from enclave_bridge.measured.secure_layers import LinearOp
+from enclave_bridge.shared.ring import MaskRNG, P, limb_bits, mul_pow2, reduce
 
 REPS = kernels.REPS
 

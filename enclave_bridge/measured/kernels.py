@@ -24,7 +24,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from enclave_bridge.ring import P
+from enclave_bridge.shared.ring import P
 
 T_BITS = 23  # Freivalds vectors are uniform in [0, 2^T_BITS)
 REPS = 2  # soundness error ≤ (2/2^23)^2 = 2^-44 per check

@@ -26,8 +26,7 @@ from typing import Any
 
 import msgpack
 
-from enclave_bridge.attest import EnclaveBackend, Verifier, new_nonce, unwrap_secret, wrap_secret
-from enclave_bridge.enclave import (
+from enclave_bridge.measured.enclave import (
     DATA_KEYS_INFO,
     DATA_KEYS_SIG_DOMAIN,
     Connection,
@@ -41,10 +40,11 @@ from enclave_bridge.enclave import (
     open_state,
     require_session,
 )
-from enclave_bridge.errors import AttestationError, ConfigError, IntegrityError
-from enclave_bridge.keys import DataKey, b64d, verify_ed25519
-from enclave_bridge.sealing import SealedStore, Sealer
-from enclave_bridge.wire import listen, unlink_socket
+from enclave_bridge.measured.sealing import SealedStore, Sealer
+from enclave_bridge.shared.attest import EnclaveBackend, Verifier, new_nonce, unwrap_secret, wrap_secret
+from enclave_bridge.shared.errors import AttestationError, ConfigError, IntegrityError
+from enclave_bridge.shared.keys import DataKey, b64d, verify_ed25519
+from enclave_bridge.shared.wire import listen, unlink_socket
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from enclave_bridge.quant import BX
-from enclave_bridge.ring import MaskRNG, RingWeight, add_mod, sub_mod, to_ring
-from enclave_bridge.secure_layers import LinearOp, QuantModel, apply_linear
+from enclave_bridge.measured.quant import BX
+from enclave_bridge.measured.secure_layers import LinearOp, QuantModel, apply_linear
+from enclave_bridge.shared.ring import MaskRNG, RingWeight, add_mod, sub_mod, to_ring
 
 MASKED_MODES = ("paper", "slalom")
 SPLIT_MODES = ("split2", "split3")

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from enclave_bridge.errors import ConfigError
+from enclave_bridge.shared.errors import ConfigError
 
 INPUT_TRANSFORMS = ("reference", "person-centred")
 MIN_SCALE = 1e-3  # a window whose people are smaller than this (in frame units) is not magnified further

@@ -20,10 +20,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from enclave_bridge.errors import CheckpointError, ConfigError, IntegrityError, TransportError
-from enclave_bridge.keys import ModelKey
-from enclave_bridge.model_inputs import input_transform_of
-from enclave_bridge.wire import pack_tensor, unpack_tensor
+from enclave_bridge.measured.model_inputs import input_transform_of
+from enclave_bridge.shared.errors import CheckpointError, ConfigError, IntegrityError, TransportError
+from enclave_bridge.shared.keys import ModelKey
+from enclave_bridge.shared.wire import pack_tensor, unpack_tensor
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class ModelBundle:
         """An eval-mode `STGCN` with these weights (strict reference key/shape check)."""
         import torch
 
-        from enclave_bridge.stgcn import STGCN
+        from enclave_bridge.measured.stgcn import STGCN
 
         kw = {k: self.meta[k] for k in ("layout", "strategy") if k in self.meta}
         model = STGCN(int(self.meta["num_class"]), **kw)
@@ -77,7 +77,7 @@ def package_model(
     out: str | os.PathLike[str],
 ) -> Path:
     """Validate and encrypt a checkpoint + label map + metadata into `out`."""
-    from enclave_bridge.stgcn import STGCN, load_label_map
+    from enclave_bridge.measured.stgcn import STGCN, load_label_map
 
     labels = load_label_map(labels_path)
     m = validate_meta(meta, len(labels))

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from enclave_bridge.errors import EnclaveError, IntegrityError
-from enclave_bridge.ring import MaskRNG
+from enclave_bridge.shared.errors import EnclaveError, IntegrityError
+from enclave_bridge.shared.ring import MaskRNG
 
 log = logging.getLogger(__name__)
 

@@ -33,13 +33,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from enclave_bridge import freivalds, kernels
-from enclave_bridge.errors import IntegrityError, TransportError
-from enclave_bridge.masking import DELEGATED_MODES, MASKED_MODES, WORKERS_NEEDED, MaskingEngine
-from enclave_bridge.pool import PrecomputePool, StageMasks, WindowKey, WindowMasks
-from enclave_bridge.quant import BX, act_exponent
-from enclave_bridge.ring import MaskRNG, prg_raw
-from enclave_bridge.secure_layers import (
+from enclave_bridge.measured import freivalds, kernels
+from enclave_bridge.measured.masking import DELEGATED_MODES, MASKED_MODES, WORKERS_NEEDED, MaskingEngine
+from enclave_bridge.measured.pool import PrecomputePool, StageMasks, WindowKey, WindowMasks
+from enclave_bridge.measured.quant import BX, act_exponent
+from enclave_bridge.measured.secure_layers import (
     LinearOp,
     QuantModel,
     apply_linear,
@@ -47,9 +45,11 @@ from enclave_bridge.secure_layers import (
     out_shape,
     quantised_forward,
 )
-from enclave_bridge.stgcn.fold import FoldedSTGCN, fold_batchnorm
-from enclave_bridge.stgcn.model import STGCN
-from enclave_bridge.worker_proto import Term
+from enclave_bridge.measured.stgcn.fold import FoldedSTGCN, fold_batchnorm
+from enclave_bridge.measured.stgcn.model import STGCN
+from enclave_bridge.shared.errors import IntegrityError, TransportError
+from enclave_bridge.shared.ring import MaskRNG, prg_raw
+from enclave_bridge.shared.worker_proto import Term
 
 log = logging.getLogger(__name__)
 
@@ -595,11 +595,11 @@ def _compute(
 
 def _make_worker(spec: str | Worker | None, timeout_s: float) -> Worker:
     if spec is None:
-        from enclave_bridge.gpu_worker import LocalWorker  # tests and the demo only, never SGX
+        from enclave_bridge.gpu.worker import LocalWorker  # tests and the demo only, never SGX
 
         return LocalWorker()
     if isinstance(spec, str):
-        from enclave_bridge.worker_client import WorkerClient
+        from enclave_bridge.measured.worker_client import WorkerClient
 
         return WorkerClient(spec, timeout_s=timeout_s)
     return spec

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from enclave_bridge.errors import ConfigError, IntegrityError
+from enclave_bridge.shared.errors import ConfigError, IntegrityError
 
 log = logging.getLogger(__name__)
 

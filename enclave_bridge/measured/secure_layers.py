@@ -29,9 +29,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from enclave_bridge.quant import BX, WEIGHT_BUDGET, QuantWeight, quantise_weight
-from enclave_bridge.stgcn.fold import FoldedSTGCN, fold_batchnorm
-from enclave_bridge.stgcn.model import STGCN, TEMPORAL_KERNEL
+from enclave_bridge.measured.quant import BX, WEIGHT_BUDGET, QuantWeight, quantise_weight
+from enclave_bridge.measured.stgcn.fold import FoldedSTGCN, fold_batchnorm
+from enclave_bridge.measured.stgcn.model import STGCN, TEMPORAL_KERNEL
 
 KINDS = ("joint", "conv1x1", "tconv", "dense")
 _PAD = (TEMPORAL_KERNEL - 1) // 2

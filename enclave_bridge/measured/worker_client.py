@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from enclave_bridge.errors import TransportError
-from enclave_bridge.ring import P
-from enclave_bridge.shm import Arena, aligned
-from enclave_bridge.wire import connect, pack_tensor, recv_frame, send_frame, unpack_tensor
-from enclave_bridge.worker_proto import Term
+from enclave_bridge.shared.errors import TransportError
+from enclave_bridge.shared.ring import P
+from enclave_bridge.shared.shm import Arena, aligned
+from enclave_bridge.shared.wire import connect, pack_tensor, recv_frame, send_frame, unpack_tensor
+from enclave_bridge.shared.worker_proto import Term
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from enclave_bridge.errors import ConfigError, IntegrityError
+from enclave_bridge.shared.errors import ConfigError, IntegrityError
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,11 @@
 """Enclave measurement for the simulated backend (DESIGN §6): what an MRENCLAVE would cover.
 
-The measured file set is every `*.py` module of the `enclave_bridge` package (ST-GCN, ring
-arithmetic, masking protocol, runtime, attestation, keys, the Gramine backend) except the GPU worker
-server (`gpu_worker.py`, which runs on the untrusted host and never sees secrets). `worker_client.py`
-— the enclave's side of the worker protocol — is measured because the enclave runs it. `training/`,
-`stages/` and `pipeline/` are outside. The enclave config is part of the measurement, so pinned
+The measured file set is exactly the enclave's code: every `*.py` module under
+`enclave_bridge/measured/` (runtime, secure evaluation, ST-GCN, alert building, sealing) and
+`enclave_bridge/shared/` (the formats and ring arithmetic it imports), plus the package's
+`__init__.py`. Party-side code (`enclave_bridge/host/`), the untrusted GPU worker
+(`enclave_bridge/gpu/`), the import aliases at the package top level, `training/`, `stages/` and
+`pipeline/` are outside. The enclave config is part of the measurement, so pinned
 owner keys, evaluator mode and the key-enclave pin cannot be changed without changing it.
 
 measurement = SHA-256( "veilcam-measurement-v1\\n"
@@ -20,22 +21,23 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from enclave_bridge.errors import ConfigError
+from enclave_bridge.shared.errors import ConfigError
 
-PACKAGE_ROOT = Path(__file__).resolve().parent
-EXCLUDED_FILES = frozenset({"gpu_worker.py"})
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the `enclave_bridge` directory
+MEASURED_DIRS = ("measured", "shared")
 _DOMAIN = b"veilcam-measurement-v1\n"
 
 
 def enclave_files(root: Path | None = None) -> list[tuple[str, Path]]:
     """(relative path, absolute path) of every measured file, sorted by relative path."""
     base = (root or PACKAGE_ROOT).resolve()
-    out = []
-    for p in base.rglob("*.py"):
-        rel = p.relative_to(base).as_posix()
-        if "__pycache__" in p.parts or rel in EXCLUDED_FILES:
-            continue
-        out.append((rel, p))
+    out = [("__init__.py", base / "__init__.py")] if (base / "__init__.py").is_file() else []
+    for d in MEASURED_DIRS:
+        out.extend(
+            (p.relative_to(base).as_posix(), p)
+            for p in (base / d).rglob("*.py")
+            if "__pycache__" not in p.parts
+        )
     out.sort(key=lambda t: t[0])
     if not out:
         raise ConfigError(f"no enclave files under {base}")
@@ -65,7 +67,7 @@ def compute_measurement(config: Mapping[str, Any], root: Path | None = None) -> 
 
 
 __all__ = [
-    "EXCLUDED_FILES",
+    "MEASURED_DIRS",
     "PACKAGE_ROOT",
     "canonical_config",
     "compute_measurement",

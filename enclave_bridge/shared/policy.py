@@ -16,9 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from enclave_bridge.errors import ConfigError, IntegrityError
-from enclave_bridge.keys import PartyKey, PartyPublic, b64d, b64e, fingerprint, read_json, verify_ed25519
-from enclave_bridge.rules import AlertRules
+from enclave_bridge.shared.errors import ConfigError, IntegrityError
+from enclave_bridge.shared.keys import (
+    PartyKey,
+    PartyPublic,
+    b64d,
+    b64e,
+    fingerprint,
+    read_json,
+    verify_ed25519,
+)
+from enclave_bridge.shared.rules import AlertRules
 
 ALERT_FIELDS = ("window_seq", "t0", "t1", "track_id", "label", "score", "topk")
 SIGNER_ROLES = ("data-owner", "model-owner")

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from enclave_bridge.errors import ConfigError
+from enclave_bridge.shared.errors import ConfigError
 
 ANY_LABEL = "*"
 _MAX_LABELS = 1000

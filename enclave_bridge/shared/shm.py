@@ -22,7 +22,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from enclave_bridge.errors import TransportError
+from enclave_bridge.shared.errors import TransportError
 
 ALIGN = 64
 MAX_ARENA_BYTES = 4 << 30

@@ -20,9 +20,9 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from enclave_bridge.errors import IntegrityError, StageError, TransportError
-from enclave_bridge.keys import DataKey
-from enclave_bridge.wire import pack_tensor, unpack_tensor
+from enclave_bridge.shared.errors import IntegrityError, StageError, TransportError
+from enclave_bridge.shared.keys import DataKey
+from enclave_bridge.shared.wire import pack_tensor, unpack_tensor
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from enclave_bridge.errors import TransportError
+from enclave_bridge.shared.errors import TransportError
 
 DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024
 _HEADER = struct.Struct(">I")

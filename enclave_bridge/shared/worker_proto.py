@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from enclave_bridge.errors import TransportError
-from enclave_bridge.ring import SEED_BYTES, prg_uniform
-from enclave_bridge.wire import pack_tensor, unpack_tensor
+from enclave_bridge.shared.errors import TransportError
+from enclave_bridge.shared.ring import SEED_BYTES, prg_uniform
+from enclave_bridge.shared.wire import pack_tensor, unpack_tensor
 
 
 class WorkerError(Exception):

@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from enclave_bridge.errors import StageError
+from enclave_bridge.shared.errors import StageError
 from stages.pose.estimator import PoseEstimator, validate_keypoints
 from stages.pose.paf import NUM_PARTS
 

@@ -13,7 +13,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from enclave_bridge.errors import StageError
+from enclave_bridge.shared.errors import StageError
 from stages.pose.opencv_openpose import check_image
 from stages.pose.paf import NUM_PARTS
 

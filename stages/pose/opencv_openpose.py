@@ -16,7 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from enclave_bridge.errors import StageError
+from enclave_bridge.shared.errors import StageError
 from stages.pose.openpose_net import (
     MODEL_ENV,
     MODEL_FILENAME,

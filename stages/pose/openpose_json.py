@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from enclave_bridge.errors import StageError
+from enclave_bridge.shared.errors import StageError
 from pipeline.messages import Frame
 from stages.pose.paf import NUM_PARTS
 

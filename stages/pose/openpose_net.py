@@ -24,7 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from enclave_bridge.errors import StageError
+from enclave_bridge.shared.errors import StageError
 from stages.pose.paf import NUM_PARTS, PafParams, group, prepare_maps, to_image_coords
 
 log = logging.getLogger(__name__)

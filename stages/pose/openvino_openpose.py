@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from enclave_bridge.errors import StageError
+from enclave_bridge.shared.errors import StageError
 from stages.pose.openpose_net import OpenPoseNet
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from enclave_bridge.errors import StageError
+from enclave_bridge.shared.errors import StageError
 
 NUM_PARTS = 18
 """OpenPose/COCO-18 keypoints (DESIGN §3); heatmap channel 18 is the background."""

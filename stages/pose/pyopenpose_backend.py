@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from enclave_bridge.errors import StageError
+from enclave_bridge.shared.errors import StageError
 from stages.pose.opencv_openpose import check_image
 from stages.pose.openpose_json import body25_to_coco18
 from stages.pose.paf import NUM_PARTS

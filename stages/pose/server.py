@@ -34,7 +34,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from enclave_bridge.errors import StageError, VeilcamError
+from enclave_bridge.shared.errors import StageError, VeilcamError
 from pipeline.messages import Frame, PoseFrame
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from config.schema import (
     load_data_key_from_config,
     parse_config,
 )
-from enclave_bridge.keys import generate_data_key
+from enclave_bridge.shared.keys import generate_data_key
 from pipeline.cli import main
 from pipeline.errors import ConfigError
 
@@ -152,7 +152,7 @@ def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     key.save(tmp_path / "data.key")
     clip = tmp_path / "door.mp4"
     clip.write_bytes(b"not checked here")
-    from enclave_bridge.keys import PartyKey
+    from enclave_bridge.shared.keys import PartyKey
 
     PartyKey.generate("consumer", "ops").public.save(tmp_path / "ops.pub")
     model = tmp_path / "model"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from enclave_bridge.stgcn import STGCN
+from enclave_bridge.measured.stgcn import STGCN
 
 
 def skeleton_windows(n: int, t: int, m: int, seed: int) -> np.ndarray:

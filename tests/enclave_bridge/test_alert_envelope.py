@@ -6,11 +6,11 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from enclave_bridge.alerts import AlertOpener, build_alert, parse_alert
-from enclave_bridge.errors import ConfigError, IntegrityError
-from enclave_bridge.keys import PartyKey, fingerprint, raw_public_bytes
-from enclave_bridge.policy import Recipient
-from enclave_bridge.rules import AlertRules, RuleEngine
+from enclave_bridge.measured.alerts import AlertOpener, build_alert, parse_alert
+from enclave_bridge.shared.errors import ConfigError, IntegrityError
+from enclave_bridge.shared.keys import PartyKey, fingerprint, raw_public_bytes
+from enclave_bridge.shared.policy import Recipient
+from enclave_bridge.shared.rules import AlertRules, RuleEngine
 
 FIELDS = {
     "window_seq": 12,
@@ -61,7 +61,7 @@ def test_recipients_get_only_their_fields(setup):
 def test_c2_cannot_decrypt_ungranted_field_with_its_keys(setup):
     """The wrapped key of c2 simply does not contain the score key: filtering is cryptographic."""
     blob, _pub, _, c2, _, _ = setup
-    from enclave_bridge.attest import unwrap_secret
+    from enclave_bridge.shared.attest import unwrap_secret
 
     env = parse_alert(blob)
     mine = next(r for r in env["recipients"] if r["rid"] == c2.public.rid)
@@ -139,7 +139,7 @@ def test_rules_and_debounce():
 
 
 def test_opener_from_verified_evidence():
-    from enclave_bridge.attest import (
+    from enclave_bridge.shared.attest import (
         PlatformKey,
         SessionKey,
         SimulatedBackend,
@@ -147,7 +147,7 @@ def test_opener_from_verified_evidence():
         make_evidence,
         new_nonce,
     )
-    from enclave_bridge.errors import AttestationError
+    from enclave_bridge.shared.errors import AttestationError
 
     plat = PlatformKey.generate()
     meas = "ab" * 32

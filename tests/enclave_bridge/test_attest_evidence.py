@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from enclave_bridge.attest import (
+from enclave_bridge.shared.attest import (
     PlatformKey,
     SessionKey,
     SimulatedBackend,
@@ -17,9 +17,9 @@ from enclave_bridge.attest import (
     unwrap_secret,
     wrap_secret,
 )
-from enclave_bridge.errors import AttestationError, IntegrityError
-from enclave_bridge.keys import PartyKey
-from enclave_bridge.measurement import compute_measurement
+from enclave_bridge.shared.errors import AttestationError, IntegrityError
+from enclave_bridge.shared.keys import PartyKey
+from enclave_bridge.shared.measurement import compute_measurement
 
 MEAS = hashlib.sha256(b"enclave v1").hexdigest()
 
@@ -131,7 +131,7 @@ def test_wrap_unwrap_and_wrong_recipient():
 def test_measurement_tracks_code_and_config(tmp_path):
     import shutil
 
-    from enclave_bridge.measurement import PACKAGE_ROOT, enclave_files
+    from enclave_bridge.shared.measurement import PACKAGE_ROOT, enclave_files
 
     code = tmp_path / "enclave_bridge"
     shutil.copytree(PACKAGE_ROOT, code, ignore=shutil.ignore_patterns("__pycache__"))
@@ -140,11 +140,13 @@ def test_measurement_tracks_code_and_config(tmp_path):
     assert m1 == compute_measurement(dict(reversed(list(cfg.items()))), code)  # canonical config
     assert m1 != compute_measurement(dict(cfg, data_owner_pub="y"), code)
     files = [rel for rel, _ in enclave_files(code)]
-    assert "gpu_worker.py" not in files and "keys.py" in files and "stgcn/model.py" in files
-    (code / "gpu_worker.py").write_text("# untrusted host code is not measured\n")
+    assert "shared/keys.py" in files and "measured/stgcn/model.py" in files
+    assert not [f for f in files if f.startswith(("gpu/", "host/"))]
+    (code / "gpu" / "worker.py").write_text("# untrusted host code is not measured\n")
+    (code / "host" / "client.py").write_text("# party-side code is not measured\n")
     assert compute_measurement(cfg, code) == m1
-    (code / "keys.py").write_text((code / "keys.py").read_text() + "\n# changed\n")
+    (code / "shared" / "keys.py").write_text((code / "shared" / "keys.py").read_text() + "\n# changed\n")
     assert compute_measurement(cfg, code) != m1
     m2 = compute_measurement(cfg, code)
-    (code / "extra_module.py").write_text("X = 1\n")  # an added module is measured too
+    (code / "measured" / "extra_module.py").write_text("X = 1\n")  # an added module is measured too
     assert compute_measurement(cfg, code) != m2

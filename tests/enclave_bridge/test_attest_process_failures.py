@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 
-from enclave_bridge.attest import PlatformKey, Verifier, new_nonce
-from enclave_bridge.client import EnclaveClient, fetch_evidence, provision_data_key, provision_model
-from enclave_bridge.errors import AttestationError, IntegrityError
-from enclave_bridge.keys import PartyKey
-from enclave_bridge.windows import seal_window
+from enclave_bridge.host.client import EnclaveClient, fetch_evidence, provision_data_key, provision_model
+from enclave_bridge.shared.attest import PlatformKey, Verifier, new_nonce
+from enclave_bridge.shared.errors import AttestationError, IntegrityError
+from enclave_bridge.shared.keys import PartyKey
+from enclave_bridge.shared.windows import seal_window
 from tests.enclave_bridge.test_enclave_service_support import (
     assert_no_secrets,
     deployment,  # noqa: F401  (fixture)
@@ -25,7 +25,7 @@ def test_modified_enclave_code_gets_no_model_and_no_data_key(deployment):  # noq
     # an attacker-modified copy of the enclave code (one byte of behaviour changed)
     evil = dep.root / "evil"
     shutil.copytree(dep.code, evil)
-    target = evil / "enclave_bridge" / "alerts.py"
+    target = evil / "enclave_bridge" / "measured" / "alerts.py"
     target.write_text(target.read_text() + "\nLEAK = True\n")
     assert dep.measurement("eval", evil) != dep.measurement("eval")
     dep.start("eval", code=evil, state="evil-state")
@@ -80,7 +80,7 @@ def test_bad_platform_stale_nonce_wrong_owner(deployment):  # noqa: F811
     with EnclaveClient(dep.ev_addr) as c:
         assert c.status()["model_kid"] is None
     # a policy signed by only one owner is refused
-    from enclave_bridge.policy import create_policy, sign_policy
+    from enclave_bridge.shared.policy import create_policy, sign_policy
 
     half = sign_policy(create_policy([(dep.c1.public, ["label"])]), dep.do)
     with (

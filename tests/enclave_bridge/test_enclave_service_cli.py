@@ -13,11 +13,11 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from enclave_bridge.alerts import AlertOpener
-from enclave_bridge.attest import PlatformKey, Verifier, load_platform_pub
-from enclave_bridge.client import EnclaveClient
-from enclave_bridge.keys import PartyKey, load_data_key, load_model_key, raw_private_bytes
-from enclave_bridge.windows import seal_window
+from enclave_bridge.host.client import EnclaveClient
+from enclave_bridge.measured.alerts import AlertOpener
+from enclave_bridge.shared.attest import PlatformKey, Verifier, load_platform_pub
+from enclave_bridge.shared.keys import PartyKey, load_data_key, load_model_key, raw_private_bytes
+from enclave_bridge.shared.windows import seal_window
 from tests.enclave_bridge.test_enclave_service_support import (
     assert_no_secrets,
     copy_enclave_code,

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from enclave_bridge.alerts import AlertOpener
-from enclave_bridge.attest import new_nonce
-from enclave_bridge.client import provision_data_key, provision_model
-from enclave_bridge.errors import ConfigError, IntegrityError
-from enclave_bridge.keys import generate_data_key
-from enclave_bridge.model_inputs import apply_input_transform
-from enclave_bridge.model_package import package_model
-from enclave_bridge.stgcn import STGCN
-from enclave_bridge.windows import seal_window
+from enclave_bridge.host.client import provision_data_key, provision_model
+from enclave_bridge.measured.alerts import AlertOpener
+from enclave_bridge.measured.model_inputs import apply_input_transform
+from enclave_bridge.measured.model_package import package_model
+from enclave_bridge.measured.stgcn import STGCN
+from enclave_bridge.shared.attest import new_nonce
+from enclave_bridge.shared.errors import ConfigError, IntegrityError
+from enclave_bridge.shared.keys import generate_data_key
+from enclave_bridge.shared.windows import seal_window
 from tests.enclave_bridge.test_enclave_service_support import (
     LABELS,
     assert_no_secrets,

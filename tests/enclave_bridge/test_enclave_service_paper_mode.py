@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 
-from enclave_bridge.alerts import AlertOpener
-from enclave_bridge.attest import new_nonce
-from enclave_bridge.client import provision_data_key, provision_model
-from enclave_bridge.stgcn import STGCN
-from enclave_bridge.windows import seal_window
+from enclave_bridge.host.client import provision_data_key, provision_model
+from enclave_bridge.measured.alerts import AlertOpener
+from enclave_bridge.measured.stgcn import STGCN
+from enclave_bridge.shared.attest import new_nonce
+from enclave_bridge.shared.windows import seal_window
 from tests.enclave_bridge.test_enclave_service_support import (
     LABELS,
     assert_no_secrets,

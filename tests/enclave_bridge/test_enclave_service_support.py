@@ -23,14 +23,21 @@ import pytest
 import torch
 import yaml
 
-from enclave_bridge.attest import PlatformKey, Verifier
-from enclave_bridge.client import EnclaveClient
-from enclave_bridge.errors import TransportError
-from enclave_bridge.keys import DataKey, ModelKey, PartyKey, b64e, generate_data_key, generate_model_key
-from enclave_bridge.measurement import PACKAGE_ROOT, compute_measurement
-from enclave_bridge.model_package import package_model
-from enclave_bridge.policy import create_policy, sign_policy
-from enclave_bridge.stgcn import STGCN
+from enclave_bridge.host.client import EnclaveClient
+from enclave_bridge.measured.model_package import package_model
+from enclave_bridge.measured.stgcn import STGCN
+from enclave_bridge.shared.attest import PlatformKey, Verifier
+from enclave_bridge.shared.errors import TransportError
+from enclave_bridge.shared.keys import (
+    DataKey,
+    ModelKey,
+    PartyKey,
+    b64e,
+    generate_data_key,
+    generate_model_key,
+)
+from enclave_bridge.shared.measurement import PACKAGE_ROOT, compute_measurement
+from enclave_bridge.shared.policy import create_policy, sign_policy
 
 LABELS = ["walk", "fall", "fight", "wave"]
 
@@ -140,7 +147,7 @@ class Deployment:
         return proc
 
     def _wait_ready(self, addr: str, proc: subprocess.Popen[bytes], role: str) -> None:
-        from enclave_bridge.client import _Rpc
+        from enclave_bridge.host.client import _Rpc
 
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -190,7 +197,7 @@ class Deployment:
 
     def secrets(self) -> list[bytes]:
         """Every secret byte string that must never show up in a log."""
-        from enclave_bridge.keys import raw_private_bytes
+        from enclave_bridge.shared.keys import raw_private_bytes
 
         out = [self.dk.export_secret(), self.mk.export_secret(), *self.extra_secrets]
         for pk in (self.do, self.mo, self.c1, self.c2):

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from enclave_bridge import freivalds, kernels
-from enclave_bridge.errors import TransportError
-from enclave_bridge.gpu_worker import LocalWorker
-from enclave_bridge.masking import MaskingEngine
-from enclave_bridge.quant import BX, WEIGHT_BUDGET
-from enclave_bridge.ring import MaskRNG, P, prg_uniform
-from enclave_bridge.secure_layers import LinearOp, OpMeta, apply_linear, out_shape
-from enclave_bridge.worker_proto import Term
+from enclave_bridge.gpu.worker import LocalWorker
+from enclave_bridge.measured import freivalds, kernels
+from enclave_bridge.measured.masking import MaskingEngine
+from enclave_bridge.measured.quant import BX, WEIGHT_BUDGET
+from enclave_bridge.measured.secure_layers import LinearOp, OpMeta, apply_linear, out_shape
+from enclave_bridge.shared.errors import TransportError
+from enclave_bridge.shared.ring import MaskRNG, P, prg_uniform
+from enclave_bridge.shared.worker_proto import Term
 
 
 def _op(kind: str, d: int, c_out: int, seed: int, **meta) -> LinearOp:

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from enclave_bridge.errors import TransportError
-from enclave_bridge.protocol import SecureEvaluator
-from enclave_bridge.wire import connect, pack_tensor, recv_frame, send_frame, unpack_tensor
-from enclave_bridge.worker_client import WorkerClient, wait_for_worker
+from enclave_bridge.measured.protocol import SecureEvaluator
+from enclave_bridge.measured.worker_client import WorkerClient, wait_for_worker
+from enclave_bridge.shared.errors import TransportError
+from enclave_bridge.shared.wire import connect, pack_tensor, recv_frame, send_frame, unpack_tensor
 from tests.conftest import free_port
 from tests.enclave_bridge.secure_helpers import calibrated_model, skeleton_windows
 from tests.security.test_security_support import short_root

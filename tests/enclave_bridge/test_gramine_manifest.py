@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from enclave_bridge.errors import AttestationError, ConfigError
-from enclave_bridge.gramine import render_manifest
-from enclave_bridge.gramine.backend import (
+from enclave_bridge.host.gramine import render_manifest
+from enclave_bridge.host.gramine.backend import (
     MRENCLAVE_OFFSET,
     REPORT_DATA_OFFSET,
     GramineBackend,
     parse_sgx_quote,
 )
-from enclave_bridge.measurement import PACKAGE_ROOT, enclave_files
+from enclave_bridge.shared.errors import AttestationError, ConfigError
+from enclave_bridge.shared.measurement import PACKAGE_ROOT, enclave_files
 
 
 @pytest.fixture
@@ -38,7 +38,8 @@ def test_manifest_renders_and_lists_every_enclave_file(cfg_file):
     expected = {f"file:{code}/enclave_bridge/{rel}" for rel, _ in enclave_files()}
     assert expected <= trusted
     assert len(expected) >= 10
-    assert f"file:{code}/enclave_bridge/gpu_worker.py" not in trusted
+    assert f"file:{code}/enclave_bridge/gpu/worker.py" not in trusted
+    assert not [f for f in trusted if "/enclave_bridge/host/" in f]
     assert f"file:{cfg_file.resolve()}" in trusted
     assert "allowed_files" not in sgx
     mounts = {m["path"]: m for m in manifest["fs"]["mounts"]}
@@ -49,7 +50,7 @@ def test_manifest_renders_and_lists_every_enclave_file(cfg_file):
         "key_name": "_sgx_mrenclave",
     }
     argv = manifest["loader"]["argv"]
-    assert argv[1:3] == ["-m", "enclave_bridge.enclave"]
+    assert argv[1:3] == ["-m", "enclave_bridge.measured.enclave"]
     assert argv[argv.index("--role") + 1] == "key"
     assert argv[argv.index("--listen") + 1] == "127.0.0.1:7001"
 

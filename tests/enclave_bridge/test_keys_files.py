@@ -8,8 +8,8 @@ import stat
 
 import pytest
 
-from enclave_bridge.errors import ConfigError, IntegrityError
-from enclave_bridge.keys import (
+from enclave_bridge.shared.errors import ConfigError, IntegrityError
+from enclave_bridge.shared.keys import (
     DataKey,
     PartyKey,
     PartyPublic,

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from enclave_bridge.errors import IntegrityError
-from enclave_bridge.gpu_worker import LocalWorker
-from enclave_bridge.pool import MaskReuseError, StageMasks, WindowMasks
-from enclave_bridge.protocol import SecureEvaluator
-from enclave_bridge.quant import quantise_act
-from enclave_bridge.ring import SEED_BYTES, P, add_mod, to_ring
-from enclave_bridge.worker_proto import Term
+from enclave_bridge.gpu.worker import LocalWorker
+from enclave_bridge.measured.pool import MaskReuseError, StageMasks, WindowMasks
+from enclave_bridge.measured.protocol import SecureEvaluator
+from enclave_bridge.measured.quant import quantise_act
+from enclave_bridge.shared.errors import IntegrityError
+from enclave_bridge.shared.ring import SEED_BYTES, P, add_mod, to_ring
+from enclave_bridge.shared.worker_proto import Term
 from tests.enclave_bridge.secure_helpers import calibrated_model
 
 # chi-square critical value, 63 degrees of freedom, α = 1e-6 (scipy.stats.chi2.ppf(1 - 1e-6, 63))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from enclave_bridge.errors import ConfigError
-from enclave_bridge.model_inputs import apply_input_transform, input_transform_of
+from enclave_bridge.measured.model_inputs import apply_input_transform, input_transform_of
+from enclave_bridge.shared.errors import ConfigError
 
 
 def _windows(n: int = 4, t: int = 12, m: int = 2, seed: int = 0) -> np.ndarray:

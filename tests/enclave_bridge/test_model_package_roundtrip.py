@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from enclave_bridge.errors import CheckpointError, ConfigError, IntegrityError
-from enclave_bridge.keys import ModelKey, generate_model_key, load_model_key
-from enclave_bridge.model_package import open_package, package_kid, package_model
-from enclave_bridge.stgcn import STGCN
+from enclave_bridge.measured.model_package import open_package, package_kid, package_model
+from enclave_bridge.measured.stgcn import STGCN
+from enclave_bridge.shared.errors import CheckpointError, ConfigError, IntegrityError
+from enclave_bridge.shared.keys import ModelKey, generate_model_key, load_model_key
 from pipeline.cli import main
 from tests.enclave_bridge.test_enclave_service_support import LABELS, write_small_model
 

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from enclave_bridge.errors import ConfigError, IntegrityError
-from enclave_bridge.keys import PartyKey
-from enclave_bridge.policy import create_policy, sign_policy, verify_policy
+from enclave_bridge.shared.errors import ConfigError, IntegrityError
+from enclave_bridge.shared.keys import PartyKey
+from enclave_bridge.shared.policy import create_policy, sign_policy, verify_policy
 from pipeline.cli import main
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from enclave_bridge.gpu_worker import LocalWorker
-from enclave_bridge.protocol import TIMING_PARTS, SecureEvaluator
-from enclave_bridge.ring import P
-from enclave_bridge.stgcn import fold_batchnorm
+from enclave_bridge.gpu.worker import LocalWorker
+from enclave_bridge.measured.protocol import TIMING_PARTS, SecureEvaluator
+from enclave_bridge.measured.stgcn import fold_batchnorm
+from enclave_bridge.shared.ring import P
 from tests.enclave_bridge.secure_helpers import calibrated_model, skeleton_windows
 
 
@@ -94,7 +94,7 @@ def test_trained_model_top1_identical_and_close_to_float():
     delegated mode returns, bit for bit) has the float model's top-1 and top-5 on every window."""
     from pathlib import Path
 
-    from enclave_bridge.stgcn import STGCN
+    from enclave_bridge.measured.stgcn import STGCN
     from training.synth import CLASSES, SynthConfig, generate
 
     pkg = Path(__file__).resolve().parents[2] / "samples" / "default_model" / "model.pt"
@@ -207,7 +207,7 @@ class OutOfBound(LocalWorker):
 def test_reply_outside_the_proven_bound_is_rejected(model, windows, reference, caplog):
     worker = OutOfBound(device="cpu")
     with SecureEvaluator(model, "slalom", worker, pool_capacity=0) as ev:
-        with caplog.at_level(logging.WARNING, logger="enclave_bridge.protocol"):
+        with caplog.at_level(logging.WARNING, logger="enclave_bridge.measured.protocol"):
             assert np.array_equal(ev.evaluate(windows), reference)
         assert ev.stats.freivalds_failures == ev.stats.delegated_ops == N_OPS
         assert dict(ev.stats.worker_faults) == {worker.address: N_OPS}

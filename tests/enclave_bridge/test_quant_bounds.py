@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from enclave_bridge.quant import (
+from enclave_bridge.measured.quant import (
     ACT_LIMBS,
     BX,
     WEIGHT_BUDGET,
@@ -17,9 +17,9 @@ from enclave_bridge.quant import (
     quantise_act,
     quantise_weight,
 )
-from enclave_bridge.ring import HALF, RingWeight, centred, to_ring
-from enclave_bridge.secure_layers import QuantModel, apply_linear, as4d, quantised_forward
-from enclave_bridge.stgcn import fold_batchnorm
+from enclave_bridge.measured.secure_layers import QuantModel, apply_linear, as4d, quantised_forward
+from enclave_bridge.measured.stgcn import fold_batchnorm
+from enclave_bridge.shared.ring import HALF, RingWeight, centred, to_ring
 from tests.enclave_bridge.secure_helpers import calibrated_model, skeleton_windows
 
 

@@ -8,9 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from enclave_bridge import kernels
-from enclave_bridge.quant import BX
-from enclave_bridge.ring import (
+from enclave_bridge.measured import kernels
+from enclave_bridge.measured.quant import BX
+from enclave_bridge.measured.secure_layers import OpMeta, apply_linear, out_shape
+from enclave_bridge.measured.stgcn.model import TEMPORAL_KERNEL
+from enclave_bridge.shared.ring import (
     BITS,
     HALF,
     SEED_BYTES,
@@ -29,8 +31,6 @@ from enclave_bridge.ring import (
     sub_mod,
     to_ring,
 )
-from enclave_bridge.secure_layers import OpMeta, apply_linear, out_shape
-from enclave_bridge.stgcn.model import TEMPORAL_KERNEL
 
 
 def _ref_linear(meta: OpMeta, x: torch.Tensor, w: torch.Tensor) -> np.ndarray:

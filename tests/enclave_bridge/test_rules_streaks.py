@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from config.schema import RulesConfig, load_config
-from enclave_bridge.errors import ConfigError
-from enclave_bridge.rules import STREAK_GAP_S, AlertRules, RuleEngine
+from enclave_bridge.shared.errors import ConfigError
+from enclave_bridge.shared.rules import STREAK_GAP_S, AlertRules, RuleEngine
 
 REPO = Path(__file__).resolve().parents[2]
 

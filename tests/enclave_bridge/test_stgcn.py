@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from enclave_bridge.errors import CheckpointError
-from enclave_bridge.stgcn import STGCN, Graph, fold_batchnorm, load_label_map
+from enclave_bridge.measured.stgcn import STGCN, Graph, fold_batchnorm, load_label_map
+from enclave_bridge.shared.errors import CheckpointError
 
 # --- graph facts (reference behaviour, max_hop=1 quirk included) ---------------------------
 

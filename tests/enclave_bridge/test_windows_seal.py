@@ -6,9 +6,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from enclave_bridge.errors import IntegrityError, StageError
-from enclave_bridge.keys import DataKey, generate_data_key
-from enclave_bridge.windows import ReplayGuard, open_window, parse_header, seal_window
+from enclave_bridge.shared.errors import IntegrityError, StageError
+from enclave_bridge.shared.keys import DataKey, generate_data_key
+from enclave_bridge.shared.windows import ReplayGuard, open_window, parse_header, seal_window
 
 
 def _window(seed: int = 0, t: int = 8, m: int = 2) -> np.ndarray:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from config.schema import REPO_ROOT
-from enclave_bridge.keys import generate_data_key
-from enclave_bridge.stgcn import STGCN
+from enclave_bridge.measured.stgcn import STGCN
+from enclave_bridge.shared.keys import generate_data_key
 from pipeline.cli import main
 
 VTEST = REPO_ROOT / "samples" / "vtest.avi"

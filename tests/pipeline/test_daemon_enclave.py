@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from config.schema import REPO_ROOT, EnclaveConfig, RulesConfig
-from enclave_bridge.attest import new_nonce
-from enclave_bridge.client import provision_data_key, provision_model
-from enclave_bridge.keys import generate_data_key
+from enclave_bridge.host.client import provision_data_key, provision_model
+from enclave_bridge.shared.attest import new_nonce
+from enclave_bridge.shared.keys import generate_data_key
 from pipeline.replay import replay_config, run_replay
 from tests.enclave_bridge.test_enclave_service_support import LABELS, deployment  # noqa: F401
 

@@ -23,8 +23,8 @@ from config.schema import (
     VeilcamConfig,
     WindowConfig,
 )
-from enclave_bridge.keys import PartyKey, generate_data_key
-from enclave_bridge.stgcn import STGCN
+from enclave_bridge.measured.stgcn import STGCN
+from enclave_bridge.shared.keys import PartyKey, generate_data_key
 from pipeline.daemon import Daemon, ListSink, make_local_enclave
 
 LABELS = ["a", "b"]

@@ -24,8 +24,8 @@ from config.schema import (
     SupervisorConfig,
     VeilcamConfig,
 )
-from enclave_bridge.keys import PartyKey, generate_data_key
-from enclave_bridge.stgcn import STGCN
+from enclave_bridge.measured.stgcn import STGCN
+from enclave_bridge.shared.keys import PartyKey, generate_data_key
 from pipeline.daemon import Daemon, ListSink, make_local_enclave
 from pipeline.errors import StageError
 from pipeline.replay import format_summary, plot_timeline, replay_config, run_replay

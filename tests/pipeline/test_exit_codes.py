@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from config.broker import BrokerConfig
-from enclave_bridge.keys import PartyKey
+from enclave_bridge.shared.keys import PartyKey
 from pipeline.broker import free_port, start_broker
 from pipeline.messages import AlertEnvelope
 from pipeline.outbox import Outbox
@@ -33,7 +33,7 @@ VEILCAM = [sys.executable, "-m", "pipeline"]
 def test_genuine_alert_without_a_grant_is_no_forgery() -> None:
     p = Parties()
     stranger = PartyKey.generate("consumer", "stranger")
-    from enclave_bridge.alerts import AlertOpener
+    from enclave_bridge.measured.alerts import AlertOpener
 
     got: list[dict[str, object]] = []
     sub = AlertSubscriber(BrokerConfig(), AlertOpener(stranger, p.signer.public.sign_pub), got.append)
@@ -166,7 +166,7 @@ def test_start_broker_checks_the_port_before_starting(tmp_path: Path, kind: str)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        from enclave_bridge.errors import ConfigError
+        from enclave_bridge.shared.errors import ConfigError
 
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
             start_broker(kind, port=port, workdir=tmp_path)  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from enclave_bridge.errors import StageError
+from enclave_bridge.shared.errors import StageError
 from pipeline.messages import AlertEnvelope
 from pipeline.outbox import Outbox
 

@@ -16,9 +16,9 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from config.broker import BrokerConfig
-from enclave_bridge.alerts import AlertOpener, build_alert
-from enclave_bridge.keys import PartyKey, fingerprint
-from enclave_bridge.policy import ALERT_FIELDS, Recipient
+from enclave_bridge.measured.alerts import AlertOpener, build_alert
+from enclave_bridge.shared.keys import PartyKey, fingerprint
+from enclave_bridge.shared.policy import ALERT_FIELDS, Recipient
 from pipeline.messages import AlertEnvelope
 from pipeline.outbox import Outbox
 from pipeline.subscriber import AlertSubscriber, SeenSet, format_alert
@@ -224,7 +224,7 @@ def test_veilcam_subscribe_cli(mosquitto, tmp_path: Path) -> None:
 @pytest.mark.broker
 def test_subscribe_with_evidence_retained_by_the_daemon(mosquitto, tmp_path: Path) -> None:
     """`--evidence-from-broker`: the signing key comes from the retained, attested evidence."""
-    from enclave_bridge.attest import (
+    from enclave_bridge.shared.attest import (
         PlatformKey,
         SessionKey,
         SimulatedBackend,

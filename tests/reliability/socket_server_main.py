@@ -19,7 +19,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     stop = threading.Event()
     if kind == "gpu":
-        from enclave_bridge.gpu_worker import WorkerCore, serve
+        from enclave_bridge.gpu.worker import WorkerCore, serve
 
         core = WorkerCore("cpu")
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
             idle_timeout_s=idle_s,
         )
         return 0
-    from enclave_bridge.enclave import RequestServer, install_signal_handlers
+    from enclave_bridge.measured.enclave import RequestServer, install_signal_handlers
 
     server = RequestServer(
         "test-service",

@@ -120,8 +120,8 @@ def test_daemon_keeps_a_camera_down_at_start_running(
     import torch
 
     from config.schema import EnclaveConfig, MetricsConfig, PoseConfig, SupervisorConfig, VeilcamConfig
-    from enclave_bridge.keys import PartyKey, generate_data_key
-    from enclave_bridge.stgcn import STGCN
+    from enclave_bridge.measured.stgcn import STGCN
+    from enclave_bridge.shared.keys import PartyKey, generate_data_key
     from pipeline.daemon import Daemon, ListSink, make_local_enclave
 
     model = tmp_path / "model"

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from config.schema import REPO_ROOT, EnclaveConfig, RulesConfig
-from enclave_bridge.alerts import AlertOpener
-from enclave_bridge.keys import PartyKey, generate_data_key
-from enclave_bridge.stgcn import STGCN
+from enclave_bridge.measured.alerts import AlertOpener
+from enclave_bridge.measured.stgcn import STGCN
+from enclave_bridge.shared.keys import PartyKey, generate_data_key
 from pipeline.daemon import Daemon, ListSink, make_local_enclave
 from pipeline.replay import replay_config
 

@@ -26,9 +26,9 @@ import yaml
 
 from config.broker import BrokerConfig
 from config.schema import REPO_ROOT
-from enclave_bridge.alerts import AlertOpener
-from enclave_bridge.keys import PartyKey, generate_data_key
-from enclave_bridge.stgcn import STGCN
+from enclave_bridge.measured.alerts import AlertOpener
+from enclave_bridge.measured.stgcn import STGCN
+from enclave_bridge.shared.keys import PartyKey, generate_data_key
 from pipeline.subscriber import AlertSubscriber
 from tests.conftest import Broker, free_port, mosquitto_binary
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from config.schema import REPO_ROOT, EnclaveConfig, RulesConfig
-from enclave_bridge.alerts import AlertOpener
-from enclave_bridge.attest import new_nonce
-from enclave_bridge.windows import seal_window
+from enclave_bridge.measured.alerts import AlertOpener
+from enclave_bridge.shared.attest import new_nonce
+from enclave_bridge.shared.windows import seal_window
 from pipeline.daemon import Daemon
 from pipeline.messages import EndOfStream, SealedWindow
 from pipeline.outbox import Outbox

@@ -34,8 +34,8 @@ import yaml
 
 from config.broker import BrokerConfig
 from config.schema import REPO_ROOT
-from enclave_bridge.alerts import AlertOpener
-from enclave_bridge.attest import new_nonce
+from enclave_bridge.measured.alerts import AlertOpener
+from enclave_bridge.shared.attest import new_nonce
 from pipeline.subscriber import AlertSubscriber
 from tests.conftest import Broker, mosquitto_binary
 from tests.enclave_bridge.test_enclave_service_support import make_deployment

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from config.schema import REPO_ROOT, EnclaveConfig, RulesConfig
-from enclave_bridge.alerts import AlertOpener
-from enclave_bridge.attest import new_nonce
-from enclave_bridge.client import EnclaveClient
-from enclave_bridge.errors import TransportError
-from enclave_bridge.windows import seal_window
+from enclave_bridge.host.client import EnclaveClient
+from enclave_bridge.measured.alerts import AlertOpener
+from enclave_bridge.shared.attest import new_nonce
+from enclave_bridge.shared.errors import TransportError
+from enclave_bridge.shared.windows import seal_window
 from pipeline.daemon import Daemon, ListSink
 from pipeline.replay import replay_config
 from stages.enclave_client import RemoteEnclave

@@ -10,7 +10,7 @@ import signal
 import numpy as np
 import pytest
 
-from enclave_bridge.protocol import SecureEvaluator
+from enclave_bridge.measured.protocol import SecureEvaluator
 from tests.enclave_bridge.secure_helpers import calibrated_model, skeleton_windows
 from tests.security.test_security_support import GpuWorker, TcpProxy
 
@@ -61,7 +61,7 @@ def test_enclave_with_hung_worker_answers_within_its_timeout(tmp_path) -> None:
     still evaluated (enclave path) and alerted, the timeouts are in the enclave's stats."""
     import shutil
 
-    from enclave_bridge.windows import seal_window
+    from enclave_bridge.shared.windows import seal_window
     from tests.enclave_bridge.test_enclave_service_support import make_deployment, window
     from tests.security.test_security_support import RULES_ALL, provisioned, short_root
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from enclave_bridge.errors import TransportError
-from enclave_bridge.wire import recv_frame, send_frame
+from enclave_bridge.shared.errors import TransportError
+from enclave_bridge.shared.wire import recv_frame, send_frame
 from tests.enclave_bridge.test_enclave_service_support import make_deployment
 from tests.security.test_security_support import short_root
 
@@ -275,7 +275,7 @@ def test_cli_socket_errors_are_one_line(root: Path) -> None:
         )
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         assert "another process is listening" in r.stderr and str(sock) in r.stderr
-        from enclave_bridge.client import key_enclave_status
+        from enclave_bridge.host.client import key_enclave_status
 
         assert key_enclave_status(dep.ke_addr)["backend"] == "simulated"
         dep.stop("key")

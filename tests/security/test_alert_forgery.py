@@ -9,10 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from config.broker import BrokerConfig
-from enclave_bridge.alerts import AlertOpener, build_alert
-from enclave_bridge.errors import IntegrityError
-from enclave_bridge.keys import PartyKey, fingerprint
-from enclave_bridge.policy import ALERT_FIELDS, Recipient
+from enclave_bridge.measured.alerts import AlertOpener, build_alert
+from enclave_bridge.shared.errors import IntegrityError
+from enclave_bridge.shared.keys import PartyKey, fingerprint
+from enclave_bridge.shared.policy import ALERT_FIELDS, Recipient
 from pipeline.subscriber import AlertSubscriber
 
 SIGNER = PartyKey.generate("data-owner", "enclave-signer")

@@ -12,9 +12,9 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from enclave_bridge.alerts import ENVELOPE_BLOCK, AlertOpener, build_alert
-from enclave_bridge.keys import PartyKey, fingerprint, raw_public_bytes
-from enclave_bridge.policy import ALERT_FIELDS, Recipient
+from enclave_bridge.measured.alerts import ENVELOPE_BLOCK, AlertOpener, build_alert
+from enclave_bridge.shared.keys import PartyKey, fingerprint, raw_public_bytes
+from enclave_bridge.shared.policy import ALERT_FIELDS, Recipient
 
 LABELS = ["a", "lying", "waving", "running", "fighting", "sitting_down", "falling", "émeute", "x" * 64]
 

@@ -19,11 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from enclave_bridge.alerts import AlertOpener
-from enclave_bridge.attest import new_nonce
-from enclave_bridge.keys import generate_data_key
-from enclave_bridge.windows import seal_window
-from enclave_bridge.wire import connect, encode_frame, recv_frame, send_frame
+from enclave_bridge.measured.alerts import AlertOpener
+from enclave_bridge.shared.attest import new_nonce
+from enclave_bridge.shared.keys import generate_data_key
+from enclave_bridge.shared.windows import seal_window
+from enclave_bridge.shared.wire import connect, encode_frame, recv_frame, send_frame
 from tests.enclave_bridge.test_enclave_service_support import assert_no_secrets, make_deployment, window
 from tests.security.test_security_support import RULES_ALL, GpuWorker, provisioned, rss_bytes, short_root
 

@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
-from enclave_bridge.windows import seal_window
+from enclave_bridge.shared.windows import seal_window
 from tests.enclave_bridge.test_enclave_service_support import make_deployment, window
 from tests.security.test_security_support import RULES_ALL, provisioned, short_root
 

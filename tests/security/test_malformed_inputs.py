@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from config.schema import REPO_ROOT, CameraConfig, parse_config
-from enclave_bridge.enclave import validate_enclave_config
-from enclave_bridge.errors import ConfigError, StageError
+from enclave_bridge.measured.enclave import validate_enclave_config
+from enclave_bridge.shared.errors import ConfigError, StageError
 from pipeline.messages import EndOfStream, Frame
 from pipeline.queues import BoundedQueue
 from pipeline.stats import CameraStats
@@ -165,8 +165,8 @@ def test_malformed_video_files(tmp_path: Path, name: str) -> None:
 def test_evaluator_act_limbs_is_validated_and_obsolete(caplog: pytest.LogCaptureFixture) -> None:
     """`act_limbs` is obsolete (one 20-bit ring element per activation): old configs with 1, 2 or
     3 still validate, 2/3 are logged and ignored; anything else is a config error."""
-    from enclave_bridge.enclave import make_evaluator
-    from enclave_bridge.protocol import SecureEvaluator
+    from enclave_bridge.measured.enclave import make_evaluator
+    from enclave_bridge.measured.protocol import SecureEvaluator
     from tests.enclave_bridge.secure_helpers import calibrated_model
 
     ok = {**_ENCLAVE_GOOD, "evaluator": {"mode": "enclave", "worker": None, "act_limbs": 1}}
@@ -185,7 +185,7 @@ def test_evaluator_act_limbs_is_validated_and_obsolete(caplog: pytest.LogCapture
     x = np.zeros((1, 3, 8, 18, 1), np.float32)
     x[0, :, :, :, 0] = 0.1
     ref = SecureEvaluator(model, "slalom").exact_reference(x)
-    with caplog.at_level(logging.WARNING, logger="enclave_bridge.enclave"):
+    with caplog.at_level(logging.WARNING, logger="enclave_bridge.measured.enclave"):
         assert np.array_equal(make_evaluator(model, "slalom", None, None, 1).evaluate(x), ref)
         assert "obsolete" not in caplog.text
         assert np.array_equal(make_evaluator(model, "slalom", None, None, 2).evaluate(x), ref)

@@ -26,11 +26,11 @@ import torch
 
 from config.broker import BrokerConfig
 from config.schema import REPO_ROOT, EnclaveConfig, RulesConfig, SupervisorConfig
-from enclave_bridge.alerts import AlertOpener
-from enclave_bridge.attest import new_nonce
-from enclave_bridge.model_package import package_model
-from enclave_bridge.ring import P
-from enclave_bridge.wire import unpack_tensor
+from enclave_bridge.measured.alerts import AlertOpener
+from enclave_bridge.measured.model_package import package_model
+from enclave_bridge.shared.attest import new_nonce
+from enclave_bridge.shared.ring import P
+from enclave_bridge.shared.wire import unpack_tensor
 from pipeline.daemon import build_daemon
 from pipeline.replay import replay_config
 from tests.enclave_bridge.test_enclave_service_support import make_deployment

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from enclave_bridge.client import provision_data_key, provision_model
-from enclave_bridge.worker_client import wait_for_worker
+from enclave_bridge.host.client import provision_data_key, provision_model
+from enclave_bridge.measured.worker_client import wait_for_worker
 from tests.conftest import free_port
 
 RULES_ALL = {"labels": ["*"], "min_score": 0.0, "debounce_s": 0.0}

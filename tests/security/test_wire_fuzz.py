@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from enclave_bridge.errors import TransportError
-from enclave_bridge.wire import (
+from enclave_bridge.shared.errors import TransportError
+from enclave_bridge.shared.wire import (
     decode_body,
     encode_frame,
     pack_tensor,

@@ -16,9 +16,9 @@ import msgpack
 import pytest
 import torch
 
-from enclave_bridge.alerts import AlertOpener, parse_alert
-from enclave_bridge.keys import PartyKey, generate_data_key
-from enclave_bridge.stgcn import STGCN
+from enclave_bridge.measured.alerts import AlertOpener, parse_alert
+from enclave_bridge.measured.stgcn import STGCN
+from enclave_bridge.shared.keys import PartyKey, generate_data_key
 from pipeline.outbox import Outbox
 from tests.stages.mqtt_helpers import Collector
 

@@ -267,9 +267,9 @@ def test_sigkill_with_unacked_alerts_then_restart_resends(mosquitto, tmp_path: P
 def test_retained_enclave_evidence_verifies_for_consumers(mosquitto, tmp_path: Path) -> None:
     """Evidence from a provider is retained on <prefix>/<device>/enclave; a consumer that connects
     later verifies it (platform key + measurement allow-list) and gets the alert-signing key."""
-    from enclave_bridge.attest import PlatformKey, SessionKey, SimulatedBackend, make_evidence
-    from enclave_bridge.errors import AttestationError
-    from enclave_bridge.keys import PartyKey
+    from enclave_bridge.shared.attest import PlatformKey, SessionKey, SimulatedBackend, make_evidence
+    from enclave_bridge.shared.errors import AttestationError
+    from enclave_bridge.shared.keys import PartyKey
     from pipeline.subscriber import verify_key_from_evidence
 
     platform = PlatformKey.generate()

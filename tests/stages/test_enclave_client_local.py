@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from enclave_bridge.alerts import AlertOpener
-from enclave_bridge.keys import PartyKey, generate_data_key
-from enclave_bridge.policy import ALERT_FIELDS, Recipient
-from enclave_bridge.stgcn import STGCN
-from enclave_bridge.windows import seal_window
+from enclave_bridge.measured.alerts import AlertOpener
+from enclave_bridge.measured.stgcn import STGCN
+from enclave_bridge.shared.keys import PartyKey, generate_data_key
+from enclave_bridge.shared.policy import ALERT_FIELDS, Recipient
+from enclave_bridge.shared.windows import seal_window
 from pipeline.errors import ConfigError, TransportError
 from pipeline.messages import AlertEnvelope, EndOfStream, SealedWindow
 from pipeline.queues import BoundedQueue
@@ -200,7 +200,7 @@ def test_stage_counts_rejections_with_a_data_key_hint(model: STGCN, caplog: pyte
 
 
 def test_local_evaluator_applies_the_model_input_transform(model: STGCN, tmp_path: Path) -> None:
-    from enclave_bridge.model_inputs import apply_input_transform
+    from enclave_bridge.measured.model_inputs import apply_input_transform
 
     key, consumer = generate_data_key(), PartyKey.generate("consumer", "ops")
     pub = consumer.public

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from enclave_bridge.errors import StageError
+from enclave_bridge.shared.errors import StageError
 from pipeline.messages import Frame
 from stages.pose import PoseEstimator, create_backend
 from stages.pose.mediapipe_backend import mediapipe33_to_coco18

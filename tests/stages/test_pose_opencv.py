@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from enclave_bridge.errors import StageError
+from enclave_bridge.shared.errors import StageError
 from pipeline.messages import Frame, PoseFrame
 from stages.pose import PoseBackend, PoseEstimator, create_backend, validate_keypoints
 from stages.pose.opencv_openpose import MODEL_ENV, OpenCVOpenPose, default_model_path

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from config.schema import PoseConfig
-from enclave_bridge.errors import StageError
+from enclave_bridge.shared.errors import StageError
 from pipeline.messages import Frame, PoseFrame
 from stages.pose import DEFAULT_BACKEND, PoseBackend, create_backend, resolve_auto
 from stages.pose.compare import Agreement, match_people

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from enclave_bridge.errors import StageError
+from enclave_bridge.shared.errors import StageError
 from stages.pose.paf import (
     LIMBS,
     NUM_PARTS,

@@ -26,7 +26,7 @@ from config.schema import (
     VeilcamConfig,
     WindowConfig,
 )
-from enclave_bridge.errors import StageError
+from enclave_bridge.shared.errors import StageError
 from pipeline.messages import Frame, PoseFrame
 from stages.pose import create_backend
 from stages.pose.server import PoseServer, SharedPoseClient
@@ -169,8 +169,8 @@ def fast_clip(path: Path, n: int = 120, fps: float = 120.0) -> Path:
 def test_daemon_two_live_cameras_share_one_pose_process(tmp_path: Path) -> None:
     import torch
 
-    from enclave_bridge.keys import PartyKey, generate_data_key
-    from enclave_bridge.stgcn import STGCN
+    from enclave_bridge.measured.stgcn import STGCN
+    from enclave_bridge.shared.keys import PartyKey, generate_data_key
     from pipeline.daemon import Daemon, ListSink, make_local_enclave
 
     model = tmp_path / "model"

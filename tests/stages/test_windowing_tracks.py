@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from enclave_bridge.keys import generate_data_key
-from enclave_bridge.windows import ReplayGuard, open_window
+from enclave_bridge.shared.keys import generate_data_key
+from enclave_bridge.shared.windows import ReplayGuard, open_window
 from pipeline.errors import ConfigError
 from pipeline.messages import EndOfStream, PoseFrame, SealedWindow
 from pipeline.queues import BoundedQueue

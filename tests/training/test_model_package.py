@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from enclave_bridge.errors import CheckpointError
-from enclave_bridge.stgcn import STGCN
+from enclave_bridge.measured.stgcn import STGCN
+from enclave_bridge.shared.errors import CheckpointError
 from pipeline.cli import main
 from training.evaluate import load_package
 from training.package import import_checkpoint
@@ -137,7 +137,7 @@ def test_shipped_default_model_recognises_fresh_synthetic_windows() -> None:
     it has never seen — a model shipped without its transform (or with the wrong one) is not."""
     if not (DEFAULT_MODEL / "model.pt").exists():
         pytest.skip("samples/default_model not trained yet in this checkout")
-    from enclave_bridge.model_inputs import apply_input_transform, input_transform_of
+    from enclave_bridge.measured.model_inputs import apply_input_transform, input_transform_of
     from training.dataset import SplitSpec, make_arrays
     from training.synth import SynthConfig
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from enclave_bridge.errors import ConfigError
-from enclave_bridge.rules import AlertRules
+from enclave_bridge.shared.errors import ConfigError
+from enclave_bridge.shared.rules import AlertRules
 from training.dataset import augment_real, load_real_windows
 from training.realcheck import reapply_rules
 from training.train import TrainConfig

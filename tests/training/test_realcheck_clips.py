@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from enclave_bridge.keys import generate_data_key
-from enclave_bridge.windows import ReplayGuard, open_window
+from enclave_bridge.shared.keys import generate_data_key
+from enclave_bridge.shared.windows import ReplayGuard, open_window
 from pipeline.errors import ConfigError
 from pipeline.messages import PoseFrame
 from stages.windowing import SeqCounter, Windower
@@ -190,7 +190,7 @@ def test_replay_and_realcheck_give_the_same_labels() -> None:
     labels and scores. Every window alerts (rules: any label, score 0, no debounce), so the
     replay's opened alerts list every window's top-1."""
     from config.schema import RulesConfig
-    from enclave_bridge.rules import AlertRules
+    from enclave_bridge.shared.rules import AlertRules
     from pipeline.replay import replay_config, run_replay
     from training.evaluate import load_package
     from training.realcheck import classify_clip

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from enclave_bridge.errors import CheckpointError, ConfigError
-from enclave_bridge.stgcn import STGCN
+from enclave_bridge.measured.stgcn import STGCN
+from enclave_bridge.shared.errors import CheckpointError, ConfigError
 from training.dataset import SplitSpec, batches, epoch_spec, make_arrays
 from training.evaluate import confusion, evaluate_package, load_package, per_class
 from training.synth import CLASSES, SynthConfig

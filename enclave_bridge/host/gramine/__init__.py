@@ -1,8 +1,8 @@
 """Gramine-SGX packaging of the enclaves: manifest rendering and the `/dev/attestation` backend.
 
-`python -m enclave_bridge.gramine render --role eval --config enclave.yaml --listen 0.0.0.0:7000
+`python -m enclave_bridge.host.gramine render --role eval --config enclave.yaml --listen 0.0.0.0:7000
 --state-dir /var/lib/veilcam/eval --out veilcam-enclave.manifest` writes a manifest whose trusted
-files are exactly the measured enclave file set (`enclave_bridge.measurement.enclave_files`).
+files are exactly the measured enclave file set (`enclave_bridge.shared.measurement.enclave_files`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from enclave_bridge.errors import ConfigError
-from enclave_bridge.measurement import PACKAGE_ROOT, enclave_files
+from enclave_bridge.shared.errors import ConfigError
+from enclave_bridge.shared.measurement import PACKAGE_ROOT, enclave_files
 
 TEMPLATE = Path(__file__).with_name("veilcam-enclave.manifest.template")
 
@@ -82,7 +82,7 @@ def render_manifest(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m enclave_bridge.gramine", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m enclave_bridge.host.gramine", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("render", help="render the Gramine manifest")
     r.add_argument("--role", choices=("eval", "key"), required=True)

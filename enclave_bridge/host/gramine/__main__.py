@@ -1,5 +1,5 @@
 import sys
 
-from enclave_bridge.gramine import main
+from enclave_bridge.host.gramine import main
 
 sys.exit(main())

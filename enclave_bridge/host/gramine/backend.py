@@ -21,7 +21,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from enclave_bridge.errors import AttestationError, ConfigError
+from enclave_bridge.shared.errors import AttestationError, ConfigError
 
 log = logging.getLogger(__name__)
 

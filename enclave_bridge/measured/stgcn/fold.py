@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from enclave_bridge.stgcn.model import STGCN, TEMPORAL_KERNEL
+from enclave_bridge.measured.stgcn.model import STGCN, TEMPORAL_KERNEL
 
 
 def _bn_affine(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:

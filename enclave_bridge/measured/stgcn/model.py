@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from enclave_bridge.errors import CheckpointError
-from enclave_bridge.stgcn.graph import Graph
+from enclave_bridge.measured.stgcn.graph import Graph
+from enclave_bridge.shared.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,10 @@
+"""Moved to `enclave_bridge.measured.protocol` (issue 13: the trust boundary in the folder names).
+
+DESIGN.md names this import path; it stays as an alias.
+The alias is the same module object, so patches and isinstance checks see one module.
+"""
+
+import importlib
+import sys
+
+sys.modules[__name__] = importlib.import_module("enclave_bridge.measured.protocol")
