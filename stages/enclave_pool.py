@@ -226,7 +226,9 @@ class EnclavePool:
                     inner = ev.get("freivalds_failures") if isinstance(ev, dict) else 0
                     f = st.get("freivalds_failures", inner)
                     freivalds += int(f or 0)
-                except TransportError as e:
+                except TransportError as e:  # found down by the probe: skipped like a failed submit
+                    self._mark_down(m, e)
+                    entry["healthy"] = False
                     entry["error"] = str(e)
             per[m.address] = entry
         with self._lock:
