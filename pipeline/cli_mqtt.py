@@ -65,6 +65,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     p.add_argument("--state", type=Path, help="SQLite file remembering seen (device, seq) across restarts")
     p.add_argument(
+        "--share",
+        metavar="GROUP",
+        help="join the MQTT 5 shared subscription $share/GROUP/<prefix>/<device>/alerts: consumers of one "
+        "group split the alerts between them (needs an MQTT 5 broker, e.g. Mosquitto 2)",
+    )
+    p.add_argument(
         "--max-age-s",
         type=float,
         help="reject alerts whose enclave time is further than this from now "
@@ -239,6 +245,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
         client_id=args.client_id,
         persistent=args.persistent,
         max_age_s=freshness_window(args.max_age_s, args.state),
+        share_group=args.share,
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

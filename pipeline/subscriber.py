@@ -114,6 +114,13 @@ class AlertSubscriber:
 
     `client_id` + `persistent=True` gives the consumer a broker session (QoS 1 messages published
     while it is away are queued for it by a broker with persistence).
+
+    `share_group` joins an MQTT 5 shared subscription `$share/<group>/<prefix>/<device>/alerts`:
+    the broker hands each alert to one member of the group, so N consumer processes split the
+    stream (the connection then speaks MQTT 5; the embedded 3.1.1 demo broker cannot share).
+    Each member verifies and de-duplicates what it receives; a redelivery after a member dropped
+    may reach another member, so give members one `state_path` per member and treat delivery as
+    at least once across the group (docs/SCALE_OUT.md).
     """
 
     def __init__(
@@ -127,13 +134,20 @@ class AlertSubscriber:
         client_id: str = "",
         persistent: bool = False,
         max_age_s: float | None = None,
+        share_group: str | None = None,
     ) -> None:
         if persistent and not client_id:
             raise ConfigError("a persistent subscription needs a fixed --client-id")
+        if share_group is not None and (not share_group or any(ch in share_group for ch in "/+#")):
+            raise ConfigError(f"--share {share_group!r}: a group name is non-empty, without '/', '+' or '#'")
         self.cfg = cfg
         self.opener = opener
         self.on_alert = on_alert
+        self.share_group = share_group
+        self.persistent = persistent
         self.topic = cfg.topic(device, "alerts")
+        if share_group is not None:
+            self.topic = f"$share/{share_group}/{self.topic}"
         self.stats = SubscriberStats()
         self.seen = SeenSet(state_path)
         self.max_age_s = max_age_s
@@ -145,12 +159,15 @@ class AlertSubscriber:
         # Set on the first genuine alert that grants this key nothing (see `NoGrantError`).
         self.no_grant = threading.Event()
         self._lock = threading.Lock()
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=mqtt.MQTTv311,  # works with every broker, incl. the embedded demo broker
-            clean_session=not persistent,
-        )
+        if share_group is not None:  # shared subscriptions are MQTT 5 (clean_start at connect)
+            self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        else:
+            self._client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=client_id,
+                protocol=mqtt.MQTTv311,  # works with every broker, incl. the embedded demo broker
+                clean_session=not persistent,
+            )
         self._client.reconnect_delay_set(cfg.reconnect_min_delay_s, cfg.reconnect_max_delay_s)  # type: ignore[arg-type]
         if cfg.username is not None:
             pw = cfg.password()
@@ -169,7 +186,23 @@ class AlertSubscriber:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
-        self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        if self.share_group is None:
+            self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        else:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = None
+            if self.persistent:  # MQTT 5: the session outlives the connection only when asked to
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = 7 * 24 * 3600
+            self._client.connect_async(
+                self.cfg.host,
+                self.cfg.port,
+                keepalive=self.cfg.keepalive_s,
+                clean_start=not self.persistent,
+                properties=props,
+            )
         self._client.loop_start()
 
     def stop(self) -> None:
@@ -191,7 +224,20 @@ class AlertSubscriber:
         self.connect_error = "cannot connect (nothing listening, or unreachable)"
         self.connect_failed.set()
 
-    def _on_subscribe(self, *_a: Any) -> None:
+    def _on_subscribe(self, *a: Any) -> None:
+        codes = a[3] if len(a) > 3 and isinstance(a[3], list) else []
+        refused = [rc for rc in codes if getattr(rc, "is_failure", False)]
+        if refused:  # e.g. a broker without shared subscriptions (0x9E)
+            log.error(
+                "broker %s:%d refused the subscription to %s: %s",
+                self.cfg.host,
+                self.cfg.port,
+                self.topic,
+                refused[0],
+            )
+            self.connect_error = f"the broker refused the subscription to {self.topic}: {refused[0]}"
+            self.connect_failed.set()
+            return
         log.info("subscribed to %s on %s:%d", self.topic, self.cfg.host, self.cfg.port)
         self.subscribed.set()
 
