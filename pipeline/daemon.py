@@ -652,9 +652,15 @@ class Notifier:
 
 
 def build_link(cfg: VeilcamConfig, key: DataKey, recipients_extra: list[Any] | None = None) -> EnclaveLink:
-    """The enclave link the config asks for: remote `veilcam enclave`, else the local stand-in."""
-    if cfg.enclave.address:
-        return RemoteEnclave(cfg.enclave.address, timeout_s=cfg.enclave.timeout_s)
+    """The enclave link the config asks for: remote `veilcam enclave` (several: an `EnclavePool`,
+    `enclave.addresses`), else the local stand-in."""
+    addresses = [a for a in [cfg.enclave.address, *cfg.enclave.addresses] if a]
+    if len(addresses) > 1:
+        from stages.enclave_pool import EnclavePool
+
+        return EnclavePool(addresses, timeout_s=cfg.enclave.timeout_s, backoff_s=cfg.enclave.retry_backoff_s)
+    if addresses:
+        return RemoteEnclave(addresses[0], timeout_s=cfg.enclave.timeout_s)
     log.warning(
         "enclave.address is not set: windows are evaluated by the in-process local evaluator "
         "(development/replay only — no enclave isolation)"
@@ -898,6 +904,8 @@ def build_daemon(cfg: VeilcamConfig) -> Daemon:
             if cfg.enclave.address
             else None
         )
+        if hasattr(link, "evidence_provider"):  # a pool: each device's own enclave's evidence
+            provider = link.evidence_provider(timeout_s=cfg.enclave.timeout_s)
         publisher = AlertPublisher(
             cfg.broker, outbox, devices=[cfg.device_of(n) for n in cfg.cameras], evidence_provider=provider
         )

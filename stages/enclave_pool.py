@@ -206,6 +206,25 @@ class EnclavePool:
                 out[m.address] = str(e)
         return out
 
+    def evidence_provider(self, timeout_s: float = 10.0) -> Callable[[str], dict[str, Any]]:
+        """For `AlertPublisher(evidence_provider=…)`: the evidence retained on
+        `<prefix>/<device>/enclave` is that of the enclave the device is pinned to (fresh nonce,
+        own connection, so evidence requests never queue behind windows)."""
+
+        def provide(device: str) -> dict[str, Any]:
+            import os
+
+            with self._lock:
+                m = self._pinned.get(device)
+            address = m.address if m is not None else self.members[0].address
+            link = _remote(address, timeout_s)
+            try:
+                return dict(link.evidence(os.urandom(32)))
+            finally:
+                link.close()
+
+        return provide
+
     def stats(self) -> dict[str, Any]:
         """Per-enclave stats (or `down`), pool counters, and the summed Freivalds failures."""
         per: dict[str, Any] = {}
