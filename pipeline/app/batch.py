@@ -140,6 +140,7 @@ class ClipOutcome:
     task_wall_s: float
     task_latency_s: float  # dispatch → result, per segment summed (includes queueing)
     warning: str | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)  # summed stage work: capture, pose, …, enclave
 
 
 @dataclass
@@ -370,7 +371,18 @@ class _ClipRun:
             task_wall_s=sum(o.wall_s for o in outs),
             task_latency_s=sum(self.latency.values()),
             warning=self.warning,
+            timings_s=self._timings(outs),
         )
+
+    def _timings(self, outs: list[SegmentOutput]) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for o in outs:
+            for k, v in o.timings_s.items():
+                total[k] = total.get(k, 0.0) + v
+        enclave = self.stats.stages.get("enclave")
+        if enclave is not None:
+            total["enclave"] = float(enclave.snapshot().latency_sum_s)
+        return total
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -490,10 +502,17 @@ class BatchRun:
                 )
         if cfg.broker is not None and devices:
             from pipeline.outbox import Outbox
-            from stages.alerts import AlertPublisher
+            from stages.alerts import AlertPublisher, enclave_evidence_provider
 
+            provider = None  # consumers find each device's enclave evidence retained (remote only)
+            if hasattr(self.link, "evidence_provider"):
+                provider = self.link.evidence_provider(timeout_s=cfg.enclave.timeout_s)
+            elif addresses:
+                provider = enclave_evidence_provider(addresses[0], timeout_s=cfg.enclave.timeout_s)
             self.outbox = Outbox(self.state_dir / "outbox.sqlite")
-            self.publisher = AlertPublisher(cfg.broker, self.outbox, devices=devices)
+            self.publisher = AlertPublisher(
+                cfg.broker, self.outbox, devices=devices, evidence_provider=provider
+            )
             self.publisher.start()
 
     # -- finishing a clip (enclave-stage threads) ----------------------------------------------------

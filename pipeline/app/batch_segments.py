@@ -78,6 +78,7 @@ class SegmentOutput:
     node: str
     pid: int
     counters: dict[str, int] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)  # per stage: summed work (capture = decode)
 
 
 def plan_segments(
@@ -230,6 +231,7 @@ def run_segment(
         t.start()
     kept: list[SealedWindow] = []
     kept_frames: list[int] = []
+    win_timing = stats.stage("windowing")
     last_seq = -1
     end_reason = "error"
     try:
@@ -253,7 +255,10 @@ def run_segment(
                 break
             last_seq = item.seq
             counter.frame = item.seq
-            for w in windower.push(item):
+            t_win = time.monotonic()
+            made = windower.push(item)
+            win_timing.observe(time.monotonic() - t_win)
+            for w in made:
                 if item.seq >= spec.start and (spec.end is None or item.seq < spec.end):
                     kept.append(w)
                     kept_frames.append(item.seq)
@@ -288,6 +293,7 @@ def run_segment(
         node=socket.gethostname(),
         pid=os.getpid(),
         counters={k: v for k, v in stats.counters.items() if v},
+        timings_s={n: float(st.snapshot().latency_sum_s) for n, st in stats.stages.items()},
     )
 
 
