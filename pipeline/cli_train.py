@@ -58,6 +58,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         package_dir=args.package,
         command=command,
         progress=not args.no_progress,
+        keep_epochs=args.keep_epochs,
     )
     pkg = Path(args.package or args.out)
     print(
@@ -96,6 +97,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         f"confusion matrix {Path(args.out) / 'confusion.png'}"
     )
     return 0
+
+
+def _summary(scores: dict[str, Any], prefix: str = "") -> str:
+    """One line of realcheck totals."""
+    return (
+        f"{prefix}fall recall {scores['falls_found']}/{scores['falls']}; "
+        f"false fall alerts {scores['false_fall_alerts']} in {scores['fall_free_s']:.0f} s of fall-free "
+        f"footage ({scores['false_fall_alerts_per_hour']}/h); "
+        f"alerts outside falls in fall clips {scores['alerts_outside_falls']}; "
+        f"top-1 agreement {scores['agreement']} over {scores['scored_windows']} windows; "
+        f"lying still read lying {scores['lying_agreement']} of {scores['lying_windows']} windows"
+    )
 
 
 def _cmd_realcheck(args: argparse.Namespace) -> int:
@@ -154,23 +167,38 @@ def _cmd_realcheck(args: argparse.Namespace) -> int:
             print(f"  {w['t0']:6.1f}-{w['t1']:5.1f} s  track {w['track']:>3}  {top}{mark}")
     if scores is not None:
         print()
-        print(f"{'clip':<44} {'falls':>5} {'found':>5} {'false':>5} {'agree':>6} {'lying':>7}")
+        trained = set(report.get("real_clips", []))
+        print(f"{'clip':<44} {'split':<9} {'falls':>5} {'found':>5} {'false':>5} {'agree':>6} {'lying':>7}")
         for c in scores["clips"]:
             agree = "-" if c["agreement"] is None else f"{c['agreement']:.2f}"
             lying = f"{c['lying_read_lying']}/{c['lying_windows']}" if c["lying_windows"] else "-"
+            split = "trained" if c["clip"] in trained else "held-out"
             print(
-                f"{c['clip']:<44} {c['falls']:>5} {c['falls_found']:>5} {c['false_fall_alerts']:>5} "
-                f"{agree:>6} {lying:>7}"
+                f"{c['clip']:<44} {split:<9} {c['falls']:>5} {c['falls_found']:>5} "
+                f"{c['false_fall_alerts']:>5} {agree:>6} {lying:>7}"
             )
-        print(
-            f"fall recall {scores['falls_found']}/{scores['falls']}; "
-            f"false fall alerts {scores['false_fall_alerts']} in {scores['fall_free_s']:.0f} s of fall-free "
-            f"footage ({scores['false_fall_alerts_per_hour']}/h); "
-            f"alerts outside falls in fall clips {scores['alerts_outside_falls']}; "
-            f"top-1 agreement {scores['agreement']} over {scores['scored_windows']} windows; "
-            f"lying still read lying {scores['lying_agreement']} of {scores['lying_windows']} windows"
-        )
+        for name, sc in (
+            ("", scores),
+            ("held-out clips: ", report.get("scores_held_out")),
+            ("trained-on clips: ", report.get("scores_trained_on")),
+        ):
+            if sc:
+                print(_summary(sc, name))
         print(format_confusion(scores))
+        if args.sweep:
+            from training.annotations import load_annotations
+            from training.realcheck import rule_sweep
+
+            print("falling rule sweep (other rules as above):")
+            print(f"  {'min_score':>9} {'windows':>7}  {'all clips':<28} held-out clips")
+            for row in rule_sweep(report, load_annotations(args.annotations), scores["labels"]):
+                cells = [
+                    f"{r['falls_found']}/{r['falls']} falls, {r['false_fall_alerts']} false "
+                    f"({r['false_fall_alerts_per_hour']}/h)"
+                    for r in (row.get("all"), row.get("held_out"))
+                    if r
+                ]
+                print(f"  {row['min_score']:>9.2f} {row['min_windows']:>7}  " + "   ".join(cells))
         if args.png:
             print(f"confusion matrix: {args.png}")
     return 0
@@ -244,6 +272,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--real-fraction", type=float, default=0.0, help="real windows per synthetic window each epoch"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--keep-epochs", action="store_true", help="also write each epoch's package to OUT/epoch_N"
+    )
     p.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_train)
 
@@ -290,6 +321,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--clips-dir", default=None, help="annotated clip paths are relative to this (default: its dir)"
     )
     r.add_argument("--png", default=None, help="with --annotations: save the confusion matrix here")
+    r.add_argument(
+        "--sweep",
+        action="store_true",
+        help="with --annotations: fall recall / false alerts for a grid of falling min_score × min_windows",
+    )
     r.add_argument(
         "--export-windows",
         default=None,

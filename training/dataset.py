@@ -63,6 +63,15 @@ def load_real_windows(path: str, cfg: object) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def real_clip_names(path: str) -> list[str]:
+    """The clips an exported real-window file was cut from (sorted; empty for files without)."""
+    try:
+        with np.load(path) as z:
+            return sorted({str(c) for c in z["clip"]}) if "clip" in z.files else []
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--real-windows {path}: {e}") from e
+
+
 def augment_real(
     x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -86,4 +95,12 @@ def augment_real(
     return out.astype(np.float32), y[pick]
 
 
-__all__ = ["SplitSpec", "augment_real", "batches", "epoch_spec", "load_real_windows", "make_arrays"]
+__all__ = [
+    "SplitSpec",
+    "augment_real",
+    "batches",
+    "epoch_spec",
+    "load_real_windows",
+    "make_arrays",
+    "real_clip_names",
+]

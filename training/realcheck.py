@@ -369,7 +369,60 @@ def run_realcheck(
     }
     if notes:
         report["scores"] = score_clips(results, notes, labels)
+        trained = set(meta.get("real_clips", []))
+        report["real_clips"] = sorted(trained)
+        if trained:  # a fine-tuned model: the clips it never saw are the honest measure
+            held = [r for r in results if r["clip"] not in trained]
+            seen = [r for r in results if r["clip"] in trained]
+            report["scores_held_out"] = score_clips(held, notes, labels) if held else None
+            report["scores_trained_on"] = score_clips(seen, notes, labels) if seen else None
     return report
+
+
+SWEEP_SCORES = (0.3, 0.4, 0.5, 0.6, 0.7)
+SWEEP_WINDOWS = (1, 2)
+_SWEEP_KEYS = (
+    "falls",
+    "falls_found",
+    "false_fall_alerts",
+    "fall_free_s",
+    "false_fall_alerts_per_hour",
+    "alerts_outside_falls",
+)
+
+
+def rule_sweep(
+    report: dict[str, Any],
+    notes: list[Annotation],
+    labels: list[str],
+    scores: tuple[float, ...] = SWEEP_SCORES,
+    windows: tuple[int, ...] = SWEEP_WINDOWS,
+) -> list[dict[str, Any]]:
+    """Fall recall and false fall alerts for each `falling` min_score × min_windows, the other
+    rules as in `report` (the windows are re-decided, pose and model are not re-run). With a
+    fine-tuned model the held-out clips are scored apart."""
+    base = report["rules"]
+    trained = set(report.get("real_clips", []))
+    rows = []
+    for ms in scores:
+        for mw in windows:
+            d = {
+                **base,
+                "label_min_score": {**base.get("label_min_score", {}), FALL_LABEL: ms},
+                "min_windows": {**base.get("min_windows", {}), FALL_LABEL: mw},
+            }
+            clips = reapply_rules(report, AlertRules.from_dict(d))["clips"]
+            row: dict[str, Any] = {"min_score": ms, "min_windows": mw}
+            for name, subset in (
+                ("all", clips),
+                ("held_out", [c for c in clips if c["clip"] not in trained] if trained else []),
+            ):
+                if not subset:
+                    continue
+                sc = score_clips(subset, notes, labels)
+                row[name] = {k: sc[k] for k in _SWEEP_KEYS}
+            rows.append(row)
+    return rows
 
 
 __all__ = [
@@ -380,6 +433,7 @@ __all__ = [
     "export_windows",
     "extract_skeletons",
     "reapply_rules",
+    "rule_sweep",
     "rules_and_window",
     "run_realcheck",
 ]

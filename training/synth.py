@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from enclave_bridge.errors import ConfigError
+from enclave_bridge.shared.errors import ConfigError
 
 CLASSES: tuple[str, ...] = (
     "standing",
@@ -58,6 +58,14 @@ _DEG = math.pi / 180.0
 ID_SWITCH_P = 0.15  # single-person windows whose track is split in two by a tracker id switch
 CAMERA_MOVE_P = 0.08  # windows in which the camera is bumped or panned
 STALL_P = 0.05  # windows in which the stream stalls (frames repeat exactly)
+FURNITURE_FALL_P = 0.25  # falls that start seated or lying on a chair, sofa or bed
+AXIAL_P = 0.3  # falls and lying bodies aligned with the camera's line of sight (foreshortened)
+# Falls whose faller the detector loses while going down (measured on real night clips: the
+# walker's legs go first, then the whole person, and nobody is found on the floor afterwards).
+FALL_VANISH_P = 0.35
+# Everyday windows in which the person walks or steps out of view behind an occluder (a door, a
+# wall) in mid-frame: the track ends without any drop, so a vanishing track alone is no fall.
+OCCLUDED_EXIT_P = 0.06
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,7 +391,42 @@ def _lying(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
         m.set(f"knee_{side}", m.a(f"knee_{side}") + np.abs(_slow_noise(rng, t, 50 * _DEG, 0.6)))
 
 
+def _fall_from_furniture(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
+    """Sliding off a chair or sofa, or rolling off a bed, and landing on the floor.
+
+    Seated: the seated pose tips forward or sideways until the body is horizontal on the floor
+    (the lowest joint rests on the ground, so the pelvis drops from seat height). Bed: the body
+    lies (or sits) on a surface 0.4–0.7 m high, rolls about its long axis and drops to the floor.
+    """
+    _idle(rng, m, t, gestures=False)
+    m.yaw += rng.uniform(-math.pi, math.pi)
+    dur = rng.uniform(0.5, 1.3)
+    start = rng.uniform(0.2, max(0.25, t[-1] - dur - 0.3))
+    u = np.clip((t - start) / dur, 0.0, 1.0)
+    m.tilt_dir = rng.uniform(-math.pi, math.pi)
+    if rng.random() < 0.5:  # from a chair / sofa
+        _sit_pose(rng, m, 1.0 - _smooth((u - 0.3) / 0.7), on_ground=False)  # legs unfold on the floor
+        m.tilt += rng.uniform(75, 100) * _DEG * u**2
+    else:  # from a bed: lying (or sitting up) on it, then rolling over the edge
+        bed = rng.uniform(0.4, 0.7)
+        lying_first = rng.random() < 0.6
+        tilt0 = rng.uniform(70, 95) * _DEG if lying_first else rng.uniform(0, 20) * _DEG
+        m.tilt += tilt0 + (rng.uniform(75, 100) * _DEG - tilt0) * _smooth(u / 0.5)
+        m.lift += bed * (1.0 - u**2)  # gravity: the drop is fastest at the end
+        m.twist += rng.choice([-1.0, 1.0]) * rng.uniform(30, 120) * _DEG * _smooth(u)  # roll
+        m.x += rng.uniform(0.3, 0.7) * _smooth(u) * math.cos(m.tilt_dir)
+        m.y += rng.uniform(0.3, 0.7) * _smooth(u) * math.sin(m.tilt_dir)
+        if not lying_first:
+            _sit_pose(rng, m, 1.0 - _smooth(u), on_ground=True)
+    for side in ("r", "l"):  # protective arm reaction
+        m.set(f"sho_flex_{side}", m.a(f"sho_flex_{side}") + rng.uniform(20, 120) * _DEG * _smooth(u / 0.7))
+    _lying_pose(rng, m, _smooth((u - 0.6) / 0.4) * 0.5)
+
+
 def _falling(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
+    if rng.random() < FURNITURE_FALL_P:
+        _fall_from_furniture(rng, m, t)
+        return
     walking = rng.random() < 0.4
     speed = rng.uniform(0.6, 1.6)
     if walking:
@@ -596,13 +639,22 @@ def sample_camera(rng: np.random.Generator) -> tuple[Camera, np.ndarray, float]:
 
 
 def _corrupt(
-    rng: np.random.Generator, cam: Camera, world: np.ndarray, facing: np.ndarray, may_vanish: bool = True
+    rng: np.random.Generator,
+    cam: Camera,
+    world: np.ndarray,
+    facing: np.ndarray,
+    may_vanish: bool = True,
+    vanish_falling: bool = False,
+    occluded_exit: bool = False,
 ) -> np.ndarray:
     """OpenPose-like detections of one person: (T, 18, 3) pixel x, y, score; zeros when missed.
 
     `facing` is (T, 3): the head's forward direction, used to hide the face seen from behind.
     Bottom-up detectors trained on mostly upright people often lose a person lying on the floor
     and during fast motion (blur); `may_vanish` allows losing every horizontal frame.
+    `vanish_falling`: the person is lost for good once the trunk tilts past a random angle, the
+    legs a frame or two before the rest (a faller on a dark floor). `occluded_exit`: the person
+    is lost for good from a random frame on with no change of pose (walking out behind a door).
     """
     n = world.shape[0]
     px, front = cam.project(world)
@@ -664,6 +716,19 @@ def _corrupt(
             lost = np.ones(NUM_JOINTS, dtype=bool)
             lost[list(_FRAGMENTS[int(rng.integers(len(_FRAGMENTS)))])] = False
             miss[s0 : s0 + int(rng.integers(1, 10))] |= lost
+    # lying bodies lose limbs: foreshortened, self-occluded arms and legs on the floor
+    limb_loss = horizontal[:, None] & (rng.random((n, NUM_JOINTS)) < rng.uniform(0, 0.45))
+    miss |= limb_loss & np.isin(np.arange(NUM_JOINTS), (3, 4, 6, 7, 9, 10, 12, 13, 0, 14, 15))[None, :]
+    tilt_deg = np.degrees(np.arccos(np.clip(trunk[:, 2] / (np.linalg.norm(trunk, axis=1) + 1e-9), -1, 1)))
+    if vanish_falling:
+        over = np.flatnonzero(tilt_deg > rng.uniform(15, 55))
+        if len(over):
+            k = int(over[0])
+            drop[k:] = True
+            legs = max(0, k - int(rng.integers(0, 3)))
+            miss[legs:k, 8:14] = True
+    if occluded_exit and n >= 6:
+        drop[int(rng.integers(n // 3, n - 2)) :] = True
     if rng.random() < 0.2:
         cut = rng.integers(1, max(2, n // 3))
         if rng.random() < 0.5:
@@ -716,6 +781,14 @@ def _place(m: Motion, origin: tuple[float, float], pos: np.ndarray, yaw: float) 
     m.yaw = m.yaw + yaw
 
 
+def _axial_yaw(rng: np.random.Generator, m: Motion, bearing: float) -> float:
+    """The placement yaw that lays a tilted body along the camera's line of sight (bearing =
+    direction from the camera to the subject), head away from (60 %) or towards the camera, ±15°:
+    the body stays short and upright-looking in the image (measured on a real backward fall)."""
+    target = (math.pi if rng.random() < 0.6 else 0.0) - bearing + rng.normal(0, 15 * _DEG)
+    return target - m.tilt_dir - float(m.yaw[-1])
+
+
 def _head_forward(world: np.ndarray) -> np.ndarray:
     """Approximate facing direction from the eyes/nose relative to the ears, (T, 3)."""
     f = world[:, 0] - (world[:, 16] + world[:, 17]) / 2
@@ -727,7 +800,6 @@ def make_sample(label: str, rng: np.random.Generator, cfg: SynthConfig) -> np.nd
     if label not in CLASSES:
         raise ConfigError(f"unknown class {label!r}; known: {', '.join(CLASSES)}")
     t = _times(rng, cfg)
-    cam, pos, _ = sample_camera(rng)
     motions: list[Motion] = []
     if label == "fighting":
         a, b = _fighting_pair(rng, t)
@@ -754,13 +826,26 @@ def make_sample(label: str, rng: np.random.Generator, cfg: SynthConfig) -> np.nd
                 if kind == "standing" and rng.random() < 0.5:  # conversation: face each other
                     other.yaw = other.yaw - other.yaw[0] + math.atan2(other.x[0], -other.y[0])
             motions.append(other)
+    cam, pos, bearing = sample_camera(rng)
     yaw = rng.uniform(-math.pi, math.pi)
+    if label in ("falling", "lying") and rng.random() < AXIAL_P:
+        yaw = _axial_yaw(rng, motions[0], bearing)
+    vanish = label == "falling" and rng.random() < FALL_VANISH_P
+    exit_ = label in ("standing", "walking", "sitting_down", "waving") and rng.random() < OCCLUDED_EXIT_P
     dets = []
     origin = (float(motions[0].x[0]), float(motions[0].y[0]))
-    for mo in motions:
+    for k, mo in enumerate(motions):
         _place(mo, origin, pos, yaw)
         world = forward_kinematics(Body.sample(rng), mo)
-        det = _corrupt(rng, cam, world, _head_forward(world), may_vanish=label != "lying")
+        det = _corrupt(
+            rng,
+            cam,
+            world,
+            _head_forward(world),
+            may_vanish=label != "lying",
+            vanish_falling=vanish and k == 0,
+            occluded_exit=exit_ and k == 0,
+        )
         dets.append(normalise(det, cam.width, cam.height_px))
     if len(dets) < cfg.M and cfg.T >= 8 and rng.random() < ID_SWITCH_P:
         dets = _id_switch(rng, dets)

@@ -26,10 +26,18 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from enclave_bridge.errors import CheckpointError, ConfigError
-from enclave_bridge.model_inputs import INPUT_TRANSFORMS, apply_input_transform
-from enclave_bridge.stgcn import STGCN
-from training.dataset import SplitSpec, augment_real, batches, epoch_spec, load_real_windows, make_arrays
+from enclave_bridge.measured.model_inputs import INPUT_TRANSFORMS, apply_input_transform
+from enclave_bridge.measured.stgcn import STGCN
+from enclave_bridge.shared.errors import CheckpointError, ConfigError
+from training.dataset import (
+    SplitSpec,
+    augment_real,
+    batches,
+    epoch_spec,
+    load_real_windows,
+    make_arrays,
+    real_clip_names,
+)
 from training.synth import CLASSES, SynthConfig
 
 log = logging.getLogger(__name__)
@@ -166,8 +174,12 @@ def train(
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     max_steps: int | None = None,
+    keep_epochs: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) training; returns the history dict. `max_steps` caps steps (tests)."""
+    """Run (or resume) training; returns the history dict. `max_steps` caps steps (tests).
+
+    `keep_epochs`: also write every epoch's package to OUT/epoch_N (fine-tunes: the best
+    synthetic validation epoch is not always the one that carries over best to real footage)."""
     cfg.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -226,6 +238,8 @@ def train(
     history.setdefault("commands", [])
     history["commands"].append(cmd)
     real = load_real_windows(cfg.real_windows, cfg) if cfg.real_windows and cfg.real_fraction > 0 else None
+    # which real clips the model saw: realcheck reports the others as held out
+    real_clips = real_clip_names(cfg.real_windows) if real is not None else []
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.monotonic()
         x, y = make_arrays(epoch_spec(cfg.seed, epoch, cfg.train_per_epoch), cfg.synth)
@@ -290,22 +304,21 @@ def train(
             rec["seconds"],
             rec["samples_per_s"],
         )
+        provenance = {
+            "command": history["commands"][0],
+            "commands": history["commands"],
+            "best_epoch": epoch,
+            "val_acc": val_acc,
+            "epochs_done": epoch + 1,
+            "train_seconds": history["train_s"],
+            "device": str(device),
+            **({"real_clips": real_clips} if real_clips else {}),
+        }
+        if keep_epochs:
+            write_package(out / f"epoch_{epoch + 1}", shipped, cfg, provenance)
         if val_acc > history["best_val_acc"]:
             history["best_val_acc"], history["best_epoch"] = val_acc, epoch
-            write_package(
-                pkg,
-                shipped,
-                cfg,
-                {
-                    "command": history["commands"][0],
-                    "commands": history["commands"],
-                    "best_epoch": epoch,
-                    "val_acc": val_acc,
-                    "epochs_done": epoch + 1,
-                    "train_seconds": history["train_s"],
-                    "device": str(device),
-                },
-            )
+            write_package(pkg, shipped, cfg, provenance)
         ck = {
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),

@@ -72,3 +72,40 @@ def test_reapply_rules_counts_streaks_per_clip() -> None:
     assert [c["fall_alerts"] for c in r2["clips"]] == [1, 0]  # b's single falling window does not alert
     assert r2["clips"][0]["fall_alert_times"] == [(1, 3.9)]
     assert report["clips"][0]["windows"][1]["alert"] is False  # the input is not modified
+
+
+def test_rule_sweep_scores_every_setting_and_the_held_out_clips_apart() -> None:
+    from training.annotations import Annotation
+    from training.realcheck import rule_sweep
+    from training.synth import CLASSES
+
+    def win(t: float, label: str, p: float) -> dict:
+        return {"t0": t, "t1": t + 2.9, "track": 1, "label": label, "top": [(label, p)], "alert": False}
+
+    def clip(name: str, wins: list[dict]) -> dict:
+        return {"clip": name, "duration_s": 6.0, "frames": 60, "windows": wins}
+
+    report = {
+        "rules": {"labels": ["falling"], "min_score": 0.6, "debounce_s": 10.0},
+        "real_clips": ["seen.mp4"],
+        "clips": [
+            clip("seen.mp4", [win(0, "falling", 0.45), win(1, "falling", 0.55)]),  # trained-on fall
+            clip("fall.mp4", [win(0, "walking", 0.9), win(1, "falling", 0.65)]),  # held-out fall
+            clip("free.mp4", [win(0, "falling", 0.35), win(1, "standing", 0.9)]),  # held-out, no fall
+        ],
+    }
+    notes = [
+        Annotation("seen.mp4", 1.0, 3.0, "falling"),
+        Annotation("fall.mp4", 2.0, 3.0, "falling"),
+        Annotation("free.mp4", 0.0, 6.0, "walking"),
+    ]
+    rows = {(r["min_score"], r["min_windows"]): r for r in rule_sweep(report, notes, list(CLASSES))}
+    assert len(rows) == 10
+    assert rows[(0.3, 1)]["all"]["falls_found"] == 2 and rows[(0.3, 1)]["all"]["false_fall_alerts"] == 1
+    assert rows[(0.3, 1)]["held_out"]["falls"] == 1 and rows[(0.3, 1)]["held_out"]["false_fall_alerts"] == 1
+    assert rows[(0.4, 1)]["all"]["false_fall_alerts"] == 0
+    assert rows[(0.5, 1)]["all"]["falls_found"] == 2  # the trained-on clip's 0.55 window
+    assert rows[(0.6, 1)]["all"]["falls_found"] == 1 and rows[(0.6, 1)]["held_out"]["falls_found"] == 1
+    assert rows[(0.4, 2)]["all"]["falls_found"] == 1  # only the trained-on clip has 2 in a row
+    assert rows[(0.4, 2)]["held_out"]["falls_found"] == 0
+    assert rows[(0.7, 1)]["all"]["falls_found"] == 0

@@ -96,14 +96,16 @@ def test_each_class_has_its_motion_signature() -> None:
     walk = [_ground_speed(w) for _, w in _clean("walking", 2)]
     run = [_ground_speed(w) for _, w in _clean("running", 3)]
     assert 0.4 < np.median(walk) < 2.0 and np.median(run) > 2.2 and min(run) > max(walk) * 0.9
-    # falling: the hips drop from standing height to near the ground (some falls end on the
-    # knees and hands, hips a little higher)
-    ends = []
-    for body, w in _clean("falling", 4):
+    # falling: the hips drop from standing (or seat / bed) height to near the ground (some falls
+    # end on the knees and hands, hips a little higher)
+    ends, starts = [], []
+    for body, w in _clean("falling", 4, n=24):
         hz = _hip_z(w)
-        assert hz[0] > 0.4 * body.height and hz[-1] < 0.4 * body.height and hz[-1] < 0.7 * hz[0]
+        assert hz[0] > 0.2 * body.height and hz[-1] < 0.4 * body.height and hz[-1] < 0.85 * hz[0]
         ends.append(hz[-1] / body.height)
+        starts.append(hz[0] / body.height)
     assert np.median(ends) < 0.25
+    assert np.mean(np.array(starts) > 0.4) > 0.5  # most falls start on the feet
     # lying: low the whole time, head near hip height
     for body, w in _clean("lying", 5):
         assert _hip_z(w).max() < 0.35 * body.height
@@ -130,6 +132,75 @@ def test_each_class_has_its_motion_signature() -> None:
     wrist_speed = [np.abs(np.diff(w[:, (4, 7)], axis=0)).max() for _, w in pairs]
     stand_speed = [np.abs(np.diff(w[:, (4, 7)], axis=0)).max() for _, w in _clean("standing", 1)]
     assert np.median(wrist_speed) > 2 * np.median(stand_speed)
+
+
+def test_falls_from_furniture_start_raised_and_end_on_the_floor() -> None:
+    """Falls from a chair, sofa or bed: the hips start at seat/bed height, not standing height,
+    and end low with the trunk lying."""
+    from training.synth import _fall_from_furniture
+
+    t = np.arange(30) / 10.0
+    for i in range(16):
+        rng = np.random.default_rng([21, i])
+        body = Body.sample(rng)
+        m = Motion(30)
+        _fall_from_furniture(rng, m, t)
+        w = forward_kinematics(body, m)
+        hz = _hip_z(w)
+        assert 0.15 * body.height < hz[0] < 0.6 * body.height, hz[0] / body.height  # seat or bed
+        assert hz[-1] < 0.25 * body.height
+        trunk = w[-1, 1] - w[-1, (8, 11)].mean(0)
+        assert abs(trunk[2]) < 0.5 * np.linalg.norm(trunk)  # lying, not sitting
+
+
+def test_fall_vanish_and_occluded_exit_cut_the_track_for_good() -> None:
+    """`vanish_falling` loses a faller once the trunk tilts (for the rest of the window);
+    `occluded_exit` loses a walker from some frame on with no tilt at all."""
+    from training.synth import _corrupt, _head_forward, sample_camera
+
+    t = np.arange(30) / 10.0
+    lost_fall = lost_exit = 0
+    for i in range(12):
+        rng = np.random.default_rng([31, i])
+        cam, pos, _ = sample_camera(rng)
+        for label in ("falling", "walking"):
+            m = Motion(30)
+            _MOTIONS[label](rng, m, t)
+            m.x, m.y = m.x - m.x[0] + pos[0], m.y - m.y[0] + pos[1]
+            w = forward_kinematics(Body.sample(rng), m)
+            fall = label == "falling"
+            det = _corrupt(rng, cam, w, _head_forward(w), vanish_falling=fall, occluded_exit=not fall)
+            seen = np.flatnonzero((det[:, :, 2] > 0).any(axis=1))
+            if len(seen) and seen[-1] < 29:
+                assert not (det[seen[-1] + 1 :, :, 2] > 0).any()
+                if label == "falling":
+                    lost_fall += 1
+                else:
+                    lost_exit += 1
+            if label == "falling" and len(seen):  # lost only after the trunk started to tilt
+                trunk = w[seen[-1], 1] - w[seen[-1], (8, 11)].mean(0)
+                assert trunk[2] > 0.5 * np.linalg.norm(trunk)
+    assert lost_fall >= 10 and lost_exit >= 10
+
+
+def test_axial_yaw_lays_the_body_along_the_line_of_sight() -> None:
+    """Lying people seen head-first or feet-first (a real backward fall): the placed body's
+    neck-to-hip axis is (anti)parallel to the direction from the camera to the person."""
+    from training.synth import _axial_yaw, _place
+
+    t = np.arange(30) / 10.0
+    for i in range(20):
+        rng = np.random.default_rng([41, i])
+        m = Motion(30)
+        _MOTIONS["lying"](rng, m, t)
+        bearing = rng.uniform(-0.6, 0.6)
+        pos = np.array([6 * np.sin(bearing), 6 * np.cos(bearing)])
+        _place(m, (float(m.x[0]), float(m.y[0])), pos, _axial_yaw(rng, m, bearing))
+        w = forward_kinematics(Body.sample(rng), m)
+        axis = (w[-1, 1] - w[-1, (8, 11)].mean(0))[:2]
+        sight = np.array([np.sin(bearing), np.cos(bearing)])
+        cos = abs(axis @ sight) / np.linalg.norm(axis)
+        assert cos > 0.7, (i, cos)  # within ~45° (the pose, twist and ±15° noise spread it)
 
 
 def _aspect(p: np.ndarray) -> float:

@@ -178,3 +178,21 @@ def test_input_transform_and_bf16_are_recorded_and_used(tmp_path: Path) -> None:
         TrainConfig(input_transform="mirror").validate()
     with pytest.raises(ConfigError):
         TrainConfig(precision="fp8").validate()
+
+
+def test_real_clips_and_epoch_packages_are_recorded(tmp_path: Path) -> None:
+    """A fine-tune on real windows names the clips it saw in model.json (realcheck reports the
+    others as held out); --keep-epochs leaves one loadable package per epoch."""
+    x, _ = make_arrays(SplitSpec(5, "val", 4), SynthConfig(T=12))
+    real = tmp_path / "real.npz"
+    np.savez(real, x=x, y=np.array([5, 5, 6, 0]), clip=np.array(["b.mp4", "a.mp4", "a.mp4", "c.avi"]))
+    cfg = TrainConfig(epochs=2, real_windows=str(real), real_fraction=0.5, **TINY)
+    train(cfg, tmp_path / "run", progress=False, command="test", keep_epochs=True)
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["real_clips"] == ["a.mp4", "b.mp4", "c.avi"]
+    for e in (1, 2):
+        _m, _l, em = load_package(tmp_path / "run" / f"epoch_{e}")
+        assert em["epochs_done"] == e and em["real_clips"] == meta["real_clips"]
+    train(TrainConfig(epochs=1, **TINY), tmp_path / "synthetic", progress=False, command="test")
+    assert "real_clips" not in json.loads((tmp_path / "synthetic" / "model.json").read_text())
+    assert not (tmp_path / "synthetic" / "epoch_1").exists()
