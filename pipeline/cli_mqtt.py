@@ -37,7 +37,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     who.add_argument(
         "--enclave-evidence",
         type=Path,
-        help="verified evidence of the evaluation enclave (veilcam attest --evidence-out FILE)",
+        action="append",
+        help="verified evidence of the evaluation enclave (veilcam attest --evidence-out FILE); repeat it "
+        "once per enclave of an enclave pool (alerts signed by any of them open)",
     )
     who.add_argument(
         "--evidence-from-broker",
@@ -175,11 +177,13 @@ def build_opener(args: argparse.Namespace) -> Any:
                 "give the allowed measurement(s): --measurement HEX or --allow-config enclave.yaml"
             )
         max_age_s: float | None = None
+        blobs: list[bytes] = []
         if args.enclave_evidence is not None:
-            try:
-                blob = args.enclave_evidence.read_bytes()
-            except OSError as e:
-                raise ConfigError(f"--enclave-evidence {args.enclave_evidence}: {e.strerror}") from e
+            for path in args.enclave_evidence:
+                try:
+                    blobs.append(path.read_bytes())
+                except OSError as e:
+                    raise ConfigError(f"--enclave-evidence {path}: {e.strerror}") from e
         else:
             from pipeline.subscriber import fetch_retained
 
@@ -196,7 +200,14 @@ def build_opener(args: argparse.Namespace) -> Any:
                     time.sleep(2.0)
             log.info("enclave evidence from %s", topic)
             max_age_s = 300.0  # not an answer to our nonce: freshness by the evidence timestamp
-        verify_key = verify_key_from_evidence(blob, load_platform_pub(args.platform_pub), allowed, max_age_s)
+            blobs.append(blob)
+        platform_pub = load_platform_pub(args.platform_pub)
+        keys = [verify_key_from_evidence(b, platform_pub, allowed, max_age_s) for b in blobs]
+        if len(keys) > 1:  # an enclave pool: each alert opens with the key of the enclave that signed it
+            from pipeline.subscriber import PoolOpener
+
+            return PoolOpener(consumer, keys)
+        verify_key = keys[0]
     else:
         try:
             verify_key = PartyPublic.load(args.signer_pub).sign_pub

@@ -108,6 +108,30 @@ class SeenSet:
             self._db.close()
 
 
+class PoolOpener:
+    """`AlertOpener` for an enclave pool: alerts signed by any of several verified enclave keys
+    open, each with the key its envelope names (`kid`); any other signer is rejected as forged."""
+
+    def __init__(self, consumer_key: Any, verify_keys: list[bytes]) -> None:
+        from enclave_bridge.measured.alerts import AlertOpener
+
+        self._by_kid = {}
+        for vk in verify_keys:
+            op = AlertOpener(consumer_key, vk)
+            self._by_kid[op.kid] = op
+
+    def open(self, payload: bytes) -> dict[str, Any]:
+        try:
+            env = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+        except (ValueError, msgpack.exceptions.UnpackException) as e:
+            raise IntegrityError(f"malformed alert envelope: {type(e).__name__}") from e
+        kid = env.get("kid") if isinstance(env, dict) else None
+        op = self._by_kid.get(kid) if isinstance(kid, str) else None
+        if op is None:
+            raise IntegrityError(f"alert signed by enclave key {kid!r}, not one of the pool's verified keys")
+        return dict(op.open(payload))
+
+
 class AlertSubscriber:
     """Subscribes to `<prefix>/<device>/alerts` (device `+` = all) and calls `on_alert(alert)` once
     per verified, decrypted, de-duplicated alert. `alert` is `{device, seq, ts, <granted fields>}`.

@@ -39,8 +39,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgpack
-
 from config.schema import DEFAULT_MODEL_DIR, VeilcamConfig
 from pipeline.app.batch_report import Manifest, ReportWriter
 from pipeline.app.batch_segments import SEQ_BLOCK, SegmentOutput, SegmentSpec, plan_segments, run_segment
@@ -238,27 +236,16 @@ def connect_ray(address: str = "auto", local_cpus: int | None = None) -> str:
 
 # -- alert opening ---------------------------------------------------------------------------------
 class _Openers:
-    """Opens alerts signed by any of several enclaves (a pool), chosen by the envelope's `kid`."""
+    """Opens alerts for the report; None for one that does not open (logged, never fatal)."""
 
     def __init__(self, consumer_key: Any, verify_keys: Sequence[bytes]) -> None:
-        from enclave_bridge.measured.alerts import AlertOpener
+        from pipeline.subscriber import PoolOpener
 
-        self._by_kid = {}
-        for vk in verify_keys:
-            op = AlertOpener(consumer_key, vk)
-            self._by_kid[op.kid] = op
+        self._opener = PoolOpener(consumer_key, list(verify_keys))
 
     def open(self, payload: bytes) -> dict[str, Any] | None:
         try:
-            env = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-            kid = env.get("kid") if isinstance(env, dict) else None
-        except (ValueError, msgpack.exceptions.UnpackException):
-            return None
-        op = self._by_kid.get(kid) if isinstance(kid, str) else None
-        if op is None:
-            return None
-        try:
-            return dict(op.open(payload))
+            return self._opener.open(payload)
         except IntegrityError as e:
             log.error("batch: an alert did not open: %s", e)
             return None

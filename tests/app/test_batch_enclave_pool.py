@@ -20,8 +20,10 @@ from config.schema import EnclaveConfig
 from enclave_bridge.host.client import provision_data_key, provision_model
 from enclave_bridge.shared.attest import new_nonce
 from enclave_bridge.shared.windows import seal_window
-from pipeline.app.batch import BatchOptions, BatchRun, _Openers
+from pipeline.app.batch import BatchOptions, BatchRun
 from pipeline.app.batch_report import read_report
+from pipeline.errors import IntegrityError
+from pipeline.subscriber import PoolOpener
 from stages.enclave_pool import EnclavePool
 from tests.app.batch_helpers import EXERCISE, VTEST, base_config
 from tests.enclave_bridge.test_enclave_service_support import deployment  # noqa: F401
@@ -120,9 +122,12 @@ def test_pool_spreads_devices_and_fails_over_without_losing_a_window(deployment)
         st = pool.stats()
         assert st["enclaves"][victim]["healthy"] is False
         # every alert opens with the consumer key and the verified key of the enclave that signed it
-        openers = _Openers(dep.c1, keys)
+        openers = PoolOpener(dep.c1, keys)
         opened = [openers.open(e) for e in envelopes]
-        assert all(a is not None for a in opened)
+        with pytest.raises(IntegrityError, match="not one of the pool"):
+            PoolOpener(dep.c1, keys[:1] if victim == addrs[1] else keys[1:]).open(
+                next(e for e, a in zip(envelopes, opened, strict=True) if a["device"] == "cam-a")
+            )
         assert sorted((a["device"], a["window_seq"]) for a in opened) == sorted(
             (d, s) for d, seqs in sent.items() for s in seqs
         )
