@@ -64,9 +64,16 @@ def alert_tuple(clip: str, a: dict[str, Any], track_key: str) -> tuple[Any, ...]
 
 
 def sequential(clips: list[str], frames: int, state: Path) -> dict[str, Any]:
+    import resource
+
     from pipeline.replay import replay_config, run_replay
 
+    def cpu() -> float:  # this process + its reaped children (the pose child processes)
+        a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
     out: dict[str, Any] = {"load_before": load(), "alerts": [], "frames": 0, "per_clip": []}
+    cpu0 = cpu()
     t = time.monotonic()
     for i, clip in enumerate(clips):
         cfg = replay_config(clip, state_dir=state / f"seq-{i}", overrides={"max_frames": frames})
@@ -86,6 +93,8 @@ def sequential(clips: list[str], frames: int, state: Path) -> dict[str, Any]:
             }
         )
     out["wall_s"] = time.monotonic() - t
+    out["cpu_s"] = round(cpu() - cpu0, 2)
+    out["cpu_s_per_frame"] = round(out["cpu_s"] / max(out["frames"], 1), 4)
     out["frames_per_s"] = out["frames"] / out["wall_s"]
     out["load_after"] = load()
     return out
@@ -114,6 +123,8 @@ def batch(clips: list[str], frames: int, workers: int, state: Path) -> dict[str,
         raise SystemExit(f"batch failures: {s.failures}")
     alerts, _ = read_report(opts.out)
     out.update(
+        cpu_s=round(sum(o.cpu_s for o in s.outcomes), 2),
+        cpu_s_per_frame=round(sum(o.cpu_s for o in s.outcomes) / max(s.frames, 1), 4),
         frames=s.frames,
         wall_s=s.wall_s,
         frames_per_s=s.frames_per_s,
@@ -126,6 +137,8 @@ def batch(clips: list[str], frames: int, workers: int, state: Path) -> dict[str,
                 "task_wall_s": round(o.task_wall_s, 3),
                 "task_latency_s": round(o.task_latency_s, 3),
                 "ray_overhead_s": round(o.task_latency_s - o.task_wall_s, 3),
+                "first_task_on_its_worker": o.first_task_on_worker,
+                "cpu_s": round(o.cpu_s, 2),
                 "timings_s": {k: round(v, 3) for k, v in o.timings_s.items()},
             }
             for o in s.outcomes
@@ -203,6 +216,8 @@ def main() -> int:
     pose_per_frame = per_frame.get("pose", 0.0)
     clip30_pose_s = 300 * pose_per_frame  # a 30-s clip at 10 fps
     overheads = [c["ray_overhead_s"] for c in ray_run["per_clip"]]
+    warm = [c["ray_overhead_s"] for c in ray_run["per_clip"] if not c["first_task_on_its_worker"]]
+    cold = [c["ray_overhead_s"] for c in ray_run["per_clip"] if c["first_task_on_its_worker"]]
     non_pose = [c["task_wall_s"] - c["timings_s"].get("pose", 0.0) for c in ray_run["per_clip"]]
     ray_start_per_clip = ray_run["ray_start_s"] / len(clips)
     result = {
@@ -220,7 +235,17 @@ def main() -> int:
             "ray_start_s_per_clip_this_run": round(ray_start_per_clip, 3),
             "in_task_non_pose_wall_per_clip_s": [round(x, 3) for x in non_pose],
             "pose_time_30s_clip_s": round(clip30_pose_s, 2),
-            "ray_fraction_of_30s_clip": round(max(overheads) / clip30_pose_s, 4) if clip30_pose_s else None,
+            "ray_fraction_of_30s_clip_worst": round(max(overheads) / clip30_pose_s, 4)
+            if clip30_pose_s
+            else None,
+            "warm_worker_overhead_s": warm,
+            "cold_worker_overhead_s": cold,
+            "warm_fraction_of_30s_clip": round(max(warm) / clip30_pose_s, 5)
+            if warm and clip30_pose_s
+            else None,
+            "cold_fraction_of_30s_clip": round(max(cold) / clip30_pose_s, 4)
+            if cold and clip30_pose_s
+            else None,
         },
         "projection": projection(per_frame, enclave_per_frame),
     }

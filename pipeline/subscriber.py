@@ -218,7 +218,7 @@ class AlertSubscriber:
 
             props = None
             if self.persistent:  # MQTT 5: the session outlives the connection only when asked to
-                props = Properties(PacketTypes.CONNECT)
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 props.SessionExpiryInterval = 7 * 24 * 3600
             self._client.connect_async(
                 self.cfg.host,

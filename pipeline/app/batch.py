@@ -139,6 +139,8 @@ class ClipOutcome:
     task_latency_s: float  # dispatch → result, per segment summed (includes queueing)
     warning: str | None = None
     timings_s: dict[str, float] = field(default_factory=dict)  # summed stage work: capture, pose, …, enclave
+    cpu_s: float = 0.0  # CPU time of its segment tasks
+    first_task_on_worker: bool = False  # paid the worker's cold start (imports) in its latency
 
 
 @dataclass
@@ -212,7 +214,7 @@ def connect_ray(address: str = "auto", local_cpus: int | None = None) -> str:
 
     if ray.is_initialized():
         return "already"
-    quiet = {"log_to_driver": True, "logging_level": logging.WARNING}
+    quiet: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
     if address not in ("auto", "local"):
         try:
             ray.init(address=address, **quiet)
@@ -359,6 +361,8 @@ class _ClipRun:
             task_latency_s=sum(self.latency.values()),
             warning=self.warning,
             timings_s=self._timings(outs),
+            cpu_s=sum(o.cpu_s for o in outs),
+            first_task_on_worker=any(self.batch.first_clip_of_worker.get(o.pid) == self.clip for o in outs),
         )
 
     def _timings(self, outs: list[SegmentOutput]) -> dict[str, float]:
@@ -400,6 +404,7 @@ class BatchRun:
         self.report: ReportWriter | None = None
         self.manifest: Manifest | None = None
         self.outcomes: list[ClipOutcome] = []
+        self.first_clip_of_worker: dict[int, str] = {}  # worker pid → the clip of its first task
         self._lock = threading.Lock()
 
     # -- config ----------------------------------------------------------------------------------
@@ -595,10 +600,10 @@ class BatchRun:
 
         total = sum(s.frames_estimate for s in specs)
         bar = _progress_bar(total, self.opts.progress)
-        progress = ray.remote(_Progress).options(num_cpus=0).remote()
-        task = ray.remote(_segment_task)
+        progress: Any = ray.remote(_Progress).options(num_cpus=0).remote()
+        task: Any = ray.remote(_segment_task)
         threads = max(1, math.floor(self.opts.cpus_per_clip)) if self.opts.cpus_per_clip >= 1 else 1
-        cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
         inflight_cap = self.opts.max_inflight or max(
             2, 2 * int(cluster_cpus // max(self.opts.cpus_per_clip, 0.01))
         )
@@ -622,6 +627,7 @@ class BatchRun:
                 for ref in ready:
                     spec, t_sent = pending.pop(ref)
                     out = self._result(ref, spec)
+                    self.first_clip_of_worker.setdefault(out.pid, spec.clip)
                     runs[spec.clip].segment_done(out, time.monotonic() - t_sent)
                 done_frames = int(ray.get(progress.total.remote()))
                 if done_frames > shown:

@@ -79,6 +79,7 @@ class SegmentOutput:
     pid: int
     counters: dict[str, int] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)  # per stage: summed work (capture = decode)
+    cpu_s: float = 0.0  # CPU time of the task (user + system)
 
 
 def plan_segments(
@@ -159,6 +160,7 @@ def run_segment(
     (missing, undecodable) come back in `error`, not as exceptions, so the run goes on.
     """
     t_start = time.monotonic()
+    cpu_start = _cpu_s()
     if threads:
         _limit_threads(threads)
     name = next(iter(cfg.cameras))
@@ -294,7 +296,16 @@ def run_segment(
         pid=os.getpid(),
         counters={k: v for k, v in stats.counters.items() if v},
         timings_s={n: float(st.snapshot().latency_sum_s) for n, st in stats.stages.items()},
+        cpu_s=_cpu_s() - cpu_start,
     )
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process (a Ray worker runs one task at a time: the task's CPU)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return float(ru.ru_utime + ru.ru_stime)
 
 
 def _limit_threads(n: int) -> None:
