@@ -38,10 +38,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from enclave_bridge.measured.masking import WORKERS_NEEDED  # noqa: E402
-from enclave_bridge.measured.protocol import SecureEvaluator  # noqa: E402
 from enclave_bridge.measured.stgcn import STGCN  # noqa: E402
 from enclave_bridge.measured.stgcn.fold import fold_batchnorm  # noqa: E402
 from enclave_bridge.measured.worker_client import wait_for_worker  # noqa: E402
+from enclave_bridge.protocol import SecureEvaluator  # noqa: E402
 from enclave_bridge.shared.ring import BITS, limb_bits  # noqa: E402
 
 ALL_MODES = ("enclave", "slalom", "paper", "split2", "split3")

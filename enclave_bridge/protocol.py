@@ -1,10 +1,15 @@
-"""Moved to `enclave_bridge.measured.protocol` (issue 13: the trust boundary in the folder names).
+"""Secure evaluation, host-side import path (DESIGN: `enclave_bridge.protocol.SecureEvaluator`).
 
-DESIGN.md names this import path; it stays as an alias.
-The alias is the same module object, so patches and isinstance checks see one module.
+The code lives in the measured package (`enclave_bridge.measured.protocol`); this alias is that
+module object, plus one thing the measured code may not do itself: wiring `worker=None` to the
+in-process worker from the untrusted package (`enclave_bridge.gpu.worker.LocalWorker`).
 """
 
 import importlib
 import sys
 
-sys.modules[__name__] = importlib.import_module("enclave_bridge.measured.protocol")
+from enclave_bridge.gpu.worker import LocalWorker
+
+_protocol = importlib.import_module("enclave_bridge.measured.protocol")
+_protocol.register_local_worker(LocalWorker)
+sys.modules[__name__] = _protocol

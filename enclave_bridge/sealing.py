@@ -1,4 +1,4 @@
-"""Moved to `enclave_bridge.measured.sealing` (issue 13: the trust boundary in the folder names).
+"""Moved to `enclave_bridge.shared.sealing` (issue 13: the trust boundary in the folder names).
 
 Transitional alias for code written before the move; removed when nothing
 imports it.
@@ -8,4 +8,4 @@ The alias is the same module object, so patches and isinstance checks see one mo
 import importlib
 import sys
 
-sys.modules[__name__] = importlib.import_module("enclave_bridge.measured.sealing")
+sys.modules[__name__] = importlib.import_module("enclave_bridge.shared.sealing")

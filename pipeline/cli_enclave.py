@@ -166,6 +166,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
 
 def cmd_enclave(args: argparse.Namespace) -> int:
+    import enclave_bridge.protocol  # noqa: F401 - the simulated host wires worker=None to an in-process worker
     from enclave_bridge.measured.enclave import run_enclave
 
     return run_enclave(args.config, args.state_dir, args.listen, args.platform_key, args.policy)

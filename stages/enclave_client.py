@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import msgpack
-import numpy as np
 
 from pipeline.errors import ConfigError, EnclaveError, IntegrityError, TransportError
 from pipeline.messages import AlertEnvelope, EndOfStream, SealedWindow
@@ -146,25 +145,23 @@ class LocalEnclave:
         input_transform: str = "reference",
         last_results_path: Path | None = None,
     ) -> None:
-        from enclave_bridge.shared.rules import RuleEngine
+        from enclave_bridge.measured.window_eval import TorchEvaluator, WindowEvaluator
         from enclave_bridge.shared.windows import ReplayGuard
 
         if not recipients:
             raise ConfigError("enclave.recipients: the local evaluator needs at least one alert recipient")
         self._keys = dict(keys)
-        self._model = model
         self._labels = list(labels)
         self._signer = signer
         self._recipients = list(recipients)
         self._next_seq = next_alert_seq
-        self._topk = max(1, min(topk, len(self._labels)))
-        self._input_transform = input_transform  # the model's pre-processing, as the enclave applies it
+        # the enclave's own window evaluation (input transform, top-k, rules, alert fields)
+        self._eval = WindowEvaluator(TorchEvaluator(model), labels, input_transform, topk)
         self._guard = ReplayGuard()
         # per device: the last window's (seq, digest, alerts), persisted before the reply, so a
         # `resend` after a daemon crash returns the same numbered alerts (see EnclaveStage)
         self._last_path = last_results_path
         self._last: dict[str, tuple[int, str, list[bytes]]] = self._load_last()
-        self._engine = RuleEngine()
         self._rules: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._stats: dict[str, int] = {
@@ -226,10 +223,6 @@ class LocalEnclave:
     def submit(self, blob: bytes, resend: bool = False) -> SubmitResult:
         import hashlib
 
-        import torch
-
-        from enclave_bridge.measured.alerts import build_alert
-        from enclave_bridge.measured.model_inputs import apply_input_transform
         from enclave_bridge.shared.keys import fingerprint
         from enclave_bridge.shared.windows import open_window, parse_header
 
@@ -248,36 +241,16 @@ class LocalEnclave:
             win = open_window(blob, self._keys, self._guard)
         except IntegrityError as e:
             return self._reject(hdr.seq, str(e))
-        with torch.inference_mode():
-            x = apply_input_transform(win.data[None], self._input_transform)
-            logits = self._model(torch.from_numpy(x))
-            probs = torch.softmax(logits.double(), dim=1)[0].numpy()
-        order = np.argsort(-probs)[: self._topk]
-        topk = [[self._labels[i], float(probs[i])] for i in order]
-        label, score = topk[0]
-        track_id = int(win.track_ids[0]) if win.track_ids else -1
-        alerts: list[bytes] = []
-        if self._engine.decide(win.device, rules, track_id, label, score, win.t1):
-            fields = {
-                "window_seq": win.seq,
-                "t0": win.t0,
-                "t1": win.t1,
-                "track_id": track_id,
-                "label": label,
-                "score": score,
-                "topk": topk,
-            }
-            alerts.append(
-                build_alert(
-                    win.device,
-                    self._next_seq(win.device),
-                    time.time(),
-                    fields,
-                    self._recipients,
-                    self._signer.sign,
-                    fingerprint(self.verify_key),
-                )
-            )
+        verdict = self._eval.classify(win)
+        alerts = self._eval.alerts(
+            win,
+            verdict,
+            rules,
+            self._next_seq,
+            self._recipients,
+            self._signer.sign,
+            fingerprint(self.verify_key),
+        )
         with self._lock:
             self._stats["windows_ok"] += 1
             self._stats["alerts"] += len(alerts)

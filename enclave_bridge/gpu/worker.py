@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from enclave_bridge.measured.secure_layers import OpMeta, apply_linear
 from enclave_bridge.shared.errors import TransportError
+from enclave_bridge.shared.linear import OpMeta, apply_linear
 from enclave_bridge.shared.ring import P, RingWeight, add_mod, sub_mod
 from enclave_bridge.shared.wire import listen, pack_tensor, recv_frame, send_frame, unpack_tensor
 from enclave_bridge.shared.worker_proto import Term, WorkerError

@@ -35,12 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import numpy as np
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from enclave_bridge.measured.model_inputs import apply_input_transform, input_transform_of
-from enclave_bridge.measured.sealing import SealedStore, Sealer
+from enclave_bridge.measured.model_inputs import input_transform_of
+from enclave_bridge.measured.window_eval import TorchEvaluator, WindowEvaluator
 from enclave_bridge.shared import errors
 from enclave_bridge.shared.attest import (
     EnclaveBackend,
@@ -62,6 +61,7 @@ from enclave_bridge.shared.errors import (
 )
 from enclave_bridge.shared.keys import DataKey, ModelKey, b64d, fingerprint, raw_public_bytes, verify_ed25519
 from enclave_bridge.shared.measurement import compute_measurement
+from enclave_bridge.shared.sealing import SealedStore, Sealer
 from enclave_bridge.shared.wire import (
     ConnectionLimiter,
     connect,
@@ -158,7 +158,7 @@ def make_backend(cfg: Mapping[str, Any], platform_key_path: str | None, role: st
     """The configured TEE backend; its measurement covers this package's code and `cfg`."""
     backend = cfg.get("backend", "simulated")
     if backend == "gramine-sgx":
-        from enclave_bridge.host.gramine.backend import GramineBackend
+        from enclave_bridge.measured.gramine_backend import GramineBackend
 
         return GramineBackend()
     if not platform_key_path:
@@ -347,23 +347,6 @@ def require_session(conn: Connection) -> tuple[SessionKey, bytes]:
 # ---------------------------------------------------------------------------------------------
 
 
-class _TorchEnclaveEvaluator:
-    """Fallback used only until `enclave_bridge.measured.protocol` exists: mode "enclave" = all in here."""
-
-    def __init__(self, model: Any) -> None:
-        import torch
-
-        self._torch = torch
-        self._model = model.eval()
-
-    def evaluate(self, x: np.ndarray) -> np.ndarray:
-        with self._torch.no_grad():
-            return self._model(self._torch.from_numpy(np.ascontiguousarray(x))).double().numpy()
-
-    def close(self) -> None:
-        return None
-
-
 def make_evaluator(
     model: Any,
     mode: str,
@@ -381,7 +364,7 @@ def make_evaluator(
                 f"evaluator mode {mode!r} needs enclave_bridge.measured.protocol, which is not available"
             ) from None
         log.info("enclave_bridge.measured.protocol not available; evaluating in-enclave with torch")
-        return _TorchEnclaveEvaluator(model)
+        return TorchEvaluator(model)
     kw: dict[str, Any] = {"allow_plaintext": True} if mode == "plaintext" else {}
     if timeout_s is not None and (worker is not None or workers):
         kw["timeout_s"] = timeout_s  # a hung GPU worker costs a window at most this, then the enclave path
@@ -390,12 +373,6 @@ def make_evaluator(
     if workers:
         return SecureEvaluator(model, mode=mode, workers=list(workers), **kw)
     return SecureEvaluator(model, mode=mode, worker=worker, **kw)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max()
-    e = np.exp(z)
-    return e / e.sum()
 
 
 @dataclass
@@ -409,7 +386,6 @@ class EvaluationEnclave:
     def __init__(
         self, cfg: dict[str, Any], backend: EnclaveBackend, state_dir: str | os.PathLike[str]
     ) -> None:
-        from enclave_bridge.shared.rules import RuleEngine
         from enclave_bridge.shared.windows import ReplayGuard
 
         self.cfg = cfg
@@ -430,13 +406,11 @@ class EvaluationEnclave:
         self._lock = threading.RLock()  # guards model/evaluator/keys/counters
         self._keys: dict[str, tuple[DataKey, float | None]] = {}
         self._last_key_fetch = 0.0
-        self.evaluator: Any = None
-        self.labels: list[str] = []
+        # the model's evaluator, labels and pre-processing (model.json), replaced on provisioning
+        self.window_eval: WindowEvaluator | None = None
         self.model_kid: str | None = None
-        self.input_transform = "reference"  # the model's own pre-processing (model.json), applied inside
         self.policy: Any = None
         self.devices: dict[str, _Device] = {}
-        self.engine = RuleEngine()
         counters = self._load_json("counters") or {}
         self.guard = ReplayGuard(counters.get("replay", {}))
         self.alert_seq: dict[str, int] = {str(k): int(v) for k, v in counters.get("alert_seq", {}).items()}
@@ -510,12 +484,13 @@ class EvaluationEnclave:
         evaluator = make_evaluator(
             model, self.mode, self.worker, self.worker_timeout_s, self.act_limbs, self.workers
         )
-        transform = input_transform_of(bundle.meta)
+        new = WindowEvaluator(evaluator, bundle.labels, input_transform_of(bundle.meta), self.topk)
         with self._lock:
-            old = self.evaluator
-            self.evaluator, self.labels, self.model_kid = evaluator, bundle.labels, key.kid
-            self.input_transform = transform
-        if old is not None and hasattr(old, "close"):
+            old = self.window_eval
+            if old is not None:
+                new.engine = old.engine  # debounce state and counts carry over a model update
+            self.window_eval, self.model_kid = new, key.kid
+        if old is not None:
             old.close()
 
     # -- data keys via local attestation ----------------------------------------------------
@@ -602,7 +577,8 @@ class EvaluationEnclave:
             return self._reject(
                 hdr.device, "unknown_device", f"device {hdr.device!r}: call hello first", hdr.seq
             )
-        if self.evaluator is None:
+        we = self.window_eval
+        if we is None:
             return self._reject(hdr.device, "no_model", "no model provisioned", hdr.seq)
         if self.policy is None:
             return self._reject(
@@ -632,8 +608,7 @@ class EvaluationEnclave:
                 return self._reject(hdr.device, e.reason, str(e), hdr.seq)
             t = time.perf_counter()
             try:
-                x = apply_input_transform(w.data[None], self.input_transform)
-                logits = np.asarray(self.evaluator.evaluate(x), dtype=np.float64)[0]
+                verdict = we.classify(w)
             except VeilcamError as e:  # e.g. GPU worker unreachable: the window is lost, counted
                 self._save_counters()
                 return self._reject(w.device, "eval_error", f"{type(e).__name__}: {e}", w.seq)
@@ -649,7 +624,17 @@ class EvaluationEnclave:
             self.stats_counters["windows_ok"] += 1
             self.stats_counters["eval_s_total"] += dt
             self.stats_counters["eval_s_last"] = dt
-            alerts = self._alerts_for(w, logits, dev)
+            rules = self.policy.rules_for(w.device) or dev.rules
+            alerts = we.alerts(
+                w,
+                verdict,
+                rules,
+                self._next_alert_seq,
+                self.policy.recipients,
+                self.identity.sign,
+                self.identity.kid,
+            )
+            self.stats_counters["alerts"] += len(alerts)
             # window seq, alert seq and this result are persisted (sealed) together before the reply
             # leaves: after a crash before this point nothing was consumed or sent, so the caller's
             # retry is simply evaluated again; after it, the retry gets this very reply
@@ -657,36 +642,11 @@ class EvaluationEnclave:
             self._save_counters()
         return {"status": "ok", "reason": None, "alerts": alerts, "window_seq": w.seq}
 
-    def _alerts_for(self, w: Any, logits: np.ndarray, dev: _Device) -> list[bytes]:
-        from enclave_bridge.measured.alerts import build_alert
-
-        rules = self.policy.rules_for(w.device) or dev.rules
-        if rules is None:
-            return []
-        probs = softmax(logits)
-        order = np.argsort(-probs)[: min(self.topk, len(probs))]
-        best = int(order[0])
-        label, score = self.labels[best], float(probs[best])
-        track_id = int(w.track_ids[0]) if w.track_ids else -1
-        if not self.engine.decide(w.device, rules, track_id, label, score, w.t1):
-            return []
-        seq = self.alert_seq.get(w.device, 0) + 1
-        self.alert_seq[w.device] = seq
-        # persisted by the caller (h_submit) before the alert leaves: seq never repeats
-        fields = {
-            "window_seq": w.seq,
-            "t0": w.t0,
-            "t1": w.t1,
-            "track_id": track_id,
-            "label": label,
-            "score": score,
-            "topk": [[self.labels[int(i)], float(probs[int(i)])] for i in order],
-        }
-        blob = build_alert(
-            w.device, seq, time.time(), fields, self.policy.recipients, self.identity.sign, self.identity.kid
-        )
-        self.stats_counters["alerts"] += 1
-        return [blob]
+    def _next_alert_seq(self, device: str) -> int:
+        """Next alert number of `device`; persisted by h_submit before the alert leaves."""
+        seq = self.alert_seq.get(device, 0) + 1
+        self.alert_seq[device] = seq
+        return seq
 
     def h_provision_model(self, conn: Connection, req: dict[str, Any]) -> dict[str, Any]:
         session, nonce = require_session(conn)
@@ -703,8 +663,9 @@ class EvaluationEnclave:
         (self.state_dir / "model.pkg").write_bytes(package)
         self.store.put("model_key", msgpack.packb({"kid": key.kid, "secret": raw}, use_bin_type=True))
         conn.session = conn.session_nonce = None  # one provisioning per attestation
-        log.info("model %s provisioned (%d classes) and sealed", key.kid, len(self.labels))
-        return {"model_kid": key.kid, "num_class": len(self.labels)}
+        n = len(self.window_eval.labels) if self.window_eval is not None else 0
+        log.info("model %s provisioned (%d classes) and sealed", key.kid, n)
+        return {"model_kid": key.kid, "num_class": n}
 
     def h_set_policy(self, conn: Connection, req: dict[str, Any]) -> dict[str, Any]:
         from enclave_bridge.shared.policy import verify_policy
@@ -738,8 +699,9 @@ class EvaluationEnclave:
     def h_stats(self, conn: Connection, req: dict[str, Any]) -> dict[str, Any]:
         s = dict(self.stats_counters)
         s["windows_rejected"] = dict(s["windows_rejected"])
-        s["alerts_suppressed"] = self.engine.suppressed
-        ev_stats = getattr(self.evaluator, "stats", None)
+        we = self.window_eval
+        s["alerts_suppressed"] = we.engine.suppressed if we is not None else 0
+        ev_stats = getattr(we.evaluator if we is not None else None, "stats", None)
         as_dict = getattr(ev_stats, "as_dict", None)
         if callable(as_dict):  # SecureEvaluator counters: Freivalds, pool, bytes, per-part timings
             s["evaluator"] = {

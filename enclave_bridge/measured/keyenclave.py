@@ -40,10 +40,10 @@ from enclave_bridge.measured.enclave import (
     open_state,
     require_session,
 )
-from enclave_bridge.measured.sealing import SealedStore, Sealer
 from enclave_bridge.shared.attest import EnclaveBackend, Verifier, new_nonce, unwrap_secret, wrap_secret
 from enclave_bridge.shared.errors import AttestationError, ConfigError, IntegrityError
 from enclave_bridge.shared.keys import DataKey, b64d, verify_ed25519
+from enclave_bridge.shared.sealing import SealedStore, Sealer
 from enclave_bridge.shared.wire import listen, unlink_socket
 
 log = logging.getLogger(__name__)

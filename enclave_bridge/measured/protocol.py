@@ -25,7 +25,7 @@ import secrets
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -593,11 +593,29 @@ def _compute(
     return w.compute(model_id, names, terms)
 
 
+_local_worker_factory: Callable[[], Worker] | None = None
+
+
+def register_local_worker(factory: Callable[[], Worker] | None) -> None:
+    """Say how `worker=None` makes an in-process worker (tests, the demo, simulated enclaves).
+
+    The worker is injected, never imported: the enclave's measured code must not import the
+    untrusted worker's package. `enclave_bridge.protocol` (the host-side import path of this
+    module) and the simulated enclave's host process register `gpu.worker.LocalWorker`; under
+    Gramine nothing registers one, and `worker=None` in a delegated mode is refused.
+    """
+    global _local_worker_factory
+    _local_worker_factory = factory
+
+
 def _make_worker(spec: str | Worker | None, timeout_s: float) -> Worker:
     if spec is None:
-        from enclave_bridge.gpu.worker import LocalWorker  # tests and the demo only, never SGX
-
-        return LocalWorker()
+        if _local_worker_factory is None:
+            raise ValueError(
+                "no in-process worker is registered: pass worker=ADDRESS (a `veilcam gpu-worker`), "
+                "a worker object, or import enclave_bridge.protocol, which registers one"
+            )
+        return _local_worker_factory()
     if isinstance(spec, str):
         from enclave_bridge.measured.worker_client import WorkerClient
 
@@ -628,4 +646,12 @@ def soundness_bits(reps: int = freivalds.REPS) -> float:
     return freivalds.soundness_bits(reps)
 
 
-__all__ = ["MODES", "TIMING_PARTS", "SecureEvaluator", "SecureStats", "Worker", "soundness_bits"]
+__all__ = [
+    "MODES",
+    "TIMING_PARTS",
+    "SecureEvaluator",
+    "SecureStats",
+    "Worker",
+    "register_local_worker",
+    "soundness_bits",
+]

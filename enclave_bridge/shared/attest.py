@@ -14,7 +14,7 @@ Local attestation (evaluation enclave ↔ key enclave) is the same with `kind="r
 EREPORT only the same CPU can check; in the simulation a platform-signed report.
 
 Backends: `SimulatedBackend` (this file; a platform Ed25519 key file stands in for the CPU — no
-hardware protection, logged at start) and `enclave_bridge.host.gramine.backend.GramineBackend`
+hardware protection, logged at start) and `enclave_bridge.measured.gramine_backend.GramineBackend`
 (`/dev/attestation`, DCAP quotes).
 """
 
@@ -37,7 +37,6 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from enclave_bridge.measured.sealing import derive_sealing_key
 from enclave_bridge.shared.errors import AttestationError, ConfigError, IntegrityError
 from enclave_bridge.shared.keys import (
     b64d,
@@ -49,6 +48,7 @@ from enclave_bridge.shared.keys import (
     verify_ed25519,
     write_private_json,
 )
+from enclave_bridge.shared.sealing import derive_sealing_key
 
 log = logging.getLogger(__name__)
 

@@ -244,7 +244,7 @@ class RingWeight:
     ) -> torch.Tensor:
         """CPU path: each input limb is extracted once and every partial product is reduced,
         rotated and accumulated in one fused pass (`kernels.limb_f64`, `kernels.acc_part`)."""
-        from enclave_bridge.measured import kernels
+        from enclave_bridge.shared import ring_kernels as kernels
 
         if bool((x < 0).any()):
             pos = self._apply_cpu(fn, x.clamp(min=0), x_abs_max)

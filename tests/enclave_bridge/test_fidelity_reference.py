@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from enclave_bridge.measured.protocol import SecureEvaluator
 from enclave_bridge.measured.stgcn import STGCN
 from enclave_bridge.measured.stgcn.fold import fold_batchnorm
+from enclave_bridge.protocol import SecureEvaluator
 
 TOL = 1e-3
 

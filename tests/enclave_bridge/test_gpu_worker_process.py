@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from enclave_bridge.measured.protocol import SecureEvaluator
 from enclave_bridge.measured.worker_client import WorkerClient, wait_for_worker
+from enclave_bridge.protocol import SecureEvaluator
 from enclave_bridge.shared.errors import TransportError
 from enclave_bridge.shared.wire import connect, pack_tensor, recv_frame, send_frame, unpack_tensor
 from tests.conftest import free_port

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from enclave_bridge.host.gramine import render_manifest
-from enclave_bridge.host.gramine.backend import (
+from enclave_bridge.measured.gramine_backend import (
     MRENCLAVE_OFFSET,
     REPORT_DATA_OFFSET,
     GramineBackend,

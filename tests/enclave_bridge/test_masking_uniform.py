@@ -12,8 +12,8 @@ import torch
 
 from enclave_bridge.gpu.worker import LocalWorker
 from enclave_bridge.measured.pool import MaskReuseError, StageMasks, WindowMasks
-from enclave_bridge.measured.protocol import SecureEvaluator
 from enclave_bridge.measured.quant import quantise_act
+from enclave_bridge.protocol import SecureEvaluator
 from enclave_bridge.shared.errors import IntegrityError
 from enclave_bridge.shared.ring import SEED_BYTES, P, add_mod, to_ring
 from enclave_bridge.shared.worker_proto import Term

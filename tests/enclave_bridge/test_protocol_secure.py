@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from enclave_bridge.gpu.worker import LocalWorker
-from enclave_bridge.measured.protocol import TIMING_PARTS, SecureEvaluator
 from enclave_bridge.measured.stgcn import fold_batchnorm
+from enclave_bridge.protocol import TIMING_PARTS, SecureEvaluator
 from enclave_bridge.shared.ring import P
 from tests.enclave_bridge.secure_helpers import calibrated_model, skeleton_windows
 

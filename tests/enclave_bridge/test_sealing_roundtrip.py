@@ -7,9 +7,9 @@ import stat
 
 import pytest
 
-from enclave_bridge.measured.sealing import SealedStore, Sealer
 from enclave_bridge.shared.attest import PlatformKey
 from enclave_bridge.shared.errors import IntegrityError
+from enclave_bridge.shared.sealing import SealedStore, Sealer
 
 
 def _sealer(platform: PlatformKey, measurement: bytes) -> Sealer:

@@ -13,8 +13,8 @@ import sys
 
 import numpy as np
 
-from enclave_bridge.measured.protocol import SecureEvaluator
 from enclave_bridge.measured.worker_client import wait_for_worker
+from enclave_bridge.protocol import SecureEvaluator
 from tests.enclave_bridge.secure_helpers import calibrated_model, skeleton_windows
 
 

@@ -10,7 +10,7 @@ import signal
 import numpy as np
 import pytest
 
-from enclave_bridge.measured.protocol import SecureEvaluator
+from enclave_bridge.protocol import SecureEvaluator
 from tests.enclave_bridge.secure_helpers import calibrated_model, skeleton_windows
 from tests.security.test_security_support import GpuWorker, TcpProxy
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from enclave_bridge.measured.alerts import AlertOpener
-from enclave_bridge.measured.enclave import softmax
-from enclave_bridge.measured.protocol import SecureEvaluator
 from enclave_bridge.measured.stgcn import STGCN
+from enclave_bridge.measured.window_eval import softmax
+from enclave_bridge.protocol import SecureEvaluator
 from enclave_bridge.shared.attest import new_nonce
 from enclave_bridge.shared.windows import seal_window
 from tests.enclave_bridge.test_enclave_service_support import (

@@ -166,7 +166,7 @@ def test_evaluator_act_limbs_is_validated_and_obsolete(caplog: pytest.LogCapture
     """`act_limbs` is obsolete (one 20-bit ring element per activation): old configs with 1, 2 or
     3 still validate, 2/3 are logged and ignored; anything else is a config error."""
     from enclave_bridge.measured.enclave import make_evaluator
-    from enclave_bridge.measured.protocol import SecureEvaluator
+    from enclave_bridge.protocol import SecureEvaluator
     from tests.enclave_bridge.secure_helpers import calibrated_model
 
     ok = {**_ENCLAVE_GOOD, "evaluator": {"mode": "enclave", "worker": None, "act_limbs": 1}}
