@@ -42,7 +42,7 @@ from typing import Any
 from config.schema import DEFAULT_MODEL_DIR, VeilcamConfig
 from pipeline.app.batch_report import Manifest, ReportWriter
 from pipeline.app.batch_segments import SEQ_BLOCK, SegmentOutput, SegmentSpec, plan_segments, run_segment
-from pipeline.daemon import make_local_enclave, window_params
+from pipeline.app.daemon import make_local_enclave, window_params
 from pipeline.errors import ConfigError, IntegrityError, StageError, VeilcamError
 from pipeline.messages import AlertEnvelope, EndOfStream, SealedWindow
 from pipeline.queues import BoundedQueue
@@ -208,6 +208,12 @@ def _segment_task(
     return run_segment(spec, cfg, on_frames=on_frames, threads=threads)
 
 
+def _warm_up() -> int:
+    """Ray task: nothing but the imports of this module tree (deserialising it does them), so
+    workers pay their cold start while the driver plans the run and loads the evaluator."""
+    return os.getpid()
+
+
 def connect_ray(address: str = "auto", local_cpus: int | None = None) -> str:
     """Join or start Ray; returns what happened ("joined ADDRESS", "local", "already")."""
     import ray
@@ -241,7 +247,7 @@ class _Openers:
     """Opens alerts for the report; None for one that does not open (logged, never fatal)."""
 
     def __init__(self, consumer_key: Any, verify_keys: Sequence[bytes]) -> None:
-        from pipeline.subscriber import PoolOpener
+        from pipeline.app.subscriber import PoolOpener
 
         self._opener = PoolOpener(consumer_key, list(verify_keys))
 
@@ -409,7 +415,7 @@ class BatchRun:
 
     # -- config ----------------------------------------------------------------------------------
     def clip_config(self, clip: str, data_key_path: Path | None) -> VeilcamConfig:
-        from pipeline.replay import replay_config
+        from pipeline.app.replay import replay_config
 
         prefix = self.opts.device_prefix
         if self.base is not None:
@@ -571,6 +577,12 @@ class BatchRun:
         how = connect_ray(self.opts.ray, self.opts.local_cpus)
         log.info("batch: Ray %s; %d clip(s) to do", how, len(todo))
 
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
+        per_task = max(self.opts.cpus_per_clip, 0.01)
+        warm: Any = ray.remote(_warm_up)
+        warming = [
+            warm.options(num_cpus=per_task).remote() for _ in range(max(1, int(cluster_cpus // per_task)))
+        ]
         # plan (probe frame counts) — an unreadable clip fails here, with its reason
         runs: dict[str, _ClipRun] = {}
         specs: list[SegmentSpec] = []
@@ -603,7 +615,7 @@ class BatchRun:
         progress: Any = ray.remote(_Progress).options(num_cpus=0).remote()
         task: Any = ray.remote(_segment_task)
         threads = max(1, math.floor(self.opts.cpus_per_clip)) if self.opts.cpus_per_clip >= 1 else 1
-        cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
+        del warming  # fire and forget: segment tasks queue behind them
         inflight_cap = self.opts.max_inflight or max(
             2, 2 * int(cluster_cpus // max(self.opts.cpus_per_clip, 0.01))
         )

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from config.schema import CameraConfig, VeilcamConfig, load_data_key_from_config
-from pipeline.daemon import PoseStage, window_params
+from pipeline.app.daemon import PoseStage, window_params
 from pipeline.errors import VeilcamError
 from pipeline.messages import EndOfStream, Frame, PoseFrame, SealedWindow
 from pipeline.queues import BoundedQueue, QueueClosed, QueueTimeout
@@ -311,15 +311,14 @@ def _cpu_s() -> float:
 def _limit_threads(n: int) -> None:
     """Match OpenCV's and torch's thread pools to the CPUs Ray gave this task (oversubscribing a
     node with N tasks × all-core pools makes every task slower)."""
+    import sys
+
     import cv2
 
     cv2.setNumThreads(max(1, n))
-    try:
-        import torch
-
+    torch = sys.modules.get("torch")  # only when a backend uses it: importing it costs seconds
+    if torch is not None:
         torch.set_num_threads(max(1, n))
-    except ImportError:  # pose backends without torch
-        pass
 
 
 __all__ = ["SEQ_BLOCK", "SegmentOutput", "SegmentSpec", "plan_segments", "run_segment", "segment_camera"]

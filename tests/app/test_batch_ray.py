@@ -170,3 +170,42 @@ def test_killed_ray_worker_is_survived_without_duplicate_alerts(local_ray, tmp_p
     spans = [(a["t0"], a["t1"]) for a in alerts]
     assert len(spans) == len(set(spans))
     assert sorted(spans) == sorted((r[0], r[1]) for r in replay_alerts(VTEST, base, tmp_path / "rs", over))
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+def test_batch_alerts_also_go_to_mqtt(local_ray, mosquitto, tmp_path: Path) -> None:
+    """With a broker in the config, every alert of the report is published (via the durable outbox)
+    on `veilcam/<clip device>/alerts`, and opens for the consumer with the evaluator's key."""
+    import paho.mqtt.client as mqtt
+
+    from config.broker import BrokerConfig
+    from enclave_bridge.shared.keys import PartyKey
+    from pipeline.app.subscriber import PoolOpener
+
+    consumer = PartyKey.generate("consumer", "ops")
+    base = base_config(tmp_path).model_copy(
+        update={"broker": BrokerConfig(host=mosquitto.host, port=mosquitto.port)}
+    )
+    got: list[tuple[str, bytes]] = []
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    sub.on_message = lambda _c, _u, m: got.append((m.topic, bytes(m.payload)))
+    sub.connect(mosquitto.host, mosquitto.port)
+    sub.subscribe("veilcam/+/alerts", qos=1)
+    sub.loop_start()
+    try:
+        out = tmp_path / "mqtt.jsonl"
+        s = run_batch([str(VTEST.resolve())], base, _opts(out, consumer_key=consumer), overrides=SMALL)
+        assert s.clips_failed == 0 and s.alerts > 0
+        deadline = time.monotonic() + 20
+        while len(got) < s.alerts and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+    alerts, _ = read_report(out)
+    signer = PartyKey.load(tmp_path / "mqtt.jsonl.state" / "local-evaluator.key")
+    opener = PoolOpener(consumer, [signer.public.sign_pub])
+    opened = sorted((a["device"], round(a["t0"], 4), a["label"]) for a in (opener.open(p) for _t, p in got))
+    assert opened == sorted((a["device"], round(a["t0"], 4), a["label"]) for a in alerts)
+    assert {t for t, _p in got} == {f"veilcam/{alerts[0]['device']}/alerts"}

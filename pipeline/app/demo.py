@@ -4,7 +4,7 @@ It runs exactly the public commands a deployment runs (`veilcam platform init`, 
 `model package`, `enclave-config`, `key-enclave`, `provision data-key`, `gpu-worker`, `enclave`,
 `provision model`, `policy create/sign`, `provision policy`, `attest`, `run`) as child processes,
 starts a local MQTT broker first (Mosquitto, else the embedded one), and prints the alerts the way a
-consumer holding the control-room key sees them (`pipeline.subscriber.AlertSubscriber`: enclave
+consumer holding the control-room key sees them (`pipeline.app.subscriber.AlertSubscriber`: enclave
 signature checked against the attested key, fields decrypted, duplicates dropped).
 
 Everything lives in a temp dir that is removed at the end (`--keep DIR` keeps it for a look at
@@ -331,7 +331,7 @@ def _start_subscriber(
     from enclave_bridge.measured.alerts import AlertOpener
     from enclave_bridge.shared.attest import load_platform_pub
     from enclave_bridge.shared.keys import PartyKey
-    from pipeline.subscriber import AlertSubscriber, alert_json, format_alert, verify_key_from_evidence
+    from pipeline.app.subscriber import AlertSubscriber, alert_json, format_alert, verify_key_from_evidence
 
     verify_key = verify_key_from_evidence(
         (demo.work / "evidence.msgpack").read_bytes(),
@@ -350,7 +350,7 @@ def _start_subscriber(
     cfg = BrokerConfig(host=host, port=port, reconnect_min_delay_s=0.2, reconnect_max_delay_s=2.0)
     if logging.getLogger().getEffectiveLevel() == logging.INFO:
         # the demo prints its own progress lines; the subscriber's INFO lines would repeat them
-        logging.getLogger("pipeline.subscriber").setLevel(logging.WARNING)
+        logging.getLogger("pipeline.app.subscriber").setLevel(logging.WARNING)
     sub = AlertSubscriber(cfg, opener, on_alert)
     sub.start()
     if not sub.subscribed.wait(15):

@@ -118,7 +118,7 @@ def _pose_child(
     root = logging.getLogger()
     root.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
     root.setLevel(log_level)
-    clog = logging.getLogger("pipeline.daemon.pose")
+    clog = logging.getLogger("pipeline.app.daemon.pose")
     try:
         from stages.pose import PoseEstimator, create_backend
 

@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from config.schema import load_config
-    from pipeline.daemon import build_daemon, camera_error
+    from pipeline.app.daemon import build_daemon, camera_error
 
     cfg = load_config(args.config)
     daemon = build_daemon(cfg)
@@ -99,7 +99,7 @@ def unproductive_camera(cam: Any) -> str | None:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from config.schema import load_config
-    from pipeline.replay import format_summary, plot_timeline, replay_config, run_replay
+    from pipeline.app.replay import format_summary, plot_timeline, replay_config, run_replay
 
     base = load_config(args.config) if args.config else None
     overrides = {

@@ -15,11 +15,11 @@ from pipeline.errors import VeilcamError
 # Modules that add subcommands; each defines `register(subparsers) -> None` and sets
 # `func(args) -> int` on its parsers.
 _COMMAND_MODULES = (
-    "pipeline.cli_daemon",  # run, replay, check-config, demo
-    "pipeline.cli_mqtt",  # subscribe
-    "pipeline.cli_enclave",  # platform, keygen, model, provision, enclave, attest
-    "pipeline.cli_worker",  # gpu-worker, bench
-    "pipeline.cli_train",  # train, evaluate
+    "pipeline.app.cli_daemon",  # run, replay, check-config, demo
+    "pipeline.app.cli_mqtt",  # subscribe
+    "pipeline.app.cli_enclave",  # platform, keygen, model, provision, enclave, attest
+    "pipeline.app.cli_worker",  # gpu-worker, bench
+    "pipeline.app.cli_train",  # train, evaluate
     "pipeline.app.cli_batch",  # batch (archive replay on Ray)
 )
 

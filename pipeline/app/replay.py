@@ -21,7 +21,7 @@ from typing import Any
 
 from config.schema import CameraConfig, EnclaveConfig, MetricsConfig, VeilcamConfig
 from enclave_bridge.shared.keys import DataKey, PartyKey, generate_data_key
-from pipeline.daemon import Daemon, ListSink, TeeSink, camera_error, make_local_enclave, window_params
+from pipeline.app.daemon import Daemon, ListSink, TeeSink, camera_error, make_local_enclave, window_params
 from pipeline.errors import ConfigError, IntegrityError, VeilcamError
 from pipeline.messages import PoseFrame, SealedWindow
 from pipeline.queues import BoundedQueue

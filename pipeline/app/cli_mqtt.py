@@ -164,7 +164,7 @@ def build_opener(args: argparse.Namespace) -> Any:
     from enclave_bridge.shared.errors import ConfigError, TransportError, VeilcamError
     from enclave_bridge.shared.keys import PartyKey, PartyPublic, resolve_passphrase
     from enclave_bridge.shared.measurement import compute_measurement
-    from pipeline.subscriber import verify_key_from_evidence
+    from pipeline.app.subscriber import verify_key_from_evidence
 
     consumer = PartyKey.load(args.consumer_key, resolve_passphrase(args.passphrase_file))
     if args.enclave_evidence is not None or args.evidence_from_broker:
@@ -185,7 +185,7 @@ def build_opener(args: argparse.Namespace) -> Any:
                 except OSError as e:
                     raise ConfigError(f"--enclave-evidence {path}: {e.strerror}") from e
         else:
-            from pipeline.subscriber import fetch_retained
+            from pipeline.app.subscriber import fetch_retained
 
             cfg = _broker_cfg(args)
             give_up = None if args.timeout_s is None else time.monotonic() + args.timeout_s
@@ -204,7 +204,7 @@ def build_opener(args: argparse.Namespace) -> Any:
         platform_pub = load_platform_pub(args.platform_pub)
         keys = [verify_key_from_evidence(b, platform_pub, allowed, max_age_s) for b in blobs]
         if len(keys) > 1:  # an enclave pool: each alert opens with the key of the enclave that signed it
-            from pipeline.subscriber import PoolOpener
+            from pipeline.app.subscriber import PoolOpener
 
             return PoolOpener(consumer, keys)
         verify_key = keys[0]
@@ -230,7 +230,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     (without `--wait`) the broker cannot be reached — a consumer that would silently print nothing
     must not look like one that is working."""
     from enclave_bridge.shared.errors import TransportError
-    from pipeline.subscriber import AlertSubscriber, alert_json, format_alert, stats_json
+    from pipeline.app.subscriber import AlertSubscriber, alert_json, format_alert, stats_json
 
     cfg = _broker_cfg(args)
     opener = build_opener(args)
@@ -305,7 +305,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.app.demo import run_demo
 
     return run_demo(
         clip=args.clip,
