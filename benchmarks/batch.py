@@ -4,7 +4,7 @@ projection for an archive of 50 cameras × 720 h (issue 18).
     python benchmarks/batch.py [--frames 100] [--workers 2] [--clip PATH ...]
 
 1. Speed-up: the same clips (default: 4 shared sample clips, each cut at `--frames` frames after
-   the 10 fps throttle) replayed one after the other through `pipeline.replay.run_replay` (the
+   the 10 fps throttle) replayed one after the other through `pipeline.app.replay.run_replay` (the
    code of `veilcam replay`: pose in a child process, all cores for OpenCV), then through
    `run_batch` on a local Ray with `--workers` CPUs (one task per clip, 1 CPU each). Frames/s of
    both, their ratio, and whether the alerts are identical (clip, t0, t1, label, score, track).
@@ -66,7 +66,7 @@ def alert_tuple(clip: str, a: dict[str, Any], track_key: str) -> tuple[Any, ...]
 def sequential(clips: list[str], frames: int, state: Path) -> dict[str, Any]:
     import resource
 
-    from pipeline.replay import replay_config, run_replay
+    from pipeline.app.replay import replay_config, run_replay
 
     def cpu() -> float:  # this process + its reaped children (the pose child processes)
         a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)

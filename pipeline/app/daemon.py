@@ -18,33 +18,29 @@ reaches the outbox; after `shutdown_timeout_s` the remaining stages are stopped 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import logging.handlers
-import multiprocessing as mp
-import multiprocessing.connection
 import os
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from config.schema import (
     DEFAULT_MODEL_DIR,
     CameraConfig,
-    SupervisorConfig,
     VeilcamConfig,
     load_data_key_from_config,
     model_window_defaults,
 )
 from enclave_bridge.shared.keys import DataKey
+from pipeline.app.supervisor import Supervisor
 from pipeline.errors import ConfigError, StageError, TransportError, VeilcamError
 from pipeline.messages import AlertEnvelope, EndOfStream, Frame, PoseFrame, SealedWindow
-from pipeline.queues import BoundedQueue, QueueClosed
+from pipeline.queues import BoundedQueue
 from pipeline.stats import CameraStats
 from stages.capture import CaptureStage
 from stages.enclave_client import (
@@ -55,7 +51,7 @@ from stages.enclave_client import (
     WindowJournal,
     load_model_dir,
 )
-from stages.pose.server import SharedPoseClient
+from stages.pose.stage import PoseProcess, PoseStage
 from stages.windowing import SeqCounter, Windower, WindowingStage
 
 log = logging.getLogger(__name__)
@@ -63,7 +59,6 @@ log = logging.getLogger(__name__)
 DEFAULT_T = 300
 DEFAULT_STRIDE = 30
 DEFAULT_PERSONS = 2
-POSE_TIMEOUT_S = 60.0
 
 
 # -- alert sinks -------------------------------------------------------------------------------------
@@ -94,365 +89,6 @@ class TeeSink:
     def put(self, envelope: AlertEnvelope) -> None:
         for s in self.sinks:
             s.put(envelope)
-
-
-# -- pose in a child process ----------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class _PoseFailure:
-    """The child's answer when one frame could not be processed (message without pixels)."""
-
-    seq: int
-    message: str
-    fatal: bool = False
-
-
-def _pose_child(
-    conn: multiprocessing.connection.Connection,
-    log_queue: Any,
-    camera_id: str,
-    backend: str,
-    options: dict[str, Any],
-    log_level: int,
-) -> None:
-    """Child-process main: build the backend, then answer one `PoseFrame` per `Frame`."""
-    root = logging.getLogger()
-    root.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
-    root.setLevel(log_level)
-    clog = logging.getLogger("pipeline.app.daemon.pose")
-    try:
-        from stages.pose import PoseEstimator, create_backend
-
-        estimator = PoseEstimator(create_backend(backend, **options), camera_id)
-    except Exception as e:
-        conn.send(
-            _PoseFailure(-1, f"pose backend {backend!r} failed to start: {type(e).__name__}: {e}", True)
-        )
-        return
-    conn.send("ready")
-    while True:
-        try:
-            item = conn.recv()
-        except (EOFError, OSError):
-            return
-        if item is None:
-            return
-        try:
-            conn.send(estimator.process(item))
-        except VeilcamError as e:
-            clog.warning("camera %s: pose failed on frame %d: %s", camera_id, item.seq, e)
-            conn.send(_PoseFailure(item.seq, str(e)))
-        except Exception as e:
-            clog.exception("camera %s: pose crashed on frame %d", camera_id, item.seq)
-            conn.send(_PoseFailure(item.seq, f"{type(e).__name__}: {e}"))
-
-
-class PoseProcess:
-    """A pose backend in a `spawn`ed child; `process(frame)` is a synchronous round trip."""
-
-    def __init__(self, camera_id: str, backend: str, options: dict[str, Any], start_timeout_s: float = 120.0):
-        self.camera_id = camera_id
-        self.backend = backend
-        self.options = dict(options)
-        self.start_timeout_s = start_timeout_s
-        self._proc: Any = None
-        self._conn: multiprocessing.connection.Connection | None = None
-        self._listener: logging.handlers.QueueListener | None = None
-        self._close_lock = threading.Lock()
-
-    def start(self) -> None:
-        ctx = mp.get_context("spawn")
-        log_queue = ctx.Queue(-1)
-        self._listener = logging.handlers.QueueListener(
-            log_queue, _ForwardHandler(), respect_handler_level=False
-        )
-        self._listener.start()
-        parent, child = ctx.Pipe()
-        self._proc = ctx.Process(
-            target=_pose_child,
-            args=(child, log_queue, self.camera_id, self.backend, self.options, logging.getLogger().level),
-            name=f"veilcam-pose-{self.camera_id}",
-            daemon=True,
-        )
-        self._proc.start()
-        child.close()
-        self._conn = parent
-        reply = self._recv(self.start_timeout_s)
-        if isinstance(reply, _PoseFailure):
-            self.close()
-            raise StageError(f"camera {self.camera_id}: {reply.message}")
-        log.info("camera %s: pose backend %s ready in child pid %s", self.camera_id, self.backend, self.pid)
-
-    def _recv(self, timeout_s: float) -> Any:
-        conn, proc = self._conn, self._proc
-        if conn is None:
-            raise StageError(f"camera {self.camera_id}: pose process closed")
-        try:
-            ready = conn.poll(timeout_s)
-        except (EOFError, OSError) as e:  # closed by another thread meanwhile
-            raise StageError(f"camera {self.camera_id}: pose process closed") from e
-        if not ready:
-            alive = proc is not None and proc.is_alive()
-            self.close()
-            raise StageError(
-                f"camera {self.camera_id}: pose process "
-                + (f"did not answer within {timeout_s:.0f} s" if alive else "died")
-            )
-        try:
-            return conn.recv()
-        except (EOFError, OSError) as e:
-            code = proc.exitcode if proc is not None else None
-            self.close()
-            raise StageError(f"camera {self.camera_id}: pose process died (exit code {code})") from e
-
-    def process(self, frame: Frame) -> PoseFrame | _PoseFailure:
-        conn = self._conn
-        if conn is None:
-            raise StageError(f"camera {self.camera_id}: pose process not started")
-        try:
-            conn.send(frame)
-        except (BrokenPipeError, OSError) as e:
-            self.close()
-            raise StageError(f"camera {self.camera_id}: pose process died") from e
-        reply = self._recv(POSE_TIMEOUT_S)
-        if isinstance(reply, _PoseFailure) and reply.fatal:
-            raise StageError(f"camera {self.camera_id}: {reply.message}")
-        return reply  # type: ignore[no-any-return]
-
-    @property
-    def pid(self) -> int | None:
-        proc = self._proc
-        return None if proc is None else int(proc.pid)
-
-    def close(self) -> None:
-        """Stop the child; safe to call again and from several threads at once (the pose stage and
-        the camera's failure handler both close it), each part is taken out before it is closed."""
-        with self._close_lock:
-            conn, self._conn = self._conn, None
-            proc, self._proc = self._proc, None
-            listener, self._listener = self._listener, None
-        if conn is not None:
-            with contextlib.suppress(BrokenPipeError, OSError):
-                conn.send(None)
-            conn.close()
-        if proc is not None:
-            proc.join(5)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
-        if listener is not None:
-            listener.stop()
-
-
-class _ForwardHandler(logging.Handler):
-    """Re-emits child log records through the parent's logger of the same name."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        logger = logging.getLogger(record.name)
-        if logger.isEnabledFor(record.levelno):
-            logger.handle(record)
-
-
-class _InProcessPose:
-    """The same interface without a child process (`pose.in_process: true`, debugging)."""
-
-    def __init__(self, camera_id: str, backend: str, options: dict[str, Any]) -> None:
-        self.camera_id, self.backend, self.options = camera_id, backend, dict(options)
-        self._est: Any = None
-        self.pid = None
-
-    def start(self) -> None:
-        from stages.pose import PoseEstimator, create_backend
-
-        try:
-            self._est = PoseEstimator(create_backend(self.backend, **self.options), self.camera_id)
-        except VeilcamError:
-            raise
-        except Exception as e:
-            raise StageError(f"camera {self.camera_id}: pose backend {self.backend!r} failed: {e}") from e
-
-    def process(self, frame: Frame) -> PoseFrame | _PoseFailure:
-        try:
-            return self._est.process(frame)  # type: ignore[no-any-return]
-        except VeilcamError as e:
-            return _PoseFailure(frame.seq, str(e))
-
-    def close(self) -> None:
-        self._est = None
-
-
-class PoseStage:
-    """Frames in, `PoseFrame`s out through a pose worker (child process by default)."""
-
-    def __init__(
-        self,
-        camera_id: str,
-        cam: CameraConfig,
-        inq: BoundedQueue[Frame | EndOfStream],
-        out: BoundedQueue[PoseFrame | EndOfStream],
-        stats: CameraStats,
-        on_frame: Callable[[PoseFrame], None] | None = None,
-    ) -> None:
-        self.camera_id = camera_id
-        self.cam = cam
-        self.inq = inq
-        self.out = out
-        self.stats = stats
-        self.on_frame = on_frame
-        self._timing = stats.stage("pose")
-        self.worker: PoseProcess | _InProcessPose | SharedPoseClient | None = None
-        self.finished = False
-
-    def _new_worker(self) -> PoseProcess | _InProcessPose | SharedPoseClient:
-        p = self.cam.pose
-        if p.shared:
-            return SharedPoseClient(self.camera_id, p.backend, p.backend_options(), failure=_PoseFailure)
-        if p.in_process:
-            return _InProcessPose(self.camera_id, p.backend, p.backend_options())
-        return PoseProcess(self.camera_id, p.backend, p.backend_options())
-
-    def run(self, stop: threading.Event) -> None:
-        if self.worker is None:
-            worker = self._new_worker()
-            worker.start()
-            self.worker = worker
-        try:
-            if self.finished:
-                return
-            for item in self.inq.drain(stop):
-                if isinstance(item, EndOfStream):
-                    self.out.put(item)
-                    self.finished = True
-                    return
-                t = time.monotonic()
-                try:
-                    result = self.worker.process(item)
-                except StageError:
-                    self.worker = None  # the supervisor's restart starts a fresh child
-                    raise
-                if isinstance(result, _PoseFailure):
-                    self.stats.inc("pose_errors")
-                    self._timing.error()
-                    continue
-                self._timing.observe(time.monotonic() - t)
-                if not self.out.put(result):
-                    self.stats.inc("skipped_poses")
-                if self.on_frame is not None:
-                    self.on_frame(result)
-        finally:
-            if self.finished or stop.is_set():
-                self.close()
-
-    def close(self) -> None:
-        worker, self.worker = self.worker, None
-        if worker is not None:
-            worker.close()
-
-
-# -- supervisor -------------------------------------------------------------------------------------
-@dataclass
-class _Task:
-    name: str
-    target: Callable[[threading.Event], None]
-    stop: threading.Event
-    thread: threading.Thread | None = None
-    restarts: deque[float] = field(default_factory=deque)
-    state: str = "pending"  # running | done | failed
-    error: BaseException | None = None
-
-
-class Supervisor:
-    """Runs stage loops in threads; restarts a failed one with backoff within a budget.
-
-    A stage returning normally is done. A stage raising is restarted after `backoff_s` (doubling)
-    unless it already restarted `max_restarts` times within `window_s` — then it is failed and
-    `on_failed(task_name, error)` runs (the camera pipeline closes its queues).
-    """
-
-    def __init__(
-        self,
-        camera_id: str,
-        cfg: SupervisorConfig,
-        stats: CameraStats,
-        on_failed: Callable[[str, BaseException], None],
-        *,
-        max_restarts: int | None = None,
-    ) -> None:
-        self.camera_id = camera_id
-        self.cfg = cfg
-        self.stats = stats
-        self.on_failed = on_failed
-        self.max_restarts = cfg.max_restarts if max_restarts is None else max_restarts
-        self.tasks: list[_Task] = []
-
-    def add(self, name: str, target: Callable[[threading.Event], None], stop: threading.Event) -> None:
-        self.tasks.append(_Task(name, target, stop))
-
-    def start(self) -> None:
-        for task in self.tasks:
-            task.state = "running"
-            task.thread = threading.Thread(
-                target=self._loop, args=(task,), name=f"veilcam-{self.camera_id}-{task.name}", daemon=True
-            )
-            task.thread.start()
-
-    def _loop(self, task: _Task) -> None:
-        backoff = self.cfg.backoff_s
-        while True:
-            try:
-                task.target(task.stop)
-                task.state = "done"
-                return
-            except QueueClosed:
-                task.state = "done"
-                return
-            except Exception as e:
-                now = time.monotonic()
-                while task.restarts and task.restarts[0] < now - self.cfg.window_s:
-                    task.restarts.popleft()
-                if isinstance(e, VeilcamError):
-                    log.error("camera %s: stage %s failed: %s", self.camera_id, task.name, e)
-                else:
-                    log.exception("camera %s: stage %s crashed", self.camera_id, task.name)
-                if len(task.restarts) >= self.max_restarts or task.stop.is_set():
-                    task.state = "failed"
-                    task.error = e
-                    if not task.stop.is_set():
-                        log.error(
-                            "camera %s: stage %s gave up after %d restarts in %.0f s",
-                            self.camera_id,
-                            task.name,
-                            len(task.restarts),
-                            self.cfg.window_s,
-                        )
-                    self.on_failed(task.name, e)
-                    return
-                task.restarts.append(now)
-                self.stats.inc("stage_restarts")
-                log.warning(
-                    "camera %s: restarting stage %s in %.1f s (%d/%d in %.0f s)",
-                    self.camera_id,
-                    task.name,
-                    backoff,
-                    len(task.restarts),
-                    self.max_restarts,
-                    self.cfg.window_s,
-                )
-                if task.stop.wait(backoff):
-                    task.state = "done"
-                    return
-                backoff = min(backoff * 2, 30.0)
-
-    def join(self, timeout_s: float | None = None) -> bool:
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        for task in self.tasks:
-            if task.thread is None:
-                continue
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            task.thread.join(remaining)
-        return all(t.thread is None or not t.thread.is_alive() for t in self.tasks)
-
-    def alive(self) -> bool:
-        return any(t.thread is not None and t.thread.is_alive() for t in self.tasks)
 
 
 # -- one camera -------------------------------------------------------------------------------------

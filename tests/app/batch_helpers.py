@@ -38,7 +38,7 @@ def base_config(
 
 def replay_alerts(clip: Path, base: VeilcamConfig, state: Path, overrides: dict[str, Any]) -> list[tuple]:
     """The alerts `veilcam replay` gives for `clip` (the reference a batch must match)."""
-    from pipeline.replay import replay_config, run_replay
+    from pipeline.app.replay import replay_config, run_replay
 
     cfg = replay_config(clip, base, state_dir=state, overrides=overrides)
     report = run_replay(clip, cfg, progress=False)

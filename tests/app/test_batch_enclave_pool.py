@@ -22,8 +22,8 @@ from enclave_bridge.shared.attest import new_nonce
 from enclave_bridge.shared.windows import seal_window
 from pipeline.app.batch import BatchOptions, BatchRun
 from pipeline.app.batch_report import read_report
+from pipeline.app.subscriber import PoolOpener
 from pipeline.errors import IntegrityError
-from pipeline.subscriber import PoolOpener
 from stages.enclave_pool import EnclavePool
 from tests.app.batch_helpers import EXERCISE, VTEST, base_config
 from tests.enclave_bridge.test_enclave_service_support import deployment  # noqa: F401

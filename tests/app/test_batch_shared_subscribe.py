@@ -16,8 +16,8 @@ import pytest
 from enclave_bridge.measured.alerts import build_alert
 from enclave_bridge.shared.keys import PartyKey, fingerprint
 from enclave_bridge.shared.policy import ALERT_FIELDS, Recipient
+from pipeline.app.subscriber import AlertSubscriber
 from pipeline.errors import ConfigError
-from pipeline.subscriber import AlertSubscriber
 from tests.conftest import REPO_ROOT
 
 N_ALERTS = 24

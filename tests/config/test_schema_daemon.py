@@ -16,7 +16,7 @@ from config.schema import (
     parse_config,
 )
 from enclave_bridge.shared.keys import generate_data_key
-from pipeline.cli import main
+from pipeline.app.cli import main
 from pipeline.errors import ConfigError
 
 EXAMPLE = REPO_ROOT / "config" / "veilcam.example.yaml"

@@ -101,7 +101,7 @@ def test_x25519_exchange_agrees():
 
 
 def test_cli_keygen_roles_rotation_and_passphrase(tmp_path, monkeypatch, capsys):
-    from pipeline.cli import main
+    from pipeline.app.cli import main
 
     assert main(["keygen", "--role", "data-owner", "--out", str(tmp_path / "city")]) == 0
     for name in ("city.key", "city.data.key"):

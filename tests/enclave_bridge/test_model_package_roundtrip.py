@@ -13,7 +13,7 @@ from enclave_bridge.measured.model_package import open_package, package_kid, pac
 from enclave_bridge.measured.stgcn import STGCN
 from enclave_bridge.shared.errors import CheckpointError, ConfigError, IntegrityError
 from enclave_bridge.shared.keys import ModelKey, generate_model_key, load_model_key
-from pipeline.cli import main
+from pipeline.app.cli import main
 from tests.enclave_bridge.test_enclave_service_support import LABELS, write_small_model
 
 

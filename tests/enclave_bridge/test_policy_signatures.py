@@ -10,7 +10,7 @@ import pytest
 from enclave_bridge.shared.errors import ConfigError, IntegrityError
 from enclave_bridge.shared.keys import PartyKey
 from enclave_bridge.shared.policy import create_policy, sign_policy, verify_policy
-from pipeline.cli import main
+from pipeline.app.cli import main
 
 
 @pytest.fixture

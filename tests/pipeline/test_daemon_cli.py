@@ -11,7 +11,7 @@ import torch
 from config.schema import REPO_ROOT
 from enclave_bridge.measured.stgcn import STGCN
 from enclave_bridge.shared.keys import generate_data_key
-from pipeline.cli import main
+from pipeline.app.cli import main
 
 VTEST = REPO_ROOT / "samples" / "vtest.avi"
 

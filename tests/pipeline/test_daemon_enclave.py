@@ -10,7 +10,7 @@ from config.schema import REPO_ROOT, EnclaveConfig, RulesConfig
 from enclave_bridge.host.client import provision_data_key, provision_model
 from enclave_bridge.shared.attest import new_nonce
 from enclave_bridge.shared.keys import generate_data_key
-from pipeline.replay import replay_config, run_replay
+from pipeline.app.replay import replay_config, run_replay
 from tests.enclave_bridge.test_enclave_service_support import LABELS, deployment  # noqa: F401
 
 VTEST = REPO_ROOT / "samples" / "vtest.avi"

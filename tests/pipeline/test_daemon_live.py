@@ -25,7 +25,7 @@ from config.schema import (
 )
 from enclave_bridge.measured.stgcn import STGCN
 from enclave_bridge.shared.keys import PartyKey, generate_data_key
-from pipeline.daemon import Daemon, ListSink, make_local_enclave
+from pipeline.app.daemon import Daemon, ListSink, make_local_enclave
 
 LABELS = ["a", "b"]
 

@@ -26,9 +26,9 @@ from config.schema import (
 )
 from enclave_bridge.measured.stgcn import STGCN
 from enclave_bridge.shared.keys import PartyKey, generate_data_key
-from pipeline.daemon import Daemon, ListSink, make_local_enclave
+from pipeline.app.daemon import Daemon, ListSink, make_local_enclave
+from pipeline.app.replay import format_summary, plot_timeline, replay_config, run_replay
 from pipeline.errors import StageError
-from pipeline.replay import format_summary, plot_timeline, replay_config, run_replay
 
 VTEST = REPO_ROOT / "samples" / "vtest.avi"
 LABELS = ["walking", "standing", "falling"]
@@ -230,7 +230,7 @@ def test_sd_notify_never_blocks_the_daemon(tmp_path: Path, monkeypatch: pytest.M
     """Nobody reads the notify socket: notifications are dropped, the caller never blocks."""
     import socket
 
-    from pipeline.daemon import Notifier
+    from pipeline.app.daemon import Notifier
 
     sock_path = tmp_path / "deaf.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -19,10 +19,10 @@ import yaml
 
 from config.broker import BrokerConfig
 from enclave_bridge.shared.keys import PartyKey
+from pipeline.app.subscriber import AlertSubscriber
 from pipeline.broker import free_port, start_broker
 from pipeline.messages import AlertEnvelope
 from pipeline.outbox import Outbox
-from pipeline.subscriber import AlertSubscriber
 from stages.alerts import AlertPublisher
 from tests.pipeline.test_subscriber_alerts import Parties
 

@@ -9,8 +9,8 @@ import json
 import re
 from pathlib import Path
 
-from pipeline.cli import build_parser
-from pipeline.subscriber import format_alert
+from pipeline.app.cli import build_parser
+from pipeline.app.subscriber import format_alert
 
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()

@@ -12,7 +12,7 @@ import torch
 
 from config.schema import REPO_ROOT, EnclaveConfig, RulesConfig
 from enclave_bridge.measured.stgcn import STGCN
-from pipeline.replay import ReplayReport, plot_timeline, replay_config, run_replay, timeline_series
+from pipeline.app.replay import ReplayReport, plot_timeline, replay_config, run_replay, timeline_series
 
 VTEST = REPO_ROOT / "samples" / "vtest.avi"
 LABELS = ["walking", "standing", "falling"]

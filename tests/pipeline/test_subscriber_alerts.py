@@ -19,9 +19,9 @@ from config.broker import BrokerConfig
 from enclave_bridge.measured.alerts import AlertOpener, build_alert
 from enclave_bridge.shared.keys import PartyKey, fingerprint
 from enclave_bridge.shared.policy import ALERT_FIELDS, Recipient
+from pipeline.app.subscriber import AlertSubscriber, SeenSet, format_alert
 from pipeline.messages import AlertEnvelope
 from pipeline.outbox import Outbox
-from pipeline.subscriber import AlertSubscriber, SeenSet, format_alert
 from stages.alerts import AlertPublisher
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,8 +17,8 @@ from config.broker import BrokerConfig
 from enclave_bridge.measured.alerts import AlertOpener, build_alert
 from enclave_bridge.shared.keys import PartyKey, fingerprint, raw_public_bytes
 from enclave_bridge.shared.policy import ALERT_FIELDS, Recipient
-from pipeline.cli_mqtt import freshness_window
-from pipeline.subscriber import AlertSubscriber
+from pipeline.app.cli_mqtt import freshness_window
+from pipeline.app.subscriber import AlertSubscriber
 
 
 @pytest.fixture

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 from config.schema import CameraConfig, ReconnectConfig
-from pipeline.daemon import PoseProcess
 from pipeline.errors import StageError
 from pipeline.messages import EndOfStream, Frame
 from pipeline.queues import BoundedQueue
 from pipeline.stats import CameraStats
 from stages.capture import CaptureStage
+from stages.pose.stage import PoseProcess
 from tests.stages.test_capture_reconnect import ClipServer, clip  # noqa: F401  (fixture)
 
 
@@ -122,7 +122,7 @@ def test_daemon_keeps_a_camera_down_at_start_running(
     from config.schema import EnclaveConfig, MetricsConfig, PoseConfig, SupervisorConfig, VeilcamConfig
     from enclave_bridge.measured.stgcn import STGCN
     from enclave_bridge.shared.keys import PartyKey, generate_data_key
-    from pipeline.daemon import Daemon, ListSink, make_local_enclave
+    from pipeline.app.daemon import Daemon, ListSink, make_local_enclave
 
     model = tmp_path / "model"
     model.mkdir()

@@ -14,8 +14,8 @@ from config.schema import REPO_ROOT, EnclaveConfig, RulesConfig
 from enclave_bridge.measured.alerts import AlertOpener
 from enclave_bridge.measured.stgcn import STGCN
 from enclave_bridge.shared.keys import PartyKey, generate_data_key
-from pipeline.daemon import Daemon, ListSink, make_local_enclave
-from pipeline.replay import replay_config
+from pipeline.app.daemon import Daemon, ListSink, make_local_enclave
+from pipeline.app.replay import replay_config
 
 VTEST = REPO_ROOT / "samples" / "vtest.avi"
 

@@ -29,7 +29,7 @@ from config.schema import REPO_ROOT
 from enclave_bridge.measured.alerts import AlertOpener
 from enclave_bridge.measured.stgcn import STGCN
 from enclave_bridge.shared.keys import PartyKey, generate_data_key
-from pipeline.subscriber import AlertSubscriber
+from pipeline.app.subscriber import AlertSubscriber
 from tests.conftest import Broker, free_port, mosquitto_binary
 
 VTEST = REPO_ROOT / "samples" / "vtest.avi"

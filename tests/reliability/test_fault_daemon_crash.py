@@ -26,11 +26,11 @@ from config.schema import REPO_ROOT, EnclaveConfig, RulesConfig
 from enclave_bridge.measured.alerts import AlertOpener
 from enclave_bridge.shared.attest import new_nonce
 from enclave_bridge.shared.windows import seal_window
-from pipeline.daemon import Daemon
+from pipeline.app.daemon import Daemon
+from pipeline.app.replay import replay_config
 from pipeline.messages import EndOfStream, SealedWindow
 from pipeline.outbox import Outbox
 from pipeline.queues import BoundedQueue
-from pipeline.replay import replay_config
 from pipeline.stats import CameraStats
 from stages.enclave_client import EnclaveStage, RemoteEnclave
 from tests.enclave_bridge.test_enclave_service_support import make_deployment, window
@@ -215,7 +215,7 @@ def test_resumed_replay_with_every_window_done_is_not_an_unproductive_camera() -
     previous run) and must exit 0, not report "no window was evaluated"."""
     from types import SimpleNamespace
 
-    from pipeline.cli_daemon import unproductive_camera
+    from pipeline.app.cli_daemon import unproductive_camera
 
     stats = CameraStats("gate")
     cam = SimpleNamespace(device="gate", stats=stats, end=EndOfStream("gate", 99, time.time(), reason="eof"))

@@ -36,7 +36,7 @@ from config.broker import BrokerConfig
 from config.schema import REPO_ROOT
 from enclave_bridge.measured.alerts import AlertOpener
 from enclave_bridge.shared.attest import new_nonce
-from pipeline.subscriber import AlertSubscriber
+from pipeline.app.subscriber import AlertSubscriber
 from tests.conftest import Broker, mosquitto_binary
 from tests.enclave_bridge.test_enclave_service_support import make_deployment
 from tests.reliability.test_fault_broker_kill9 import broker_with, shipped_durability_lines

@@ -24,8 +24,8 @@ from enclave_bridge.measured.alerts import AlertOpener
 from enclave_bridge.shared.attest import new_nonce
 from enclave_bridge.shared.errors import TransportError
 from enclave_bridge.shared.windows import seal_window
-from pipeline.daemon import Daemon, ListSink
-from pipeline.replay import replay_config
+from pipeline.app.daemon import Daemon, ListSink
+from pipeline.app.replay import replay_config
 from stages.enclave_client import RemoteEnclave
 from tests.enclave_bridge.test_enclave_service_support import make_deployment, window
 from tests.security.test_security_support import RULES_ALL, provisioned, short_root

@@ -13,7 +13,7 @@ from enclave_bridge.measured.alerts import AlertOpener, build_alert
 from enclave_bridge.shared.errors import IntegrityError
 from enclave_bridge.shared.keys import PartyKey, fingerprint
 from enclave_bridge.shared.policy import ALERT_FIELDS, Recipient
-from pipeline.subscriber import AlertSubscriber
+from pipeline.app.subscriber import AlertSubscriber
 
 SIGNER = PartyKey.generate("data-owner", "enclave-signer")
 ME = PartyKey.generate("consumer", "ops")

@@ -31,8 +31,8 @@ from enclave_bridge.measured.model_package import package_model
 from enclave_bridge.shared.attest import new_nonce
 from enclave_bridge.shared.ring import P
 from enclave_bridge.shared.wire import unpack_tensor
-from pipeline.daemon import build_daemon
-from pipeline.replay import replay_config
+from pipeline.app.daemon import build_daemon
+from pipeline.app.replay import replay_config
 from tests.enclave_bridge.test_enclave_service_support import make_deployment
 from tests.security.test_security_support import (
     GpuWorker,

@@ -270,7 +270,7 @@ def test_retained_enclave_evidence_verifies_for_consumers(mosquitto, tmp_path: P
     from enclave_bridge.shared.attest import PlatformKey, SessionKey, SimulatedBackend, make_evidence
     from enclave_bridge.shared.errors import AttestationError
     from enclave_bridge.shared.keys import PartyKey
-    from pipeline.subscriber import verify_key_from_evidence
+    from pipeline.app.subscriber import verify_key_from_evidence
 
     platform = PlatformKey.generate()
     measurement = "ab" * 32

@@ -197,7 +197,7 @@ def test_auto_falls_back_to_opencv_without_openvino() -> None:
 
 def test_config_person_height_reaches_the_daemon_pose_child(shared_sample) -> None:
     """`pose.person_height_px` → `backend_options()` → the daemon's spawned pose process."""
-    from pipeline.daemon import PoseProcess
+    from stages.pose.stage import PoseProcess
 
     cfg = PoseConfig(person_height_px=150.0, options={"threads": 1})
     assert cfg.backend_options() == {"threads": 1, "person_height_px": 150.0}

@@ -171,7 +171,7 @@ def test_daemon_two_live_cameras_share_one_pose_process(tmp_path: Path) -> None:
 
     from enclave_bridge.measured.stgcn import STGCN
     from enclave_bridge.shared.keys import PartyKey, generate_data_key
-    from pipeline.daemon import Daemon, ListSink, make_local_enclave
+    from pipeline.app.daemon import Daemon, ListSink, make_local_enclave
 
     model = tmp_path / "model"
     model.mkdir()

@@ -10,7 +10,7 @@ import torch
 
 from enclave_bridge.measured.stgcn import STGCN
 from enclave_bridge.shared.errors import CheckpointError
-from pipeline.cli import main
+from pipeline.app.cli import main
 from training.evaluate import load_package
 from training.package import import_checkpoint
 from training.synth import CLASSES

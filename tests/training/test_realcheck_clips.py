@@ -191,7 +191,7 @@ def test_replay_and_realcheck_give_the_same_labels() -> None:
     replay's opened alerts list every window's top-1."""
     from config.schema import RulesConfig
     from enclave_bridge.shared.rules import AlertRules
-    from pipeline.replay import replay_config, run_replay
+    from pipeline.app.replay import replay_config, run_replay
     from training.evaluate import load_package
     from training.realcheck import classify_clip
 
