@@ -129,7 +129,9 @@ class PoolOpener:
         op = self._by_kid.get(kid) if isinstance(kid, str) else None
         if op is None:
             raise IntegrityError(f"alert signed by enclave key {kid!r}, not one of the pool's verified keys")
-        return dict(op.open(payload))
+        # an alert's `seq` counts per device *and enclave* (a device moved to another pool enclave
+        # starts at that enclave's number): the subscriber scopes its duplicate filter with this
+        return {**op.open(payload), "enclave_kid": kid}
 
 
 class AlertSubscriber:
@@ -308,7 +310,8 @@ class AlertSubscriber:
                     self.max_age_s,
                 )
                 return None
-            verdict = self.seen.check_and_add(device, seq, hashlib.sha256(payload).digest())
+            scope = f"{device}@{alert['enclave_kid']}" if "enclave_kid" in alert else device
+            verdict = self.seen.check_and_add(scope, seq, hashlib.sha256(payload).digest())
             if verdict == "duplicate":
                 self.stats.duplicates += 1
                 log.debug("duplicate alert %s/%d dropped", device, seq)

@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from config.broker import BrokerConfig
 from config.schema import EnclaveConfig
 from enclave_bridge.host.client import provision_data_key, provision_model
 from enclave_bridge.shared.attest import new_nonce
 from enclave_bridge.shared.windows import seal_window
 from pipeline.app.batch import BatchOptions, BatchRun
 from pipeline.app.batch_report import read_report
-from pipeline.app.subscriber import PoolOpener
+from pipeline.app.subscriber import AlertSubscriber, PoolOpener
 from pipeline.errors import IntegrityError
 from stages.enclave_pool import EnclavePool
 from tests.app.batch_helpers import EXERCISE, VTEST, base_config
@@ -124,6 +125,17 @@ def test_pool_spreads_devices_and_fails_over_without_losing_a_window(deployment)
         # every alert opens with the consumer key and the verified key of the enclave that signed it
         openers = PoolOpener(dep.c1, keys)
         opened = [openers.open(e) for e in envelopes]
+        # a consumer's duplicate filter: cam-a's alert numbers restarted at the new enclave, yet
+        # every alert is delivered once (seq is scoped by device and signing enclave)
+        sub = AlertSubscriber(BrokerConfig(), PoolOpener(dep.c1, keys), lambda _a: None)
+        delivered = [
+            sub.handle(f"veilcam/{a['device']}/alerts", e) for a, e in zip(opened, envelopes, strict=True)
+        ]
+        assert all(d is not None for d in delivered) and sub.stats.rejected_replayed == 0
+        assert all(
+            sub.handle(f"veilcam/{a['device']}/alerts", e) is None
+            for a, e in zip(opened, envelopes, strict=True)
+        )
         with pytest.raises(IntegrityError, match="not one of the pool"):
             PoolOpener(dep.c1, keys[:1] if victim == addrs[1] else keys[1:]).open(
                 next(e for e, a in zip(envelopes, opened, strict=True) if a["device"] == "cam-a")
