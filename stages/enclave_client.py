@@ -24,28 +24,18 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import msgpack
 
+from enclave_bridge.shared.rpc import SubmitResult
 from pipeline.errors import ConfigError, EnclaveError, IntegrityError, TransportError
 from pipeline.messages import AlertEnvelope, EndOfStream, SealedWindow
 from pipeline.queues import BoundedQueue
 from pipeline.stats import CameraStats
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class SubmitResult:
-    """The enclave's answer to one window (same fields as `enclave_bridge.host.client.SubmitResult`)."""
-
-    status: str  # "ok" | "rejected"
-    reason: str | None
-    alerts: list[bytes]
-    window_seq: int
 
 
 @runtime_checkable

@@ -18,30 +18,28 @@ import logging
 import socket
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-from enclave_bridge.measured.enclave import MODEL_KEY_INFO, error_class, provision_model_message
-from enclave_bridge.measured.keyenclave import DATA_KEY_WRAP_INFO, DEFAULT_GRACE_S, provision_data_key_message
 from enclave_bridge.measured.model_package import package_kid
 from enclave_bridge.shared.attest import VerifiedEnclave, Verifier, new_nonce, wrap_secret
 from enclave_bridge.shared.errors import IntegrityError, TransportError
 from enclave_bridge.shared.keys import DataKey, ModelKey, PartyKey
+from enclave_bridge.shared.rpc import (
+    DATA_KEY_WRAP_INFO,
+    DEFAULT_GRACE_S,
+    MODEL_KEY_INFO,
+    HelloRequest,
+    SubmitRequest,
+    SubmitResult,
+    error_class,
+    provision_data_key_message,
+    provision_model_message,
+)
 from enclave_bridge.shared.wire import connect, recv_frame, send_frame
 
 log = logging.getLogger(__name__)
 
 MAX_REPLY_BYTES = 64 * 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class SubmitResult:
-    """Outcome of one sealed window: alerts are finished envelopes (encrypted + signed)."""
-
-    status: str  # "ok" | "rejected"
-    reason: str | None
-    alerts: list[bytes] = field(default_factory=list)
-    window_seq: int = -1
 
 
 class _Rpc:
@@ -110,7 +108,8 @@ class EnclaveClient:
 
     def hello(self, device: str, rules: Mapping[str, Any] | None) -> dict[str, Any]:
         """Register `device` and its alert rules (`{labels, min_score, debounce_s}`)."""
-        rep = self._rpc.call("hello", retry=True, device=device, rules=dict(rules) if rules else None)
+        req = HelloRequest(device, dict(rules) if rules else None)
+        rep = self._rpc.call("hello", retry=True, **req.to_wire())
         return {k: v for k, v in rep.items() if k not in ("id", "ok")}
 
     def submit(self, blob: bytes, retry: bool | None = None) -> SubmitResult:
@@ -125,15 +124,12 @@ class EnclaveClient:
         if retry is None:
             retry = digest == self._unanswered
         try:
-            rep = self._rpc.call("submit", blob=blob, **({"resend": True} if retry else {}))
+            rep = self._rpc.call("submit", **SubmitRequest(blob, retry).to_wire())
         except TransportError:
             self._unanswered = digest
             raise
         self._unanswered = None
-        alerts = rep.get("alerts") or []
-        if not isinstance(alerts, list) or not all(isinstance(a, bytes) for a in alerts):
-            raise TransportError("submit: malformed alerts in reply")
-        return SubmitResult(str(rep["status"]), rep.get("reason"), alerts, int(rep.get("window_seq", -1)))
+        return SubmitResult.from_wire(rep)
 
     def evidence(self, nonce: bytes | None = None) -> dict[str, Any]:
         """Attestation evidence (measurement-bearing quote + the enclave's alert-signing key)."""

@@ -25,27 +25,32 @@ import hashlib
 import json
 import logging
 import os
-import signal
-import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgpack
-import yaml
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from enclave_bridge.measured.enclave_config import load_enclave_config, make_backend, validate_enclave_config
+from enclave_bridge.measured.keyenclave import DATA_KEYS_INFO, DATA_KEYS_SIG_DOMAIN
 from enclave_bridge.measured.model_inputs import input_transform_of
+from enclave_bridge.measured.service import (
+    Connection,
+    EnclaveIdentity,
+    Handler,
+    RequestServer,
+    evidence_handler,
+    install_signal_handlers,
+    open_state,
+    require_session,
+)
 from enclave_bridge.measured.window_eval import TorchEvaluator, WindowEvaluator
-from enclave_bridge.shared import errors
 from enclave_bridge.shared.attest import (
     EnclaveBackend,
-    PlatformKey,
     SessionKey,
-    SimulatedBackend,
     Verifier,
     make_evidence,
     new_nonce,
@@ -53,17 +58,22 @@ from enclave_bridge.shared.attest import (
 )
 from enclave_bridge.shared.errors import (
     AttestationError,
-    ConfigError,
     EnclaveError,
     IntegrityError,
-    TransportError,
     VeilcamError,
 )
-from enclave_bridge.shared.keys import DataKey, ModelKey, b64d, fingerprint, raw_public_bytes, verify_ed25519
-from enclave_bridge.shared.measurement import compute_measurement
+from enclave_bridge.shared.keys import DataKey, ModelKey, b64d, verify_ed25519
+from enclave_bridge.shared.rpc import (
+    MODEL_KEY_INFO,
+    HelloReply,
+    HelloRequest,
+    SubmitRequest,
+    SubmitResult,
+    error_class,
+    provision_model_message,
+)
 from enclave_bridge.shared.sealing import SealedStore, Sealer
 from enclave_bridge.shared.wire import (
-    ConnectionLimiter,
     connect,
     listen,
     recv_frame,
@@ -73,273 +83,7 @@ from enclave_bridge.shared.wire import (
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 600 * 1024 * 1024
-PROVISION_MODEL_DOMAIN = b"veilcam-provision-model-v1\0"
-MODEL_KEY_INFO = b"veilcam-model-key"
-DATA_KEYS_INFO = b"veilcam-data-keys"
-DATA_KEYS_SIG_DOMAIN = b"veilcam-data-keys-v1\0"
-EVALUATOR_MODES = ("paper", "slalom", "split2", "split3", "enclave", "plaintext")
 KEY_REFRESH_S = 60.0
-DEFAULT_MAX_CONNECTIONS = 64  # cameras + owners + monitoring; more are refused at accept
-DEFAULT_IDLE_TIMEOUT_S = 600.0  # a silent connection is closed (the daemon reconnects on demand)
-
-
-# ---------------------------------------------------------------------------------------------
-# config
-# ---------------------------------------------------------------------------------------------
-
-
-def load_enclave_config(path: str | os.PathLike[str], role: str) -> dict[str, Any]:
-    """Read and validate an enclave config (YAML or JSON). The returned dict is what is measured."""
-    p = Path(path)
-    try:
-        cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ConfigError(f"{p}: enclave config not found") from e
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{p}: cannot parse enclave config: {e}") from e
-    return validate_enclave_config(cfg, role, str(p))
-
-
-def validate_enclave_config(cfg: Any, role: str, where: str = "enclave config") -> dict[str, Any]:
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{where}: expected a mapping")
-    allowed = {
-        "eval": {"role", "backend", "data_owner_pub", "model_owner_pub", "key_enclave", "evaluator", "topk"},
-        "key": {"role", "backend", "data_owner_pub"},
-    }[role]
-    unknown = set(cfg) - allowed
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
-    if cfg.get("role") != role:
-        raise ConfigError(f"{where}.role: must be {role!r} for this enclave")
-    if cfg.get("backend", "simulated") not in ("simulated", "gramine-sgx"):
-        raise ConfigError(f"{where}.backend: 'simulated' or 'gramine-sgx'")
-    owners = ("data_owner_pub", "model_owner_pub") if role == "eval" else ("data_owner_pub",)
-    for k in owners:
-        try:
-            if len(b64d(cfg.get(k), f"{where}.{k}")) != 32:
-                raise ConfigError(f"{where}.{k}: must be a 32-byte Ed25519 public key (base64)")
-        except ConfigError as e:
-            raise ConfigError(f"{e} — copy `sign_pub` from the owner's .pub file") from None
-    if role == "eval":
-        ke = cfg.get("key_enclave")
-        if not isinstance(ke, dict) or not isinstance(ke.get("address"), str):
-            raise ConfigError(f"{where}.key_enclave.address: required (e.g. unix:/run/veilcam/key.sock)")
-        meas = ke.get("measurements", [])
-        if not isinstance(meas, list) or not all(isinstance(m, str) and len(m) == 64 for m in meas):
-            raise ConfigError(f"{where}.key_enclave.measurements: a list of 64-hex measurements")
-        ev = cfg.get("evaluator", {"mode": "enclave"})
-        if not isinstance(ev, dict) or ev.get("mode") not in EVALUATOR_MODES:
-            raise ConfigError(f"{where}.evaluator.mode: one of {EVALUATOR_MODES}")
-        if ev.get("worker") is not None and not isinstance(ev.get("worker"), str):
-            raise ConfigError(f"{where}.evaluator.worker: an address string or null")
-        wl = ev.get("workers")
-        need = {"split2": 2, "split3": 3}.get(str(ev.get("mode")), 0)
-        if wl is not None and (
-            not isinstance(wl, list) or not all(isinstance(a, str) for a in wl) or len(set(wl)) != len(wl)
-        ):
-            raise ConfigError(f"{where}.evaluator.workers: a list of distinct worker addresses")
-        if need and wl is not None and len(wl) != need:
-            raise ConfigError(f"{where}.evaluator.workers: mode {ev.get('mode')} needs {need} workers")
-        t = ev.get("timeout_s")
-        if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= 3600):
-            raise ConfigError(f"{where}.evaluator.timeout_s: seconds in (0, 3600] (GPU worker replies)")
-        limbs = ev.get("act_limbs")
-        if limbs is not None and (isinstance(limbs, bool) or limbs not in (1, 2, 3)):
-            raise ConfigError(f"{where}.evaluator.act_limbs: 1, 2 or 3 activation digits")
-        topk = cfg.get("topk", 5)
-        if not isinstance(topk, int) or not 1 <= topk <= 100:
-            raise ConfigError(f"{where}.topk: an integer in 1..100")
-    return cfg
-
-
-def make_backend(cfg: Mapping[str, Any], platform_key_path: str | None, role: str) -> EnclaveBackend:
-    """The configured TEE backend; its measurement covers this package's code and `cfg`."""
-    backend = cfg.get("backend", "simulated")
-    if backend == "gramine-sgx":
-        from enclave_bridge.measured.gramine_backend import GramineBackend
-
-        return GramineBackend()
-    if not platform_key_path:
-        raise ConfigError("simulated backend needs --platform-key (created by `veilcam platform init`)")
-    return SimulatedBackend(PlatformKey.load(platform_key_path), compute_measurement(cfg), role)
-
-
-# ---------------------------------------------------------------------------------------------
-# generic request server
-# ---------------------------------------------------------------------------------------------
-
-
-class Connection:
-    """Per-connection state: the attestation session key and the challenge we issued."""
-
-    def __init__(self, peer: str) -> None:
-        self.peer = peer
-        self.session: SessionKey | None = None
-        self.session_nonce: bytes | None = None
-        self.challenge: bytes | None = None
-
-
-Handler = Callable[[Connection, dict[str, Any]], dict[str, Any]]
-
-
-class RequestServer:
-    """Thread-per-connection request/response loop over wire frames; errors become typed replies.
-
-    Bounded: at most `max_connections` at once (more are closed at accept, counted), a connection
-    silent for `idle_timeout_s` is closed, and running out of file descriptors (EMFILE) makes the
-    accept loop back off instead of ending the process (`wire.ConnectionLimiter`)."""
-
-    def __init__(
-        self,
-        name: str,
-        handlers: Mapping[str, Handler],
-        max_request_bytes: int = MAX_REQUEST_BYTES,
-        *,
-        max_connections: int = DEFAULT_MAX_CONNECTIONS,
-        idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S,
-    ):
-        self.name = name
-        self.handlers = dict(handlers)
-        self.max_request_bytes = max_request_bytes
-        self._stop = threading.Event()
-        self._sock: socket.socket | None = None
-        self.limiter = ConnectionLimiter(name, max_connections, idle_timeout_s, log)
-        self.request_errors = 0
-        self.junk_closed = 0
-
-    @property
-    def connections(self) -> int:
-        return self.limiter.accepted
-
-    def serve(
-        self, addr: str, ready: Callable[[], None] | None = None, sock: socket.socket | None = None
-    ) -> None:
-        """Serve on `addr` (or on `sock`, already bound to it by `wire.listen`) until `stop()`."""
-        self._sock = sock if sock is not None else listen(addr)
-        log.info("%s listening on %s", self.name, addr)
-        if ready:
-            ready()
-        try:
-            self.limiter.serve(self._sock, self._handle, self._stop)
-        finally:
-            unlink_socket(self._sock)
-            self._sock.close()
-            log.info("%s stopped", self.name)
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _handle(self, sock: socket.socket, peer: str) -> None:
-        conn = Connection(peer)
-        while not self._stop.is_set():
-            try:
-                req = recv_frame(sock, self.max_request_bytes)
-            except TransportError as e:
-                self._closed(peer, str(e))
-                return
-            reply = self._dispatch(conn, req)
-            try:
-                send_frame(sock, reply)
-            except TransportError:
-                return
-
-    def _closed(self, peer: str, why: str) -> None:
-        """Say why a connection ended when it was not the peer's orderly close (never the payload)."""
-        if why == "peer closed the connection":
-            return
-        if why == "peer timed out":
-            log.info("%s: closing connection %s: idle for %s s", self.name, peer, self.limiter.idle_timeout_s)
-            return
-        self.junk_closed += 1
-        log.warning("%s: closing connection %s on bad framing: %s", self.name, peer, why)
-
-    def _dispatch(self, conn: Connection, req: Any) -> dict[str, Any]:
-        rid = req.get("id") if isinstance(req, dict) else None
-        op = req.get("op") if isinstance(req, dict) else None
-        handler = self.handlers.get(op) if isinstance(op, str) else None
-        if handler is None:
-            self.request_errors += 1
-            return {"id": rid, "ok": False, "error": "TransportError", "message": f"unknown op {op!r}"}
-        try:
-            out = handler(conn, req)
-        except VeilcamError as e:
-            self.request_errors += 1
-            log.warning("%s: %s refused: %s: %s", self.name, op, type(e).__name__, e)
-            return {"id": rid, "ok": False, "error": type(e).__name__, "message": str(e)}
-        except (KeyError, TypeError, ValueError) as e:
-            self.request_errors += 1
-            log.warning("%s: malformed %s request (%s)", self.name, op, type(e).__name__)
-            return {"id": rid, "ok": False, "error": "TransportError", "message": f"malformed {op} request"}
-        except Exception as e:  # a bug must not kill the connection thread silently
-            self.request_errors += 1
-            log.error("%s: internal error in %s: %s", self.name, op, type(e).__name__, exc_info=True)
-            return {"id": rid, "ok": False, "error": "EnclaveError", "message": f"internal error in {op}"}
-        out.update({"id": rid, "ok": True})
-        return out
-
-
-def error_class(name: str) -> type[VeilcamError]:
-    """Map a reply's `error` name back to the error tree (unknown names → EnclaveError)."""
-    cls = getattr(errors, str(name), None)
-    return cls if isinstance(cls, type) and issubclass(cls, VeilcamError) else EnclaveError
-
-
-def install_signal_handlers(server: RequestServer) -> None:
-    def _stop(signum: int, _frame: object) -> None:
-        log.info("%s: signal %d, stopping", server.name, signum)
-        server.stop()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-
-
-# ---------------------------------------------------------------------------------------------
-# enclave identity (alert-signing key), sealed
-# ---------------------------------------------------------------------------------------------
-
-
-class EnclaveIdentity:
-    """The enclave's long-term Ed25519 key (alert signatures), generated inside and kept sealed."""
-
-    __slots__ = ("_priv", "public")
-
-    def __init__(self, store: SealedStore) -> None:
-        raw = store.get("identity")
-        if raw is None:
-            self._priv = Ed25519PrivateKey.generate()
-            from enclave_bridge.shared.keys import raw_private_bytes
-
-            store.put("identity", raw_private_bytes(self._priv))
-            log.info("generated a new enclave signing key")
-        else:
-            self._priv = Ed25519PrivateKey.from_private_bytes(raw)
-        self.public = raw_public_bytes(self._priv.public_key())
-
-    @property
-    def kid(self) -> str:
-        return fingerprint(self.public)
-
-    def sign(self, message: bytes) -> bytes:
-        return self._priv.sign(message)
-
-
-def evidence_handler(backend: EnclaveBackend, role: str, identity: EnclaveIdentity) -> Handler:
-    def handle(conn: Connection, req: dict[str, Any]) -> dict[str, Any]:
-        nonce = req["nonce"]
-        kind = req.get("kind", "quote")
-        conn.session = SessionKey()
-        conn.session_nonce = nonce
-        return {"evidence": make_evidence(backend, role, nonce, conn.session, identity.public, kind)}
-
-    return handle
-
-
-def require_session(conn: Connection) -> tuple[SessionKey, bytes]:
-    if conn.session is None or conn.session_nonce is None:
-        raise AttestationError("no attestation session on this connection: request evidence first")
-    return conn.session, conn.session_nonce
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,10 +282,8 @@ class EvaluationEnclave:
     def h_hello(self, conn: Connection, req: dict[str, Any]) -> dict[str, Any]:
         from enclave_bridge.shared.rules import AlertRules
 
-        device = req["device"]
-        if not isinstance(device, str) or not device or len(device) > 128 or "|" in device:
-            raise ConfigError("hello: bad device id")
-        rules = req.get("rules")
+        hello = HelloRequest.from_wire(req)
+        device, rules = hello.device, hello.rules
         parsed = AlertRules.from_dict(rules, f"cameras.{device}.rules") if rules else None
         with self._lock:
             self.devices[device] = _Device(parsed)
@@ -549,11 +291,7 @@ class EvaluationEnclave:
         log.info(
             "camera %s registered (rules from %s)", device, "policy" if policy_rules else "camera config"
         )
-        return {
-            "device": device,
-            "rules_source": "policy" if policy_rules else "hello",
-            "kid": self.identity.kid,
-        }
+        return HelloReply(device, "policy" if policy_rules else "hello", self.identity.kid).to_wire()
 
     def _reject(self, device: str, reason: str, message: str, seq: int) -> dict[str, Any]:
         rej = self.stats_counters["windows_rejected"]
@@ -562,12 +300,13 @@ class EvaluationEnclave:
         self._reject_logged[(device, reason)] = n
         if n == 1 or n % 100 == 0:
             log.warning("window rejected (%s, %d so far for %s): %s", reason, n, device, message)
-        return {"status": "rejected", "reason": reason, "alerts": [], "window_seq": seq}
+        return SubmitResult("rejected", reason, [], seq).to_wire()
 
     def h_submit(self, conn: Connection, req: dict[str, Any]) -> dict[str, Any]:
         from enclave_bridge.shared.windows import WindowRejected, open_window, parse_header
 
-        blob = req["blob"]
+        sub = SubmitRequest.from_wire(req)
+        blob = sub.blob
         try:
             hdr, _, _ = parse_header(blob)
         except WindowRejected as e:
@@ -597,11 +336,11 @@ class EvaluationEnclave:
         digest = hashlib.sha256(blob).hexdigest()
         with self._lock:
             last = self._last_result.get(hdr.device)
-            if req.get("resend") is True and last is not None and last[0] == hdr.seq and last[1] == digest:
+            if sub.resend and last is not None and last[0] == hdr.seq and last[1] == digest:
                 # the caller lost our reply to exactly the window accepted last (authenticated then)
                 self.stats_counters["windows_retried"] += 1
                 log.info("window %s/%d resubmitted: returning its earlier result", hdr.device, hdr.seq)
-                return {"status": "ok", "reason": None, "alerts": list(last[2]), "window_seq": hdr.seq}
+                return SubmitResult("ok", None, list(last[2]), hdr.seq).to_wire()
             try:
                 w = open_window(blob, keys, self.guard)
             except WindowRejected as e:
@@ -640,7 +379,7 @@ class EvaluationEnclave:
             # retry is simply evaluated again; after it, the retry gets this very reply
             self._last_result[w.device] = (w.seq, digest, alerts)
             self._save_counters()
-        return {"status": "ok", "reason": None, "alerts": alerts, "window_seq": w.seq}
+        return SubmitResult("ok", None, alerts, w.seq).to_wire()
 
     def _next_alert_seq(self, device: str) -> int:
         """Next alert number of `device`; persisted by h_submit before the alert leaves."""
@@ -712,16 +451,6 @@ class EvaluationEnclave:
         return {"stats": s}
 
 
-def provision_model_message(nonce: bytes, package: bytes, wrapped: Mapping[str, Any]) -> bytes:
-    """What the model owner signs: the attestation nonce, the package digest and the wrapped key."""
-    return (
-        PROVISION_MODEL_DOMAIN
-        + nonce
-        + hashlib.sha256(package).digest()
-        + msgpack.packb([wrapped["epk"], wrapped["nonce"], wrapped["ct"]], use_bin_type=True)
-    )
-
-
 def fetch_keys_from_key_enclave(
     address: str,
     backend: EnclaveBackend,
@@ -771,18 +500,6 @@ def fetch_keys_from_key_enclave(
     for entry in ring:
         out[entry["kid"]] = (DataKey(entry["secret"], entry["kid"]), entry.get("retire_at"))
     return out
-
-
-def open_state(factory: Callable[[], Any], backend: EnclaveBackend, state_dir: str) -> Any:
-    """Build the enclave from its sealed state, explaining the usual reason unsealing fails."""
-    try:
-        return factory()
-    except IntegrityError as e:
-        raise EnclaveError(
-            f"{e}. The sealed state in {state_dir} belongs to another measurement: the enclave code or "
-            f"config changed (now {backend.measurement().hex()[:16]}…) or another platform key is used. "
-            "Restore them, or start with an empty --state-dir and provision again."
-        ) from e
 
 
 def run_enclave(

@@ -26,41 +26,28 @@ from typing import Any
 
 import msgpack
 
-from enclave_bridge.measured.enclave import (
-    DATA_KEYS_INFO,
-    DATA_KEYS_SIG_DOMAIN,
+from enclave_bridge.measured.enclave_config import load_enclave_config, make_backend
+from enclave_bridge.measured.service import (
     Connection,
     EnclaveIdentity,
     Handler,
     RequestServer,
     evidence_handler,
     install_signal_handlers,
-    load_enclave_config,
-    make_backend,
     open_state,
     require_session,
 )
 from enclave_bridge.shared.attest import EnclaveBackend, Verifier, new_nonce, unwrap_secret, wrap_secret
 from enclave_bridge.shared.errors import AttestationError, ConfigError, IntegrityError
 from enclave_bridge.shared.keys import DataKey, b64d, verify_ed25519
+from enclave_bridge.shared.rpc import DATA_KEY_WRAP_INFO, DEFAULT_GRACE_S, provision_data_key_message
 from enclave_bridge.shared.sealing import SealedStore, Sealer
 from enclave_bridge.shared.wire import listen, unlink_socket
 
 log = logging.getLogger(__name__)
 
-PROVISION_DATA_KEY_DOMAIN = b"veilcam-provision-data-key-v1\0"
-DATA_KEY_WRAP_INFO = b"veilcam-data-key"
-DEFAULT_GRACE_S = 3600.0
-
-
-def provision_data_key_message(
-    nonce: bytes, kid: str, grace_s: float, allow: list[str], wrapped: dict[str, bytes]
-) -> bytes:
-    """What the data owner signs when provisioning a key."""
-    return PROVISION_DATA_KEY_DOMAIN + msgpack.packb(
-        [nonce, kid, float(grace_s), sorted(allow), wrapped["epk"], wrapped["nonce"], wrapped["ct"]],
-        use_bin_type=True,
-    )
+DATA_KEYS_INFO = b"veilcam-data-keys"  # the keyring wrapped to an evaluation enclave
+DATA_KEYS_SIG_DOMAIN = b"veilcam-data-keys-v1\0"
 
 
 class KeyEnclave:

@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
             idle_timeout_s=idle_s,
         )
         return 0
-    from enclave_bridge.measured.enclave import RequestServer, install_signal_handlers
+    from enclave_bridge.measured.service import RequestServer, install_signal_handlers
 
     server = RequestServer(
         "test-service",
