@@ -16,7 +16,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "samples" / "default_model")
+DEFAULT_MODEL = str(Path(__file__).resolve().parents[2] / "samples" / "default_model")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
