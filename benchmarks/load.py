@@ -11,14 +11,14 @@ key-enclave` / `veilcam enclave` processes, simulated backend, provisioned over 
 the shipped model), and the camera daemon (the wiring of `veilcam run`: capture → pose process →
 tracking/windowing → sealing → enclave → durable outbox → MQTT publisher) in this process, with N
 cameras each looping `--clip` as a live camera at `--fps` (paced at the file's own rate, frames
-dropped oldest-first when pose lags, as with RTSP). A control-room subscriber verifies and
-decrypts the alerts; rules raise an alert for every window (worst case). After `--warmup-s`, each
-N is measured for the duration: frames captured/posed/dropped per camera, windows lost, the alert
-latency from the moment a window closed (its last frame was read) to its first alert at the
-subscriber (p50/p95/max, target p95 <= 1 s), per-stage latencies, CPU seconds per second of the
-pose processes, the daemon, the enclaves and Mosquitto, the CPU other jobs took (machine busy
-minus ours) and the load average. N is sustained when nothing was dropped or lost and p95 <= 1 s;
-N grows until it is not. Writes `benchmarks/results/load_full.json`.
+dropped oldest-first when pose lags, as with RTSP). A control-room subscriber verifies and decrypts
+the alerts; rules raise an alert for every window (worst case). After `--warmup-s` and each
+camera's first alert, each N is measured for the duration: frames captured/posed/dropped per
+camera, windows lost, the alert latency from the moment a window closed (its last frame was read)
+to its first alert at the subscriber (p50/p95/max, target p95 <= 1 s), per-stage latencies, CPU
+seconds per second of the pose processes, the daemon, the enclaves and Mosquitto, the CPU other
+jobs took (machine busy minus ours) and the load average. N is sustained when nothing was dropped
+or lost and p95 <= 1 s; N grows until it is not. Writes `benchmarks/results/load_full.json`.
 
 `--stack enclave`: N simulated cameras against one evaluation enclave (+ one GPU worker): each
 replays a recorded skeleton stream (smooth synthetic trajectories, pre-sealed with the data
@@ -506,9 +506,9 @@ def run_full_level(dep: Deployment, broker: Any, n: int, args: argparse.Namespac
     from config.broker import BrokerConfig
     from config.schema import VeilcamConfig
     from enclave_bridge.measured.alerts import AlertOpener
-    from pipeline.daemon import Daemon, build_link
+    from pipeline.app.daemon import Daemon, build_link
+    from pipeline.app.subscriber import AlertSubscriber
     from pipeline.outbox import Outbox
-    from pipeline.subscriber import AlertSubscriber
     from stages.alerts import AlertPublisher, enclave_evidence_provider
 
     tag = f"n{n}-{int(time.time())}"
@@ -528,7 +528,7 @@ def run_full_level(dep: Deployment, broker: Any, n: int, args: argparse.Namespac
     publisher = AlertPublisher(
         cfg.broker, outbox, devices=devices, evidence_provider=enclave_evidence_provider(dep.ev_addr)
     )
-    # the wiring of `veilcam run` (pipeline.daemon.build_daemon) plus the window-close hook
+    # the wiring of `veilcam run` (pipeline.app.daemon.build_daemon) plus the window-close hook
     daemon = Daemon(
         cfg,
         key=dep.dk,
@@ -557,6 +557,14 @@ def run_full_level(dep: Deployment, broker: Any, n: int, args: argparse.Namespac
     runner.start()
     try:
         time.sleep(args.warmup_s)
+        # and until every camera's first alert arrived (pose runtime compiled, first window full)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            with clock.lock:
+                seen = {d for d, _ in clock.first_alert}
+            if seen >= set(devices):
+                break
+            time.sleep(0.5)
         before = {c.device: c.stats.to_dict() for c in daemon.cameras.values()}
         psutil.cpu_percent()
         meter.sample()
@@ -626,6 +634,13 @@ def run_full_level(dep: Deployment, broker: Any, n: int, args: argparse.Namespac
     dropped = sum(c["frames_dropped"] + c["poses_dropped"] for c in cams)
     lost_windows = sum(c["windows_coalesced"] + c["windows_dropped"] for c in cams)
     p95 = _pct(lat, 0.95)
+    # What one camera at the target rate costs, from the CPU the processes actually used: pose per
+    # posed frame x fps, plus the rest per camera. On a contended host spinning runtime threads
+    # inflate it, so the estimate of how many cameras an idle host of this size holds is a floor.
+    posed = sum(c["frames_posed"] for c in cams)
+    pose_cpu_frame = cpu["pose"] / posed if posed else None
+    rest = (total_cpu - cpu["pose"]) / wall / n
+    per_cam = pose_cpu_frame * args.fps + rest if pose_cpu_frame is not None else None
     return {
         "cameras": n,
         "seconds": round(wall, 1),
@@ -639,9 +654,12 @@ def run_full_level(dep: Deployment, broker: Any, n: int, args: argparse.Namespac
         "alerts_missing": missing,
         "alert_latency_p50_s": _pct(lat, 0.50),
         "alert_latency_p95_s": p95,
-        "alert_latency_max_s": lat[-1] if lat else None,
+        "alert_latency_max_s": round(lat[-1], 3) if lat else None,
         "cpu_s_per_s": {k: round(v / wall, 3) for k, v in cpu.items()},
         "cpu_share": {k: round(v / total_cpu, 3) for k, v in cpu.items()} if total_cpu else {},
+        "pose_cpu_s_per_frame": round(pose_cpu_frame, 4) if pose_cpu_frame is not None else None,
+        "cpu_s_per_s_per_camera_at_fps": round(per_cam, 3) if per_cam is not None else None,
+        "cameras_idle_host_estimate": round((os.cpu_count() or 1) / per_cam, 2) if per_cam else None,
         "machine_busy_cores": round(machine_busy, 2) if machine_busy is not None else None,
         "others_cores": round(machine_busy - total_cpu / wall, 2) if machine_busy is not None else None,
         "loadavg_1m_mean": round(statistics.fmean(loads), 2) if loads else None,
@@ -704,7 +722,14 @@ def full_main(args: argparse.Namespace) -> int:
                 f"{_f2(r['others_cores'])} {_f2(r['loadavg_1m_mean'])}",
                 flush=True,
             )
-            if not r["sustained"]:
+            if r["cpu_s_per_s_per_camera_at_fps"] is not None:
+                print(
+                    f"      pose {1e3 * r['pose_cpu_s_per_frame']:.0f} ms CPU/frame; one camera at "
+                    f"{args.fps:g} fps = {r['cpu_s_per_s_per_camera_at_fps']:.2f} CPU-s/s -> an idle "
+                    f"{os.cpu_count()}-core host ~ {r['cameras_idle_host_estimate']:.1f} cameras",
+                    flush=True,
+                )
+            if not r["sustained"] and not args.keep_going:
                 break
         ok = [r["cameras"] for r in results["levels"] if r["sustained"]]
         results["max_cameras_sustained"] = max(ok, default=0)
@@ -745,11 +770,14 @@ def main(argv: list[str] | None = None) -> int:
     full = ap.add_argument_group("full stack")
     full.add_argument("--clip", type=Path, default=VTEST, help="video every camera loops at its own rate")
     full.add_argument("--fps", type=float, default=10.0, help="frames/s per camera")
-    full.add_argument("--warmup-s", type=float, default=20.0, help="not measured (pose start, first window)")
+    full.add_argument(
+        "--warmup-s", type=float, default=20.0, help="not measured; then until each camera's first alert"
+    )
     full.add_argument("--pose-backend", default="auto")
     full.add_argument("--pose-options", default=None, help="JSON pose.options, e.g. '{\"threads\": 1}'")
     full.add_argument("--shared-pose", action="store_true", help="one pose process for every camera")
     full.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL)
+    full.add_argument("--keep-going", action="store_true", help="measure every N even after one failed")
     syn = ap.add_argument_group("enclave only")
     syn.add_argument("--T", type=int, default=32, help="window length (frames)")
     syn.add_argument("--persons", type=int, default=1, help="M")

@@ -15,8 +15,10 @@ fps over opencv-openpose's at the same size), and its agreement with opencv-open
 size on the same frames (people matched one to one, mean joint distance in image pixels).
 `openpose-json` replays the skeletons opencv-openpose found, in OpenPose's `--write_json` format,
 so its number is the cost of reading real-sized files. Backends that are not installed are listed
-with the reason. Decoding is excluded (frames are decoded up front). Writes
-`benchmarks/results/pose_fps.json`.
+with the reason. Decoding is excluded (frames are decoded up front). `--stability` adds the
+yardstick for the agreement columns: opencv-openpose against itself on the same frames re-encoded
+as JPEG quality 95 (`@jpeg95`) and with ±1 grey-level noise (`@noise1`) — imperceptible changes
+that already flip borderline people. Writes `benchmarks/results/pose_fps.json`.
 """
 
 from __future__ import annotations
@@ -157,6 +159,53 @@ def run_interleaved(
     return rows, {k: v["k"] for k, v in acc.items()}
 
 
+PERTURBATIONS = ("jpeg95", "noise1")
+
+
+def perturb(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """An imperceptible change of the frame: JPEG re-encode at quality 95, or ±1 grey level noise."""
+    if kind == "jpeg95":
+        _, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        return cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    noise = rng.integers(-1, 2, img.shape)
+    return np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+
+def stability_rows(
+    configs: list[tuple[str, str, Any]],
+    skeletons: dict[tuple[str, str], list[np.ndarray]],
+    frames: list[np.ndarray],
+    match_px: float,
+) -> list[dict[str, Any]]:
+    """The yardstick for 'same people': opencv-openpose against itself on imperceptibly changed
+    frames (first size only). Borderline people flip under such changes too; a faster runtime
+    whose agreement is within this spread is as close as the reference is to itself."""
+    ref = next(((s, z, b) for s, z, b in configs if s == "opencv-openpose"), None)
+    if ref is None:
+        return []
+    spec, size, b = ref
+    rng = np.random.default_rng(0)
+    out = []
+    for kind in PERTURBATIONS:
+        ag = Agreement(match_px=match_px)
+        people = []
+        for img, r in zip(frames, skeletons[(spec, size)], strict=True):
+            kp = b.infer(perturb(img, kind, rng))
+            people.append(len(kp))
+            ag.add(r, kp)
+        out.append(
+            {
+                "backend": f"{spec}@{kind}",
+                "input": size,
+                "input_px": size,
+                "frames": len(frames),
+                "people_mean": round(statistics.fmean(people), 2),
+                "agreement": ag.summary(),
+            }
+        )
+    return out
+
+
 def write_json_dir(directory: Path, skeletons: list[np.ndarray]) -> None:
     for i, kp in enumerate(skeletons):
         doc = {
@@ -193,6 +242,8 @@ def bench_clip(clip: Path, args: argparse.Namespace) -> dict[str, Any]:
             for r, c in zip(skeletons[ref_key], skeletons[(spec, size)], strict=True):
                 ag.add(r, c)
             row["agreement"] = ag.summary()
+    if args.stability:
+        net_rows += stability_rows(configs, skeletons, frames, args.match_px)
     rows = net_rows + rows
     for _, _, b in configs:
         b.close()
@@ -223,6 +274,14 @@ def bench_clip(clip: Path, args: argparse.Namespace) -> dict[str, Any]:
     for r in rows:
         if "unavailable" in r:
             print(f"{r['backend']:<23}{r['input']:<12}  unavailable: {r['unavailable'][:70]}")
+            continue
+        if "ms_median" not in r:  # a stability row: agreement only
+            ag = r["agreement"]
+            print(
+                f"{r['backend']:<23}{r['input']:<12}{r['input_px']:<9}{'-':>9}{'-':>7}{'-':>9}{'-':>10}"
+                f"{r['people_mean']:>8.2f}{'-':>7}{ag['same_people_count_share']:>8.2f}"
+                f"{ag['ref_people_matched_share']:>9.2f}{ag['mean_joint_distance_px']:>9.2f}"
+            )
             continue
         fw = f"{r['forward_ms_median']:.1f}" if "forward_ms_median" in r else "-"
         gr = f"{r['grouping_ms_median']:.1f}" if "grouping_ms_median" in r else "-"
@@ -328,6 +387,11 @@ def main() -> None:
     ap.add_argument("--step", type=int, default=1, help="use every step-th frame (spread over the clip)")
     ap.add_argument("--crop", default=None, help="x0,y0,x1,y1 (e.g. 320,0,640,240 for fall-01-cam0)")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument(
+        "--stability",
+        action="store_true",
+        help="also opencv-openpose vs itself on JPEG-q95 / ±1-grey-level copies (yardstick for agreement)",
+    )
     ap.add_argument(
         "--backends",
         default="opencv-openpose,openvino-openpose,openvino-openpose:f32",

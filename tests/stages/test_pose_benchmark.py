@@ -29,6 +29,7 @@ def test_pose_fps_benchmark_writes_rows(tmp_path: Path) -> None:
             "1",
             "--sizes",
             "432x368,person=150",
+            "--stability",
             "--out",
             str(out),
         ],
@@ -59,8 +60,16 @@ def test_pose_fps_benchmark_writes_rows(tmp_path: Path) -> None:
     # person=150 on a 768x576 frame: scale 96/150 → 488x368 (multiples of 8)
     sized = rows[("openvino-openpose", "person=150")]
     assert sized["input_px"] == "488x368" and "agreement" in sized
+    # the yardstick: opencv-openpose against itself on imperceptibly changed copies of the frames
+    for kind in ("jpeg95", "noise1"):
+        st = rows[(f"opencv-openpose@{kind}", "432x368")]
+        assert st["agreement"]["frames"] == 2 and st["people_mean"] >= 1
+        assert 0 <= st["agreement"]["ref_people_matched_share"] <= 1
+        assert st["agreement"]["mean_joint_distance_px"] < 5  # same people, nearly the same joints
     assert {b for b, _ in rows} == {
         "opencv-openpose",
+        "opencv-openpose@jpeg95",
+        "opencv-openpose@noise1",
         "openvino-openpose",
         "openvino-openpose:f32",
         "openpose-json",
