@@ -13,7 +13,7 @@ from tests.conftest import REPO_ROOT, SHARED_SAMPLES
 
 VTEST = REPO_ROOT / "samples" / "vtest.avi"
 EXERCISE = SHARED_SAMPLES / "exercise.avi"
-SMALL = {"max_frames": 24, "length_frames": 8, "stride_frames": 4}
+SMALL = {"max_frames": 16, "length_frames": 8, "stride_frames": 4}
 
 
 def base_config(

@@ -49,12 +49,12 @@ def test_batch_equals_sequential_replays_and_resumes(local_ray, tmp_path: Path) 
     out = tmp_path / "report.jsonl"
     # first run: one clip only (an interrupted archive run, as far as the manifest knows)
     s1 = run_batch([str(VTEST.resolve())], base, _opts(out), overrides=SMALL)
-    assert s1.clips_done == 1 and s1.clips_failed == 0 and s1.frames == 24
+    assert s1.clips_done == 1 and s1.clips_failed == 0 and s1.frames == SMALL["max_frames"]
     # the same command with both clips: the first is skipped, the second done
     clips = [str(VTEST.resolve()), str(EXERCISE.resolve())]
     s2 = run_batch(clips, base, _opts(out), overrides=SMALL)
     assert (s2.clips_skipped, s2.clips_done, s2.clips_failed) == (1, 1, 0)
-    assert s2.frames == 24  # only the second clip was posed
+    assert s2.frames == SMALL["max_frames"]  # only the second clip was posed
     alerts, summaries = read_report(out)
     assert len(summaries) == 2
     ref_v = replay_alerts(VTEST, base, tmp_path / "replay-state-1", SMALL)
