@@ -574,15 +574,17 @@ class BatchRun:
         skipped = len(self.clips) - len(todo)
         if skipped:
             log.info("batch: %d clip(s) already done (manifest %s); skipped", skipped, manifest_path)
-        how = connect_ray(self.opts.ray, self.opts.local_cpus)
-        log.info("batch: Ray %s; %d clip(s) to do", how, len(todo))
-
-        cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
-        per_task = max(self.opts.cpus_per_clip, 0.01)
-        warm: Any = ray.remote(_warm_up)
-        warming = [
-            warm.options(num_cpus=per_task).remote() for _ in range(max(1, int(cluster_cpus // per_task)))
-        ]
+        cluster_cpus = 1.0
+        warming: list[Any] = []
+        if todo:  # nothing to do: no Ray, no evaluator
+            how = connect_ray(self.opts.ray, self.opts.local_cpus)
+            log.info("batch: Ray %s; %d clip(s) to do", how, len(todo))
+            cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
+            per_task = max(self.opts.cpus_per_clip, 0.01)
+            warm: Any = ray.remote(_warm_up)
+            warming = [
+                warm.options(num_cpus=per_task).remote() for _ in range(max(1, int(cluster_cpus // per_task)))
+            ]
         # plan (probe frame counts) — an unreadable clip fails here, with its reason
         runs: dict[str, _ClipRun] = {}
         specs: list[SegmentSpec] = []
@@ -608,14 +610,46 @@ class BatchRun:
             )
             runs[clip] = _ClipRun(self, clip, cfg, clip_specs)
             specs.extend(clip_specs)
-        self._setup_enclave(first, [r.device for r in runs.values()])
+        if runs:
+            self._setup_enclave(first, [r.device for r in runs.values()])
+            self._dispatch(runs, specs, cfgs, cluster_cpus)
+        del warming  # fire and forget: segment tasks queue behind them
+        outcomes = list(self.outcomes)
+        failed = [o for o in outcomes if o.status == "failed"]
+        summary = BatchSummary(
+            clips=len(self.clips),
+            clips_done=len(outcomes) - len(failed),
+            clips_skipped=skipped,
+            clips_failed=len(failed),
+            frames=sum(o.frames for o in outcomes),
+            windows=sum(o.windows for o in outcomes),
+            alerts=sum(o.alerts for o in outcomes),
+            failures=[{"clip": o.clip, "reason": o.reason or ""} for o in failed],
+            wall_s=time.monotonic() - t_start,
+            outcomes=outcomes,
+            report=str(self.out),
+        )
+        self.report.summary(summary.as_line())
+        self.report.close()
+        self.manifest.close()
+        return summary
+
+    def _dispatch(
+        self,
+        runs: dict[str, _ClipRun],
+        specs: list[SegmentSpec],
+        cfgs: dict[str, VeilcamConfig],
+        cluster_cpus: float,
+    ) -> None:
+        """Segment tasks to Ray (at most `inflight_cap` in flight), results to their clips in any
+        order; returns when every clip's enclave stage finished."""
+        import ray
 
         total = sum(s.frames_estimate for s in specs)
         bar = _progress_bar(total, self.opts.progress)
         progress: Any = ray.remote(_Progress).options(num_cpus=0).remote()
         task: Any = ray.remote(_segment_task)
         threads = max(1, math.floor(self.opts.cpus_per_clip)) if self.opts.cpus_per_clip >= 1 else 1
-        del warming  # fire and forget: segment tasks queue behind them
         inflight_cap = self.opts.max_inflight or max(
             2, 2 * int(cluster_cpus // max(self.opts.cpus_per_clip, 0.01))
         )
@@ -653,25 +687,6 @@ class BatchRun:
         finally:
             bar.close()
             self._close()
-        outcomes = list(self.outcomes)
-        failed = [o for o in outcomes if o.status == "failed"]
-        summary = BatchSummary(
-            clips=len(self.clips),
-            clips_done=len(outcomes) - len(failed),
-            clips_skipped=skipped,
-            clips_failed=len(failed),
-            frames=sum(o.frames for o in outcomes),
-            windows=sum(o.windows for o in outcomes),
-            alerts=sum(o.alerts for o in outcomes),
-            failures=[{"clip": o.clip, "reason": o.reason or ""} for o in failed],
-            wall_s=time.monotonic() - t_start,
-            outcomes=outcomes,
-            report=str(self.out),
-        )
-        self.report.summary(summary.as_line())
-        self.report.close()
-        self.manifest.close()
-        return summary
 
     def _result(self, ref: Any, spec: SegmentSpec) -> SegmentOutput:
         """The segment's output; a task that failed for good becomes an output with the error."""
