@@ -471,6 +471,7 @@ def full_config(
             "loop": True,
             "fps": args.fps,
             "pose": pose,
+            **({"queues": {"frames": args.frame_queue}} if args.frame_queue else {}),
         }
         for i in range(n)
     }
@@ -777,6 +778,7 @@ def main(argv: list[str] | None = None) -> int:
     full.add_argument("--pose-options", default=None, help="JSON pose.options, e.g. '{\"threads\": 1}'")
     full.add_argument("--shared-pose", action="store_true", help="one pose process for every camera")
     full.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL)
+    full.add_argument("--frame-queue", type=int, default=None, help="queues.frames (default: the config's)")
     full.add_argument("--keep-going", action="store_true", help="measure every N even after one failed")
     syn = ap.add_argument_group("enclave only")
     syn.add_argument("--T", type=int, default=32, help="window length (frames)")
