@@ -87,6 +87,26 @@ def test_undecodable_and_missing_clips_are_recorded_and_the_run_goes_on(local_ra
     assert summaries[-1]["clips_failed"] == 2 and len(summaries[-1]["failures"]) == 2
 
 
+def test_cli_batch_lists_failures_and_exits_1(tmp_path: Path) -> None:
+    """`veilcam batch --list` as a user runs it (its own local Ray, no set-up): clips that cannot
+    be read are in the summary with their reason, the report's summary line, and the exit code."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "broken.avi"
+    bad.write_bytes(b"RIFF not really a video" * 100)
+    lst = tmp_path / "clips.txt"
+    lst.write_text("# archive\nbroken.avi\nmissing.mp4\n")
+    out = tmp_path / "cli.jsonl"
+    cmd = [sys.executable, "-m", "pipeline", "batch", "--list", str(lst), "--out", str(out), "--no-progress"]
+    cmd += ["--ray", "local", "--local-cpus", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "2 failed" in r.stdout and "2 clip(s) failed" in r.stderr
+    _alerts, summaries = read_report(out)
+    assert [f["clip"] for f in summaries[-1]["failures"]] == [str(bad), str(tmp_path / "missing.mp4")]
+
+
 def test_expand_clips_dirs_globs_and_list_file(tmp_path: Path) -> None:
     (tmp_path / "a" / "b").mkdir(parents=True)
     for p in ("a/x.mp4", "a/b/y.AVI", "a/notes.txt"):
