@@ -18,6 +18,7 @@ Wire protocol (msgpack frames from `enclave_bridge.shared.wire`), one request �
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import socket
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from enclave_bridge.shared.errors import TransportError
@@ -103,7 +105,7 @@ class WorkerCore:
             self.models[model_id] = table
         log.info("loaded model %s: %d ops on %s", model_id, len(table), self.device)
 
-    def compute(self, model_id: str, names: list[str], terms: list[Term]) -> list[np.ndarray]:
+    def compute(self, model_id: str, names: list[str], terms: list[Term]) -> list[npt.NDArray[np.int64]]:
         """Σ_terms sign·x·W[slot] mod p for each named op (x: ring elements or PRG(seed))."""
         table = self.models.get(model_id)
         if table is None:
@@ -128,7 +130,7 @@ class WorkerCore:
                 if term.slot >= len(op.slots):
                     raise WorkerError(f"op {name} has no slot {term.slot}")
                 try:
-                    part = op.slots[term.slot].apply(lambda t, w, m=op.meta: apply_linear(m, t, w), xt)
+                    part = op.slots[term.slot].apply(functools.partial(apply_linear, op.meta), xt)
                 except (RuntimeError, ValueError) as e:
                     raise WorkerError(f"op {name}: input shape {tuple(xt.shape)} does not fit") from e
                 if acc is None:
@@ -139,7 +141,7 @@ class WorkerCore:
             outs.append(self._maybe_tamper(acc.cpu().numpy()))
         return outs
 
-    def _maybe_tamper(self, y: np.ndarray) -> np.ndarray:
+    def _maybe_tamper(self, y: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
         if self.tamper is None or self._rand.random() >= self.tamper_rate or y.size == 0:
             return y
         if self.tamper == "stall":
@@ -233,7 +235,9 @@ class LocalWorker:
         self.bytes_sent += sum(int(w.nbytes) for o in ops for w in o["slots"])
         self.core.load(model_id, ops)
 
-    def compute(self, model_id: str, names: list[str], terms: list[Term]) -> tuple[list[np.ndarray], float]:
+    def compute(
+        self, model_id: str, names: list[str], terms: list[Term]
+    ) -> tuple[list[npt.NDArray[np.int64]], float]:
         t0 = time.perf_counter()
         self.bytes_sent += sum(t.x.nbytes if t.x is not None else 40 for t in terms)
         try:

@@ -21,6 +21,8 @@ accumulator (< 2^62.1). |x̂| < 2^20: x̂·t < 2^43, at most 2^19 terms per accu
 
 from __future__ import annotations
 
+from typing import Literal, TypedDict
+
 import numba as nb
 import numpy as np
 
@@ -36,7 +38,16 @@ _M26 = np.int64((1 << 26) - 1)
 _M31 = np.int64((1 << 31) - 1)
 _M30 = np.int64((1 << 30) - 1)
 
-_opts = {"cache": True, "nogil": True, "boundscheck": False, "error_model": "numpy"}
+class _JitOptions(TypedDict):
+    """`nb.njit` keywords shared by every kernel (typed, so the decorator's overloads resolve)."""
+
+    cache: bool
+    nogil: bool
+    boundscheck: bool
+    error_model: Literal["python", "numpy"]
+
+
+_opts: _JitOptions = {"cache": True, "nogil": True, "boundscheck": False, "error_model": "numpy"}
 
 
 @nb.njit(**_opts)

@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -35,7 +36,7 @@ SEED_BYTES = 32
 _ZERO_NONCE = bytes(16)
 
 
-def _keystream_uniform(n: int, draw: Callable[[int], bytes]) -> np.ndarray:
+def _keystream_uniform(n: int, draw: Callable[[int], bytes]) -> npt.NDArray[np.int64]:
     """n elements of F_p from a keystream `draw(nbytes)`: the low 61 bits of each 8 bytes.
 
     The single value 2^61 − 1 = p (probability 2^-61) maps to 0, so the distribution is within
@@ -81,7 +82,7 @@ class MaskRNG:
         return self.random_bytes(SEED_BYTES)
 
 
-def prg_uniform(seed: bytes, n: int) -> np.ndarray:
+def prg_uniform(seed: bytes, n: int) -> npt.NDArray[np.int64]:
     """Expand `seed` into n uniform elements of F_p (int64), deterministically.
 
     AES-256-CTR keyed by the seed with a zero nonce: each seed is used for exactly one mask, so
@@ -94,7 +95,7 @@ def prg_uniform(seed: bytes, n: int) -> np.ndarray:
     return _keystream_uniform(n, lambda k: enc.update(bytes(k)))
 
 
-def prg_raw(seed: bytes, n: int) -> np.ndarray:
+def prg_raw(seed: bytes, n: int) -> npt.NDArray[np.int64]:
     """The raw 64-bit keystream words behind `prg_uniform(seed, n)` (int64, not yet in F_p).
 
     The enclave's fused kernels (`kernels.quant_mask`, `mask_from`) apply the same low-61-bit,
@@ -233,7 +234,11 @@ class RingWeight:
             return self._apply_cpu(fn, x, x_abs_max)
         acc: torch.Tensor | None = None
         for shift, w, l1 in self.parts:
-            part = exact_linear(lambda t, w=w: fn(t, w), x, x_abs_max, l1)
+
+            def fn_w(t: torch.Tensor, w: torch.Tensor = w) -> torch.Tensor:
+                return fn(t, w)
+
+            part = exact_linear(fn_w, x, x_abs_max, l1)
             part = mul_pow2(part, shift)
             acc = part if acc is None else add_mod(acc, part)
         assert acc is not None
@@ -253,7 +258,7 @@ class RingWeight:
         xn = np.ascontiguousarray(x.numpy()).reshape(-1)
         nbits = max(int(x_abs_max).bit_length(), 1)
         limbs: dict[int, list[tuple[int, torch.Tensor]]] = {}
-        acc: np.ndarray | None = None
+        acc: npt.NDArray[np.int64] | None = None
         shape: tuple[int, ...] = ()
         for w_shift, w, l1 in self.parts:
             b = nbits if x_abs_max * l1 < EXACT else limb_bits(l1)

@@ -6,13 +6,24 @@ runs them too: the worker must not import the enclave's package.
 
 from __future__ import annotations
 
+from typing import Literal, TypedDict
+
 import numba as nb
 import numpy as np
 
 from enclave_bridge.shared.ring import P
 
 _P = np.int64(P)
-_opts = {"cache": True, "nogil": True, "boundscheck": False, "error_model": "numpy"}
+class _JitOptions(TypedDict):
+    """`nb.njit` keywords shared by every kernel (typed, so the decorator's overloads resolve)."""
+
+    cache: bool
+    nogil: bool
+    boundscheck: bool
+    error_model: Literal["python", "numpy"]
+
+
+_opts: _JitOptions = {"cache": True, "nogil": True, "boundscheck": False, "error_model": "numpy"}
 
 
 @nb.njit(**_opts)

@@ -19,8 +19,10 @@ import contextlib
 import secrets
 import weakref
 from multiprocessing import shared_memory
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from enclave_bridge.shared.errors import TransportError
 
@@ -56,7 +58,7 @@ class Arena:
         if self.owner:  # unlinked even if the client is dropped without close() (or at exit)
             self._finalizer = weakref.finalize(self, _unlink, self._shm)
 
-    def view(self, offset: int, shape: tuple[int, ...], dtype: np.dtype | str = np.int64) -> np.ndarray:
+    def view(self, offset: int, shape: tuple[int, ...], dtype: npt.DTypeLike = np.int64) -> npt.NDArray[Any]:
         """An ndarray over [offset, offset + nbytes) — bounds checked (offsets come from a peer)."""
         dt = np.dtype(dtype)
         n = int(np.prod(shape, dtype=np.int64)) if shape else 1

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import numpy.typing as npt
 
 from enclave_bridge.shared.errors import IntegrityError, StageError, TransportError
 from enclave_bridge.shared.keys import DataKey
@@ -58,7 +59,7 @@ def seal_window(
     seq: int,
     t0: float,
     t1: float,
-    data: np.ndarray,
+    data: npt.NDArray[np.float32],
     track_ids: Sequence[int] = (),
 ) -> bytes:
     """Encrypt one window `data` (3, T, V, M) float32 for the enclave; returns envelope bytes."""
@@ -110,7 +111,7 @@ class OpenedWindow:
     t0: float
     t1: float
     kid: str
-    data: np.ndarray
+    data: npt.NDArray[np.float32]
     track_ids: tuple[int, ...]
 
     def __repr__(self) -> str:  # never print skeletons

@@ -20,6 +20,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import numpy.typing as npt
 
 from enclave_bridge.shared.errors import TransportError
 
@@ -30,15 +31,15 @@ _ALLOWED_DTYPES = frozenset(
 )
 
 
-def pack_tensor(arr: np.ndarray) -> dict[str, Any]:
+def pack_tensor(arr: npt.NDArray[Any]) -> dict[str, Any]:
     """Encode an array as raw C-order bytes + dtype + shape (no pickle, ever)."""
     if arr.dtype.name not in _ALLOWED_DTYPES:
         raise TransportError(f"dtype {arr.dtype.name} not allowed on the wire")
-    data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))  # msgpack copies it once
+    data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data  # a memoryview: msgpack copies it once
     return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": data}
 
 
-def unpack_tensor(obj: Any) -> np.ndarray:
+def unpack_tensor(obj: Any) -> npt.NDArray[Any]:
     """Decode `pack_tensor` output, validating dtype, shape and byte count."""
     if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
         raise TransportError("malformed tensor: expected {dtype, shape, data}")

@@ -6,9 +6,10 @@ Kept apart from `gpu_worker` so the enclave's code never imports the (unmeasured
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
+import numpy.typing as npt
 
 from enclave_bridge.shared.errors import TransportError
 from enclave_bridge.shared.ring import SEED_BYTES, prg_uniform
@@ -29,7 +30,7 @@ class Term:
 
     slot: int
     sign: int
-    x: np.ndarray | None = None  # int64 ring elements
+    x: npt.NDArray[np.int64] | None = None  # int64 ring elements
     seed: bytes | None = None
     shape: tuple[int, ...] | None = None
 
@@ -67,14 +68,14 @@ class Term:
             raise WorkerError("bad seed term")
         return Term(slot, int(sign), seed=seed, shape=tuple(shape))
 
-    def tensor(self) -> np.ndarray:
+    def tensor(self) -> npt.NDArray[np.int64]:
         if self.x is not None:
             return self.x
         assert self.seed is not None and self.shape is not None
         return prg_uniform(self.seed, int(np.prod(self.shape))).reshape(self.shape)
 
 
-def _good_shape(shape: Any) -> bool:
+def _good_shape(shape: object) -> TypeGuard[list[int]]:
     return (
         isinstance(shape, list)
         and 0 < len(shape) <= 4
