@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.app.batch import BatchOptions, device_for, expand_clips, run_batch
+from pipeline.app.batch import BatchOptions, BatchRun, device_for, expand_clips, run_batch
 from pipeline.app.batch_report import read_report
 from pipeline.app.batch_segments import plan_segments
 from tests.app.batch_helpers import (
@@ -166,9 +166,10 @@ def test_killed_ray_worker_is_survived_without_duplicate_alerts(local_ray, tmp_p
     base = base_config(tmp_path)
     out = tmp_path / "kill.jsonl"
     result: dict[str, object] = {}
+    batch = BatchRun([str(VTEST.resolve())], base, _opts(out), overrides=over)
 
     def run() -> None:
-        result["summary"] = run_batch([str(VTEST.resolve())], base, _opts(out), overrides=over)
+        result["summary"] = batch.run()
 
     t = threading.Thread(target=run)
     t.start()
@@ -186,6 +187,7 @@ def test_killed_ray_worker_is_survived_without_duplicate_alerts(local_ray, tmp_p
     assert killed is not None, "no segment worker seen"
     s = result["summary"]
     assert s.clips_failed == 0 and s.clips_done == 1, s.failures
+    assert killed not in batch.first_clip_of_worker  # the result came from the retry, elsewhere
     alerts, _ = read_report(out)
     spans = [(a["t0"], a["t1"]) for a in alerts]
     assert len(spans) == len(set(spans))
