@@ -1,4 +1,4 @@
-"""MQTT broker settings (DESIGN §7): where alerts are published and how the connection is secured.
+"""MQTT broker settings (ARCHITECTURE.md §7): where alerts are published and how the connection is secured.
 
 Secrets never sit in the YAML: the password comes from a file or an environment variable and is
 held as a `SecretStr`, so it does not show up in `repr()`, logs or `check-config` output.
@@ -128,7 +128,7 @@ class BrokerConfig(_Model):
         if not host or not port.isdigit():
             raise ConfigError(f"--broker {address!r}: expected HOST:PORT")
         try:
-            return cls(host=host.strip("[]"), port=int(port), **kw)  # type: ignore[arg-type]
+            return cls(host=host.strip("[]"), port=int(port), **kw)
         except ValueError as e:
             raise ConfigError(f"--broker {address!r}: {e}") from e
 

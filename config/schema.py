@@ -1,9 +1,12 @@
-"""The daemon's YAML configuration (DESIGN §8), validated with pydantic v2.
+"""The daemon's YAML configuration (docs/ARCHITECTURE.md §8), validated with pydantic v2.
 
 Every model forbids unknown keys (a typo is an error, not a silently ignored setting), units are in
 the names (`timeout_s`, `fps`, `length_frames`), and secrets are never inline: the data key is a
 file, its passphrase a file or an environment variable. `load_config` reports every problem as
 `file:line: key.path: message`, which `veilcam check-config` prints.
+
+Why one module of ~570 lines: the configuration is one YAML document; its pydantic models are
+validated together and reference each other.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ class TrackerConfig(_Model):
 
 
 class WindowConfig(_Model):
-    """Sliding windows (DESIGN §3). `null` lengths come from the model's `model.json` (else 300/30)."""
+    """Sliding windows (ARCHITECTURE.md §3). `null` lengths come from `model.json` (else 300/30)."""
 
     length_frames: int | None = Field(None, ge=1, le=10_000, description="T: frames per window")
     stride_frames: int | None = Field(None, ge=1, le=10_000, description="frames between window starts")

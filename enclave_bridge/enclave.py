@@ -1,6 +1,6 @@
 """Moved to `enclave_bridge.measured.enclave` (issue 13: the trust boundary in the folder names).
 
-DESIGN.md names this import path; it stays as an alias.
+docs/ARCHITECTURE.md documents this import path; it stays as an alias.
 The alias is the same module object, so patches and isinstance checks see one module.
 """
 

@@ -1,4 +1,4 @@
-"""Secure evaluation, host-side import path (DESIGN: `enclave_bridge.protocol.SecureEvaluator`).
+"""Secure evaluation, host-side import path (docs/ARCHITECTURE.md §5).
 
 The code lives in the measured package (`enclave_bridge.measured.protocol`); this alias is that
 module object, plus one thing the measured code may not do itself: wiring `worker=None` to the

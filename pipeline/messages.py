@@ -1,4 +1,4 @@
-"""Typed messages carried on the bounded queues between stages (DESIGN §2, STYLE "Messages").
+"""Typed messages carried on the bounded queues between stages (docs/ARCHITECTURE.md §2).
 
 Every message names its camera, a per-camera sequence number and a capture time, so a stage can
 log and count without looking at payloads. End of stream is an explicit message, never `None`.
@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,12 +25,12 @@ class Frame:
     seq: int
     capture_ts: float
     media_ts: float
-    image: np.ndarray
+    image: npt.NDArray[np.uint8]  # (H, W, 3) BGR
 
 
 @dataclass(frozen=True, slots=True)
 class PoseFrame:
-    """Skeletons found in one frame, OpenPose-18 layout (DESIGN §3).
+    """Skeletons found in one frame, OpenPose-18 layout (docs/ARCHITECTURE.md §3).
 
     `keypoints` is (P, 18, 3) float32: pixel x, pixel y, score in [0, 1]; a missing joint is
     (0, 0, 0). `width`/`height` are the frame size used for normalisation.
@@ -41,7 +42,7 @@ class PoseFrame:
     media_ts: float
     width: int
     height: int
-    keypoints: np.ndarray
+    keypoints: npt.NDArray[np.float32]
     pose_latency_s: float = 0.0
 
 
@@ -56,12 +57,12 @@ class SkeletonWindow:
     t0: float
     t1: float
     track_ids: tuple[int, ...]
-    data: np.ndarray
+    data: npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True, slots=True)
 class SealedWindow:
-    """An AES-GCM encrypted window: `blob` is the msgpack envelope of DESIGN §3."""
+    """An AES-GCM encrypted window: `blob` is the msgpack envelope of docs/ARCHITECTURE.md §3."""
 
     camera_id: str
     seq: int
@@ -75,7 +76,7 @@ class SealedWindow:
 
 @dataclass(frozen=True, slots=True)
 class AlertEnvelope:
-    """An encrypted, enclave-signed alert (DESIGN §7 envelope bytes), ready for the outbox."""
+    """An encrypted, enclave-signed alert (docs/ARCHITECTURE.md §7 envelope bytes), ready for the outbox."""
 
     camera_id: str
     seq: int

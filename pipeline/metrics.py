@@ -1,4 +1,4 @@
-"""Prometheus `/metrics` and `/healthz` over HTTP for the daemon (DESIGN §8).
+"""Prometheus `/metrics` and `/healthz` over HTTP for the daemon (docs/ARCHITECTURE.md §8).
 
 Metrics are collected at scrape time from the cameras' `CameraStats` (a custom collector on a
 private registry), so stages only ever touch their own counters and there is one source of truth
@@ -181,6 +181,8 @@ class MetricsServer:
     @property
     def url(self) -> str:
         host = self._server.server_address[0]
+        if isinstance(host, bytes):  # typed str | bytes; an AF_INET server's is a str
+            host = host.decode()
         return f"http://{host}:{self.port}"
 
     def start(self) -> None:

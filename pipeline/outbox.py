@@ -1,4 +1,4 @@
-"""The durable alert outbox (DESIGN §7): an alert is committed to SQLite before anyone publishes it
+"""The durable alert outbox (ARCHITECTURE.md §7): an alert is committed to SQLite before anyone publishes it
 and deleted only when the broker acknowledged it (PUBACK).
 
 paho keeps QoS 1 in-flight messages in memory only, so a crash, a SIGKILL or a power cut between
@@ -18,6 +18,10 @@ resubmits it flagged `resend`, which the enclave answers with the very same aler
 at a time, so the journal holds at most one per camera. `progress` records, per file camera, the
 media time up to which windows were evaluated, so a restarted replay of the same file does not
 evaluate (and alert on) the same media times again under new window numbers.
+
+Why one module of ~430 lines: the outbox is one SQLite journal whose tables (alerts, windows in
+flight, replay progress) change in the same transactions; splitting it would split those
+transactions.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Bounded queues with a declared drop rule (DESIGN §2, STYLE "Queues").
+"""Bounded queues with a declared drop rule (docs/ARCHITECTURE.md §2).
 
 Every edge between two stages is a `BoundedQueue` of fixed capacity. The policy says what happens
 when the producer is faster than the consumer:

@@ -2,7 +2,7 @@
 
 Stages record into these objects; readers take snapshots. The JSON published on the stats topic
 holds only operational numbers (fps, latencies, queue depths, drops) — never counts of people or
-labels (DESIGN §7), so the broker learns nothing about the scene.
+labels (docs/ARCHITECTURE.md §7), so the broker learns nothing about the scene.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MQTT publishing of encrypted alerts from the durable outbox (DESIGN §7), paho-mqtt 2.x.
+"""MQTT publishing of encrypted alerts from the durable outbox (docs/ARCHITECTURE.md §7), paho-mqtt 2.x.
 
 Delivery contract: at least once, in order, per device. The daemon commits every alert to the
 SQLite outbox first (`pipeline.outbox`); this publisher sends outbox rows with QoS 1 and deletes a
@@ -17,6 +17,10 @@ Threads: paho's network thread only runs callbacks that set flags / enqueue acks
 thread owns the mid→outbox-row map, talks to SQLite and feeds new rows while `max_inflight` allows.
 (paho calls `on_publish` while holding its own lock, so doing outbox work there could deadlock
 with a `publish()` from another thread.)
+
+Why one module of ~540 lines: `AlertPublisher` is one MQTT session state machine (connect, LWT,
+evidence, in-order publish from the outbox, PUBACK bookkeeping, reconnect); its parts share the
+session lock.
 """
 
 from __future__ import annotations

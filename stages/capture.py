@@ -18,10 +18,11 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from config.schema import CameraConfig
 from pipeline.errors import StageError
@@ -208,7 +209,8 @@ class CaptureStage:
                 if not self._due(media_ts):
                     self.stats.inc("throttled_frames")
                     continue
-                image = self._crop(image)
+                # VideoCapture decodes to 8-bit BGR (cv2 types it as any numeric array)
+                image = self._crop(cast(npt.NDArray[np.uint8], image))
                 frame = Frame(
                     camera_id=self.camera_id,
                     seq=self._seq,
@@ -260,7 +262,7 @@ class CaptureStage:
             return True
         return False
 
-    def _crop(self, image: np.ndarray) -> np.ndarray:
+    def _crop(self, image: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
         if self.cfg.crop is None:
             return image
         x, y, w, h = self.cfg.crop

@@ -1,4 +1,4 @@
-"""Multi-person tracking, sliding skeleton windows and their encryption (DESIGN §3).
+"""Multi-person tracking, sliding skeleton windows and their encryption (docs/ARCHITECTURE.md §3).
 
 `Windower.push(PoseFrame)` tracks skeletons across frames with norfair (keypoint-voting distance:
 two skeletons match when enough joints are close), keeps the last `T` frames, and every `stride`
@@ -10,6 +10,9 @@ leaves this module.
 Window `seq` numbers are per device, strictly increasing and persisted (`SeqCounter`), because the
 enclave rejects any `seq` it has already seen for the device — a restarted daemon must continue,
 not start over.
+
+Why one module of ~460 lines: tracking, window assembly and sealing share the per-camera frame
+buffer and its end-of-stream rules.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from norfair import Detection, Tracker
+import numpy.typing as npt
 from norfair.distances import create_keypoints_voting_distance
+from norfair.tracker import Detection, Tracker
 
 from config.schema import TrackerConfig
 from enclave_bridge.shared.keys import DataKey
@@ -37,7 +41,7 @@ from pipeline.stats import CameraStats
 
 log = logging.getLogger(__name__)
 
-V = 18  # OpenPose-18 joints (DESIGN §3)
+V = 18  # OpenPose-18 joints (docs/ARCHITECTURE.md §3)
 
 
 def _drop_scalar_distance_notice(record: logging.LogRecord) -> bool:
@@ -96,10 +100,10 @@ class SeqCounter:
 class _FrameSlot:
     media_ts: float
     capture_ts: float
-    people: dict[int, np.ndarray]  # track id → (V, 3) normalised x, y, score
+    people: dict[int, npt.NDArray[np.float32]]  # track id → (V, 3) normalised x, y, score
 
 
-def normalise(keypoints: np.ndarray, width: int, height: int) -> np.ndarray:
+def normalise(keypoints: npt.ArrayLike, width: int, height: int) -> npt.NDArray[np.float32]:
     """(P, V, 3) pixel x, y, score → x/W−0.5, y/H−0.5, score; a joint with score 0 stays all zero."""
     kp = np.asarray(keypoints, dtype=np.float32)
     out = np.zeros_like(kp)
@@ -121,7 +125,7 @@ class PlainWindow:
     t0: float
     t1: float
     capture_ts: float
-    data: np.ndarray
+    data: npt.NDArray[np.float32]
     track_ids: list[int]
     frames: int
 
@@ -203,7 +207,7 @@ class WindowBuilder:
         finally:
             root.removeFilter(_drop_scalar_distance_notice)
 
-    def _track(self, pf: PoseFrame) -> dict[int, np.ndarray]:
+    def _track(self, pf: PoseFrame) -> dict[int, npt.NDArray[np.float32]]:
         size = (pf.width, pf.height)
         if self._tracker is None or size != self._frame_size:
             if self._tracker is not None:
@@ -223,7 +227,7 @@ class WindowBuilder:
         tracked = self._tracker.update(detections=detections)
         current = {id(d) for d in detections}
         norm = normalise(kp, pf.width, pf.height) if kp.shape[0] else kp
-        people: dict[int, np.ndarray] = {}
+        people: dict[int, npt.NDArray[np.float32]] = {}
         for obj in tracked:
             det = obj.last_detection
             if det is None or id(det) not in current or obj.id is None:
@@ -290,7 +294,7 @@ def default_min_frames(length_frames: int) -> int:
     return max(1, length_frames // 5)
 
 
-def real_frames(data: np.ndarray, min_joints: int = DEFAULT_MIN_JOINTS) -> int:
+def real_frames(data: npt.ArrayLike, min_joints: int = DEFAULT_MIN_JOINTS) -> int:
     """Frames of a (3, T, V, M) window in which some person has at least `min_joints` joints."""
     joints = (np.asarray(data)[2] > 0).sum(axis=1)  # (T, M)
     return int((joints >= max(min_joints, 1)).any(axis=1).sum())
@@ -358,7 +362,7 @@ class Windower(WindowBuilder):
         )
 
 
-def build_window(slots: Sequence[_FrameSlot], T: int, M: int) -> tuple[np.ndarray, list[int]]:
+def build_window(slots: Sequence[_FrameSlot], T: int, M: int) -> tuple[npt.NDArray[np.float32], list[int]]:
     """(3, T, V, M) float32 from the frames (oldest first, zero-padded at the end) and the ids of
     the M tracks with the highest summed joint scores over the window (most confident first)."""
     totals: dict[int, float] = {}
@@ -369,9 +373,9 @@ def build_window(slots: Sequence[_FrameSlot], T: int, M: int) -> tuple[np.ndarra
     data = np.zeros((3, T, V, M), dtype=np.float32)
     for t, s in enumerate(slots[:T]):
         for m, tid in enumerate(chosen):
-            kp = s.people.get(tid)
-            if kp is not None:
-                data[:, t, :, m] = kp.T
+            person = s.people.get(tid)
+            if person is not None:
+                data[:, t, :, m] = person.T
     return data, chosen
 
 

@@ -1,4 +1,4 @@
-"""Alert envelopes (DESIGN §7): built and signed inside the enclave, opened by consumers.
+"""Alert envelopes (docs/ARCHITECTURE.md §7): built and signed inside the enclave, opened by consumers.
 
 Envelope (msgpack) `{v, device, seq, ts, kid, recipients:[{rid, wrapped_key}], nonce, ct, sig}`:
 - every alert field (`window_seq, t0, t1, track_id, label, score, topk`) is encrypted under its own

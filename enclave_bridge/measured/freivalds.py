@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from enclave_bridge.measured import kernels
@@ -41,10 +42,10 @@ class Check:
     """
 
     op: LinearOp
-    tv: np.ndarray  # joint: (R, B, T, V) broadcast view; others: (R, B, T'·V) contiguous
+    tv: npt.NDArray[np.int64]  # joint: (R, B, T, V) broadcast view; others: (R, B, T'·V) contiguous
     s: torch.Tensor  # (R, C_out) int64: s over the GEMM's output columns
-    s2: np.ndarray  # joint: (R, C, V); others: (R, C)
-    z: np.ndarray  # joint: (2, R, C, V) hi/lo accumulators; others: (2R, C) folded mod p
+    s2: npt.NDArray[np.int64]  # joint: (R, C, V); others: (R, C)
+    z: npt.NDArray[np.int64]  # joint: (2, R, C, V) hi/lo accumulators; others: (2R, C) folded mod p
 
     @property
     def flat(self) -> bool:
@@ -61,7 +62,13 @@ class Check:
         tv = rng.small((reps, b, t * v), kernels.T_BITS).numpy()
         return Check(op, tv, s, s.numpy(), np.zeros((2 * reps, c), np.int64))
 
-    def finish(self, ys: list[np.ndarray], signs: tuple[int, int], scale: np.ndarray, out: np.ndarray) -> int:
+    def finish(
+        self,
+        ys: list[npt.NDArray[np.int64]],
+        signs: tuple[int, int],
+        scale: npt.NDArray[np.float64],
+        out: npt.NDArray[np.float32],
+    ) -> int:
         """Combine/centre/range-check/dequantise the replies into `out`, accumulating tᵀY."""
         a, b, c = ys
         if self.flat:
@@ -74,13 +81,16 @@ class Check:
             )  # fmt: skip
         return int(kernels.finish(a, b, c, signs[0], signs[1], scale, self.tv, out, self.z[0], self.z[1]))
 
-    def y_side(self) -> np.ndarray:
+    def y_side(self) -> npt.NDArray[np.int64]:
         """tᵀ·Y·s mod p per repetition, from the accumulators `finish` filled."""
+        res: npt.NDArray[np.int64]  # (R,) int64; the numba kernels are untyped
         if self.flat:
-            return kernels.y_projection_c(self.z, np.ascontiguousarray(self.s2))
-        return kernels.y_projection(self.z[0], self.z[1], np.ascontiguousarray(self.s2))
+            res = kernels.y_projection_c(self.z, np.ascontiguousarray(self.s2))
+        else:
+            res = kernels.y_projection(self.z[0], self.z[1], np.ascontiguousarray(self.s2))
+        return res
 
-    def x_side(self, xq: np.ndarray) -> np.ndarray:
+    def x_side(self, xq: npt.NDArray[np.int32]) -> npt.NDArray[np.int64]:
         """(tᵀ·X̂)·(Ŵ·s) mod p per repetition, for the op's quantised input (int32, (B, C, T, V) or (B, C))."""
         meta = self.op.meta
         reps = self.tv.shape[0]
@@ -99,13 +109,16 @@ class Check:
             u = np.zeros((reps, c, taps, 1), dtype=np.int64)
             tv4 = self.tv.reshape(reps, bsz, -1, v)
             kernels.x_project(xq4, tv4, meta.stride, taps, pad, False, u)
-        return kernels.dot_mod(u.reshape(reps, -1), weight_times_s(self.op, self.s))
+        res: npt.NDArray[np.int64] = kernels.dot_mod(u.reshape(reps, -1), weight_times_s(self.op, self.s))
+        return res
 
 
 _T_LO = 12  # t = hi·2^12 + lo: |x̂|·2^12·(T·V ≤ 2^21) < 2^53 keeps every float64 sum exact
 
 
-def x_project_blas(xq4: np.ndarray, tv4: np.ndarray, stride: int, taps: int, pad: int) -> np.ndarray:
+def x_project_blas(
+    xq4: npt.NDArray[np.int32], tv4: npt.NDArray[np.int64], stride: int, taps: int, pad: int
+) -> npt.NDArray[np.int64]:
     """tᵀ·X̂ for a temporal conv with float64 BLAS, exactly: u[r, c, k] (int64, (R, C, taps)).
 
     Row (b, t', v) of the conv's GEMM reads x̂[b, c, t'·stride + k − pad, v] for tap k, so
@@ -139,7 +152,7 @@ def x_project_blas(xq4: np.ndarray, tv4: np.ndarray, stride: int, taps: int, pad
     return u
 
 
-def weight_times_s(op: LinearOp, s: torch.Tensor) -> np.ndarray:
+def weight_times_s(op: LinearOp, s: torch.Tensor) -> npt.NDArray[np.int64]:
     """Ŵ·sᵀ mod p → (R, D) int64, exact: s split into limbs so each float64 GEMM stays < 2^53."""
     b = min(limb_bits(max(op.q.row_l1, 1)), kernels.T_BITS)
     n_limbs = math.ceil(kernels.T_BITS / b)

@@ -1,5 +1,5 @@
 """The key enclave (`veilcam key-enclave`): holds the data owner's window keys, hands them only to
-evaluation enclaves the data owner allowed, after local attestation (DESIGN §6).
+evaluation enclaves the data owner allowed, after local attestation (docs/ARCHITECTURE.md §6).
 
 Ops:
 - `evidence {nonce, kind}`               attestation evidence (starts a session on the connection)

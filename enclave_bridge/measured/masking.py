@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from enclave_bridge.measured.quant import BX
@@ -104,7 +105,7 @@ class MaskingEngine:
 
     def expected_reply(
         self, name: str, worker: int, terms: list[tuple[torch.Tensor, int, int]]
-    ) -> np.ndarray:
+    ) -> npt.NDArray[np.int64]:
         """What an honest worker returns for (input, slot, sign) terms (blame path only)."""
         m = self.ops[name]
         meta = m.op.meta

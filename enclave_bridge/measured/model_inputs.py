@@ -1,4 +1,4 @@
-"""Model-side input transforms: what a model package expects on top of the DESIGN §3 window.
+"""Model-side input transforms: what a model package expects on top of the docs/ARCHITECTURE.md §3 window.
 
 Windows always travel in the reference demo's normalisation (x/W−0.5, y/H−0.5, score; zeros
 where a joint is missing), so released checkpoints (Kinetics, NTU) work unchanged. A model may
@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from enclave_bridge.shared.errors import ConfigError
 
@@ -40,7 +41,7 @@ def input_transform_of(meta: Mapping[str, Any]) -> str:
     return str(kind)
 
 
-def _person_centred(x: np.ndarray) -> np.ndarray:
+def _person_centred(x: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
     """(N, 3, T, V, M) reference-normalised windows → person-centred, float32."""
     xy, score = x[:, :2].astype(np.float64), x[:, 2]
     present = score > 0  # (N, T, V, M)
@@ -65,7 +66,7 @@ def _person_centred(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def apply_input_transform(x: np.ndarray, kind: str) -> np.ndarray:
+def apply_input_transform(x: npt.ArrayLike, kind: str) -> npt.NDArray[np.float32]:
     """Apply `kind` to windows (N, 3, T, V, M) or one window (3, T, V, M); float32 out."""
     if kind not in INPUT_TRANSFORMS:
         raise ConfigError(f"unknown input transform {kind!r}; known: {', '.join(INPUT_TRANSFORMS)}")

@@ -1,4 +1,4 @@
-"""Encrypted model packages (DESIGN §6): the model owner's ST-GCN weights + label map + metadata.
+"""Encrypted model packages (ARCHITECTURE.md §6): the model owner's ST-GCN weights + label map + metadata.
 
 `veilcam model package` validates the checkpoint against the architecture, then writes
 msgpack `{type, v, kid, created, nonce, ct}` where `ct` = AES-256-GCM(model key, msgpack
@@ -19,6 +19,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import numpy.typing as npt
 
 from enclave_bridge.measured.model_inputs import input_transform_of
 from enclave_bridge.shared.errors import CheckpointError, ConfigError, IntegrityError, TransportError
@@ -39,7 +40,7 @@ def _aad(kid: str) -> bytes:
 class ModelBundle:
     """Decrypted package contents (inside the enclave only). `repr` hides the weights."""
 
-    tensors: dict[str, np.ndarray]
+    tensors: dict[str, npt.NDArray[Any]]
     labels: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -105,7 +106,8 @@ def package_model(
 
 def package_kid(blob: bytes) -> str:
     """The kid a package is encrypted under (public header)."""
-    return _parse(blob)["kid"]
+    kid: str = _parse(blob)["kid"]  # _parse checked it is a str
+    return kid
 
 
 def _parse(blob: bytes) -> dict[str, Any]:

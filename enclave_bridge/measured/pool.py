@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -244,7 +245,7 @@ class PrecomputePool:
         doc = msgpack.unpackb(plain, raw=False)
         n = 0
         for d in doc:
-            wm = WindowMasks(tuple(d["key"]))  # type: ignore[arg-type]
+            wm = WindowMasks(tuple(d["key"]))
             for s in d["stages"]:
                 wm.stages.append(
                     StageMasks(
@@ -269,9 +270,10 @@ def _enc(t: torch.Tensor | None) -> dict[str, object]:
     return {"shape": list(a.shape), "data": a.tobytes()}
 
 
-def _dec(d: dict[str, object]) -> torch.Tensor:
-    shape = tuple(d["shape"])  # type: ignore[arg-type]
-    a = np.frombuffer(d["data"], dtype=np.uint32).astype(np.int64)  # type: ignore[arg-type]
+def _dec(d: dict[str, Any]) -> torch.Tensor:
+    """Inverse of `_enc` for an authenticated (AES-GCM) pool file: `{shape: [int], data: bytes}`."""
+    shape = tuple(d["shape"])
+    a = np.frombuffer(d["data"], dtype=np.uint32).astype(np.int64)
     return torch.from_numpy(a.reshape(shape))
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 ACT_BITS = 20  # bits of a quantised activation (one ring element)
-BX = 2**ACT_BITS - 1  # |x̂| ≤ BX
+BX: int = 2**ACT_BITS - 1  # |x̂| ≤ BX
 WEIGHT_BUDGET = 2**52  # BX·‖Ŵ_o‖₁ ≤ this: exact in float64, far below p/2
 ACT_LIMBS = 1  # kept for configuration compatibility: activations are one ring element
 MAX_LIMBS = 1

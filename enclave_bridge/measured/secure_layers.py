@@ -23,9 +23,10 @@ enclave more than the aggregation itself.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from enclave_bridge.measured.quant import BX, WEIGHT_BUDGET, QuantWeight, quantise_weight
@@ -46,7 +47,7 @@ class LinearOp:
     meta: OpMeta
     weight: torch.Tensor  # float64 (D, C_out)
     q: QuantWeight = field(init=False)
-    scale2: np.ndarray = field(init=False)  # (C_out channels, V or 1) float64: 2^−col_exp
+    scale2: npt.NDArray[np.float64] = field(init=False)  # (C_out channels, V or 1) float64: 2^−col_exp
     w_f64: torch.Tensor = field(init=False)  # Ŵ as float64 (exact integers)
 
     def __post_init__(self) -> None:
@@ -187,7 +188,9 @@ def aggregate(g: torch.Tensor, a_mat: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nkctv,kvw->nctw", g.view(b, k, kc // k, t, v), a_mat)
 
 
-def quantised_forward(qm: QuantModel, x: np.ndarray, backend: RingBackend) -> np.ndarray:
+def quantised_forward(
+    qm: QuantModel, x: npt.NDArray[np.floating[Any]], backend: RingBackend
+) -> npt.NDArray[np.float64]:
     """Forward pass: linear ops through `backend`, aggregation/bias/ReLU/pooling here, float32.
 
     (N, 3, T, V, M) → (N, classes) float64 logits.

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from enclave_bridge.measured.alerts import build_alert
 from enclave_bridge.measured.model_inputs import apply_input_transform
@@ -23,7 +24,8 @@ from enclave_bridge.shared.windows import OpenedWindow
 class LogitsEvaluator(Protocol):
     """What computes logits: `SecureEvaluator` in any mode, or the in-enclave torch fallback."""
 
-    def evaluate(self, x: np.ndarray) -> np.ndarray: ...
+    def evaluate(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.floating[Any]]: ...
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +34,7 @@ class Verdict:
 
     label: str
     score: float
-    topk: list[list[Any]]  # [[label, probability], ...], best first
+    topk: list[list[str | float]]  # [[label, probability], ...], best first
     track_id: int
 
 
@@ -46,18 +48,22 @@ class TorchEvaluator:
         self._torch = torch
         self._model = model.eval()
 
-    def evaluate(self, x: np.ndarray) -> np.ndarray:
+    def evaluate(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         with self._torch.no_grad():
-            return self._model(self._torch.from_numpy(np.ascontiguousarray(x))).double().numpy()
+            logits: npt.NDArray[np.float64] = (
+                self._model(self._torch.from_numpy(np.ascontiguousarray(x))).double().numpy()
+            )
+        return logits
 
     def close(self) -> None:
         return None
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     z = logits - logits.max()
     e = np.exp(z)
-    return e / e.sum()
+    probs: npt.NDArray[np.float64] = e / e.sum()
+    return probs
 
 
 class WindowEvaluator:
@@ -82,10 +88,10 @@ class WindowEvaluator:
         logits = np.asarray(self.evaluator.evaluate(x), dtype=np.float64)[0]
         return self.verdict(w, logits)
 
-    def verdict(self, w: OpenedWindow, logits: np.ndarray) -> Verdict:
+    def verdict(self, w: OpenedWindow, logits: npt.NDArray[np.floating[Any]]) -> Verdict:
         probs = softmax(np.asarray(logits, dtype=np.float64))
         order = np.argsort(-probs, kind="stable")[: self.topk]
-        topk = [[self.labels[int(i)], float(probs[int(i)])] for i in order]
+        topk: list[list[str | float]] = [[self.labels[int(i)], float(probs[int(i)])] for i in order]
         track_id = int(w.track_ids[0]) if w.track_ids else -1
         return Verdict(str(topk[0][0]), float(topk[0][1]), topk, track_id)
 

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from enclave_bridge.shared.errors import TransportError
 from enclave_bridge.shared.ring import P
@@ -81,7 +82,7 @@ class WorkerClient:
 
     def reserve(
         self, in_shapes: list[tuple[int, ...]], out_shapes: list[tuple[int, ...]]
-    ) -> list[np.ndarray] | None:
+    ) -> list[npt.NDArray[np.int64]] | None:
         """Input views in the arena for the next `compute` (None: no shared memory, use arrays)."""
         if not self.shared_memory:
             return None
@@ -154,7 +155,7 @@ class WorkerClient:
         names: list[str],
         terms: list[Term],
         out_shapes: list[tuple[int, ...]] | None = None,
-    ) -> tuple[list[np.ndarray], float]:
+    ) -> tuple[list[npt.NDArray[np.int64]], float]:
         """Masked ring elements (or seeds) in, ring results out (+ the worker's compute seconds)."""
         self._connection()
         msg: dict[str, Any] = {"op": "compute", "model_id": model_id, "names": names}
@@ -162,8 +163,7 @@ class WorkerClient:
         self._layout = None
         wire_terms = []
         for t in terms:
-            off = _offset_in(arena, t.x) if arena is not None and t.x is not None else None
-            if off is not None:
+            if arena is not None and t.x is not None and (off := _offset_in(arena, t.x)) is not None:
                 wire_terms.append({"slot": t.slot, "sign": t.sign, "shm": off, "shape": list(t.x.shape)})
             else:
                 wire_terms.append(t.to_wire())
@@ -223,9 +223,12 @@ class WorkerClient:
             self._arena = None
 
 
-def _offset_in(arena: Arena, x: np.ndarray) -> int | None:
+def _offset_in(arena: Arena, x: npt.NDArray[np.int64]) -> int | None:
     """Offset of `x` inside the arena if it is a contiguous view into it, else None."""
-    base = np.frombuffer(arena._shm.buf, dtype=np.uint8)
+    buf = arena._shm.buf
+    if buf is None:  # a closed arena holds nothing
+        return None
+    base = np.frombuffer(buf, dtype=np.uint8)
     ptr = x.__array_interface__["data"][0] - base.__array_interface__["data"][0]
     if x.flags.c_contiguous and ptr >= 0 and ptr + x.nbytes <= arena.size and ptr % 8 == 0:
         return int(ptr)

@@ -1,4 +1,4 @@
-"""Attestation: platform key, enclave backends, evidence, verification, and secret wrapping (DESIGN §6).
+"""Attestation (ARCHITECTURE.md §6): platform key, enclave backends, evidence, verification, wrapping.
 
 Remote attestation, as used by the model owner (model key) and the data owner (data key):
 
@@ -16,6 +16,9 @@ EREPORT only the same CPU can check; in the simulation a platform-signed report.
 Backends: `SimulatedBackend` (this file; a platform Ed25519 key file stands in for the CPU — no
 hardware protection, logged at start) and `enclave_bridge.measured.gramine_backend.GramineBackend`
 (`/dev/attestation`, DCAP quotes).
+
+Why one module of ~460 lines: evidence format, quote verification and secret wrapping are one
+protocol that both sides must read together; the simulated platform beside it is its test double.
 """
 
 from __future__ import annotations

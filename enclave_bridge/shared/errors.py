@@ -1,4 +1,4 @@
-"""The project's single error tree (STYLE.md): callers catch by kind, never by message.
+"""The project's single error tree: callers catch by kind, never by message.
 
 It lives in `enclave_bridge` because enclave code must not import the daemon; `pipeline.errors`
 re-exports it for the untrusted side.

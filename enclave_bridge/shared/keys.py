@@ -1,4 +1,4 @@
-"""Key objects and key files for every party (DESIGN §6).
+"""Key objects and key files for every party (docs/ARCHITECTURE.md §6).
 
 Raw key bytes live only inside these objects; callers encrypt, decrypt, sign and wrap through
 methods, so a key never ends up in a log line, an f-string or a queue message by accident
@@ -8,6 +8,9 @@ secret part is encrypted under AES-256-GCM with a scrypt-derived key.
 Party keys (`veilcam keygen --role …`) hold an Ed25519 signing key (policy signatures) and an X25519
 key (receiving wrapped alert keys); the data owner's AES window key is a separate `DataKey` file so
 the capture host can hold it without the owner's signing key.
+
+Why one module of ~400 lines: every key file format (data, model, party keys, passphrase protection)
+in one place, so formats stay consistent.
 """
 
 from __future__ import annotations
@@ -201,14 +204,14 @@ class SymmetricKey:
 
 
 class DataKey(SymmetricKey):
-    """The data owner's AES-256 window key (DESIGN §3). Rotation = a new key with a new kid."""
+    """The data owner's AES-256 window key (docs/ARCHITECTURE.md §3). Rotation = a new key with a new kid."""
 
     __slots__ = ()
     _type = "veilcam-data-key"
 
 
 class ModelKey(SymmetricKey):
-    """The model owner's AES-256 key encrypting a model package (DESIGN §6)."""
+    """The model owner's AES-256 key encrypting a model package (docs/ARCHITECTURE.md §6)."""
 
     __slots__ = ()
     _type = "veilcam-model-key"

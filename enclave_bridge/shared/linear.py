@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-TEMPORAL_KERNEL = 9  # ST-GCN's temporal convolution (DESIGN: the reference architecture)
+TEMPORAL_KERNEL = 9  # ST-GCN's temporal convolution (the reference architecture, docs/ARCHITECTURE.md §4)
 KINDS = ("joint", "conv1x1", "tconv", "dense")
 _PAD = (TEMPORAL_KERNEL - 1) // 2
 

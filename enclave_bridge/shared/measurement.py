@@ -1,4 +1,4 @@
-"""Enclave measurement for the simulated backend (DESIGN §6): what an MRENCLAVE would cover.
+"""Enclave measurement for the simulated backend (docs/ARCHITECTURE.md §6): what an MRENCLAVE would cover.
 
 The measured file set is exactly the enclave's code: every `*.py` module under
 `enclave_bridge/measured/` (runtime, secure evaluation, ST-GCN, alert building, sealing) and

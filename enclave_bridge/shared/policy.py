@@ -1,4 +1,4 @@
-"""Access policy: which consumers receive which alert fields, signed by both owners (DESIGN §6, §7).
+"""Access policy: which consumers receive which alert fields, signed by both owners (ARCHITECTURE.md §6, §7).
 
 A policy is JSON: a body plus `signatures`. Both the data owner and the model owner sign
 `"veilcam-policy-v1\\0" + canonical JSON(body)` with their Ed25519 keys; the enclave pins both owners'

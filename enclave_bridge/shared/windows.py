@@ -1,4 +1,4 @@
-"""Encrypted skeleton windows (DESIGN §3): sealed on the capture host, opened inside the enclave.
+"""Encrypted skeleton windows (ARCHITECTURE.md §3): sealed on the capture host, opened inside the enclave.
 
 Envelope = msgpack `{v:1, device, seq, t0, t1, kid, nonce, ct}`; AES-256-GCM under the data owner's
 key with AAD `device|seq|t0|t1|kid`, so the cleartext routing fields cannot be swapped between

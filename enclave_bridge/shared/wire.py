@@ -1,4 +1,4 @@
-"""Socket framing shared by the enclave and GPU-worker protocols (DESIGN §2).
+"""Socket framing shared by the enclave and GPU-worker protocols (docs/ARCHITECTURE.md §2).
 
 A frame is a 4-byte big-endian length followed by one msgpack map. Tensors travel as
 `{"dtype": str, "shape": [..], "data": bytes}`. Frames above `max_bytes` are refused before any

@@ -1,7 +1,7 @@
 """Moved to `enclave_bridge.measured.stgcn` (issue 13).
 
-DESIGN.md names `enclave_bridge.stgcn.STGCN`; this package aliases the measured one and its submodules
-so both import paths give the same module objects (one `STGCN` class, not two).
+docs/ARCHITECTURE.md documents `enclave_bridge.stgcn.STGCN`; this package aliases the measured one
+and its submodules so both import paths give the same module objects (one `STGCN` class, not two).
 """
 
 import importlib

@@ -3,6 +3,9 @@ provisioning (model, data key, policy), access policies and `attest`.
 
 Every command that handles a secret reads it from a 0600 file (passphrase from `--passphrase-file`
 or `$VEILCAM_PASSPHRASE`), never from argv, and prints only ids/fingerprints.
+
+Why one module of ~500 lines: the enclave-side CLI commands (platform, measure, enclave,
+key-enclave, provision, policy) share argument helpers and error reporting.
 """
 
 from __future__ import annotations

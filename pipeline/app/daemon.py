@@ -1,4 +1,7 @@
-"""The camera daemon: wiring, pose child processes, supervision, graceful shutdown (DESIGN §2).
+"""The camera daemon: all cameras of one config, the outbox/publisher, metrics, shutdown (ARCHITECTURE.md §2).
+
+One camera's queues and stages are `pipeline.app.camera`, the pose stage `stages.pose.stage`, the
+stage supervisor `pipeline.app.supervisor`, the enclave link `pipeline.app.links`.
 
 Per camera::
 
@@ -25,244 +28,34 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from config.schema import (
-    DEFAULT_MODEL_DIR,
-    CameraConfig,
     VeilcamConfig,
     load_data_key_from_config,
-    model_window_defaults,
 )
 from enclave_bridge.shared.keys import DataKey
+from pipeline.app.camera import (
+    AlertSink,
+    CameraPipeline,
+    ListSink,
+    TeeSink,
+    WindowParams,
+    camera_error,
+    window_params,
+)
+from pipeline.app.links import build_link, make_local_enclave
 from pipeline.app.supervisor import Supervisor
-from pipeline.errors import ConfigError, StageError, TransportError, VeilcamError
-from pipeline.messages import AlertEnvelope, EndOfStream, Frame, PoseFrame, SealedWindow
-from pipeline.queues import BoundedQueue
+from pipeline.errors import ConfigError, VeilcamError
+from pipeline.messages import PoseFrame, SealedWindow
 from pipeline.stats import CameraStats
-from stages.capture import CaptureStage
 from stages.enclave_client import (
     EnclaveLink,
-    EnclaveStage,
-    LocalEnclave,
-    RemoteEnclave,
-    WindowJournal,
-    load_model_dir,
 )
 from stages.pose.stage import PoseProcess, PoseStage
-from stages.windowing import SeqCounter, Windower, WindowingStage
 
 log = logging.getLogger(__name__)
-
-DEFAULT_T = 300
-DEFAULT_STRIDE = 30
-DEFAULT_PERSONS = 2
-
-
-# -- alert sinks -------------------------------------------------------------------------------------
-class AlertSink(Protocol):
-    """Where alerts go: the durable outbox in the daemon, a list in tests/replays."""
-
-    def put(self, envelope: AlertEnvelope) -> None: ...
-
-
-class ListSink:
-    """Keeps alert envelopes in memory (replay summaries, tests)."""
-
-    def __init__(self) -> None:
-        self.items: list[AlertEnvelope] = []
-        self._lock = threading.Lock()
-
-    def put(self, envelope: AlertEnvelope) -> None:
-        with self._lock:
-            self.items.append(envelope)
-
-
-class TeeSink:
-    """Sends every alert to several sinks in order (outbox first: it is the durable one)."""
-
-    def __init__(self, *sinks: AlertSink) -> None:
-        self.sinks = sinks
-
-    def put(self, envelope: AlertEnvelope) -> None:
-        for s in self.sinks:
-            s.put(envelope)
-
-
-# -- one camera -------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class WindowParams:
-    length_frames: int
-    stride_frames: int
-    fps: float | None
-    persons: int = 2
-
-
-def window_params(cfg: VeilcamConfig, cam: CameraConfig) -> WindowParams:
-    """Window length/stride/persons and target fps: config first, then the model's model.json, then
-    defaults (T=300, stride 30, M=2, the source's own fps)."""
-    model = model_window_defaults(cfg.enclave.model_dir or DEFAULT_MODEL_DIR)
-    T = cam.window.length_frames or int(model.get("T", DEFAULT_T))
-    stride = cam.window.stride_frames or int(model.get("stride", DEFAULT_STRIDE))
-    fps = cam.fps if cam.fps is not None else (float(model["fps"]) if "fps" in model else None)
-    persons = cam.window.persons or int(model.get("M", DEFAULT_PERSONS))
-    return WindowParams(T, stride, fps, persons)
-
-
-def file_source_key(cam: CameraConfig) -> str | None:
-    """Identity of a file camera's video (path, size, mtime): the replay progress recorded for it
-    applies only to this very file. None for live sources (their media time restarts at 0)."""
-    if cam.source_kind != "file":
-        return None
-    path = str(cam.source).removeprefix("file://")
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
-
-
-class CameraPipeline:
-    """Queues, stages and supervisor of one camera. `start()`, then `wait()` or `request_stop()`."""
-
-    def __init__(
-        self,
-        name: str,
-        cfg: VeilcamConfig,
-        key: DataKey,
-        link: EnclaveLink,
-        sink: AlertSink,
-        *,
-        on_pose: Callable[[PoseFrame], None] | None = None,
-        on_result: Callable[[SealedWindow, Any, float], None] | None = None,
-        journal: WindowJournal | None = None,
-    ) -> None:
-        cam = cfg.cameras[name]
-        self.name = name
-        self.device = cfg.device_of(name)
-        self.live = cam.is_live
-        params = window_params(cfg, cam)
-        if params.fps is not None and cam.fps is None:
-            cam = cam.model_copy(update={"fps": params.fps})
-        self.cam = cam
-        self.params = params
-        self.stats = CameraStats(self.device)
-        q = cam.queues
-        frame_policy, window_policy = ("drop_oldest", "latest_wins") if self.live else ("block", "block")
-        self.frames: BoundedQueue[Frame | EndOfStream] = BoundedQueue(
-            q.frames, frame_policy, name="frames", timeout_s=q.put_timeout_s
-        )
-        self.poses: BoundedQueue[PoseFrame | EndOfStream] = BoundedQueue(
-            q.poses, "drop_oldest" if self.live else "block", name="poses", timeout_s=q.put_timeout_s
-        )
-        self.windows: BoundedQueue[SealedWindow | EndOfStream] = BoundedQueue(
-            q.windows, window_policy, name="windows", timeout_s=q.put_timeout_s, key=lambda w: w.camera_id
-        )
-        self.stats.queues.extend([self.frames, self.poses, self.windows])
-        self.capture = CaptureStage(self.device, cam, self.frames, self.stats)
-        self.pose = PoseStage(self.device, cam, self.frames, self.poses, self.stats, on_frame=on_pose)
-        counter = SeqCounter(cfg.state_dir / "windows" / f"{self.device}.seq")
-        windower = Windower(
-            self.device,
-            key,
-            counter,
-            length_frames=params.length_frames,
-            stride_frames=params.stride_frames,
-            persons=params.persons,
-            tracker=cam.window.tracker,
-            stats=self.stats,
-            flush_partial=cam.window.flush_partial,
-            min_frames=cam.window.min_frames,
-            min_joints=cam.window.min_joints,
-        )
-        self.windowing = WindowingStage(windower, self.poses, self.windows, self.stats)
-        self.end: EndOfStream | None = None
-        self.enclave = EnclaveStage(
-            self.device,
-            link,
-            cfg.rules_of(name).as_dict(),
-            self.windows,
-            sink.put,
-            self.stats,
-            max_retries=cfg.enclave.max_retries,
-            retry_backoff_s=cfg.enclave.retry_backoff_s,
-            retry_timeout_s=cfg.enclave.retry_timeout_s,
-            on_result=on_result,
-            on_end=self._on_end,
-            journal=journal,
-            source_key=file_source_key(cam) if journal is not None else None,
-        )
-        self.stop_capture = threading.Event()
-        self.halt = threading.Event()
-        self.done = threading.Event()
-        self.failure: BaseException | None = None
-        self.supervisor = Supervisor(
-            self.device,
-            cfg.supervisor,
-            self.stats,
-            self._on_failed,
-            max_restarts=None if self.live or cam.loop else 0,
-        )
-        self.supervisor.add("capture", self.capture.run, self.stop_capture)
-        self.supervisor.add("pose", self.pose.run, self.halt)
-        self.supervisor.add("windowing", self.windowing.run, self.halt)
-        self.supervisor.add("enclave", self.enclave.run, self.halt)
-
-    def _on_end(self, eos: EndOfStream) -> None:
-        self.end = eos
-        self.stats.status = "done"
-        self.done.set()
-
-    def _on_failed(self, stage: str, error: BaseException) -> None:
-        if self.failure is None:
-            self.failure = error
-        if self.halt.is_set() and self.stop_capture.is_set():
-            return  # shutting down anyway
-        self.stats.status = "failed"
-        self.stop_capture.set()
-        self.halt.set()
-        for q in (self.frames, self.poses, self.windows):
-            q.close()
-        self.pose.close()
-        self.done.set()
-
-    def start(self) -> None:
-        """Register with the enclave (bad rules are a `ConfigError` right here) and start the stages.
-
-        An unreachable enclave is not fatal: the enclave stage says hello again when it starts,
-        under the supervisor's restart budget, while capture and pose already run."""
-        try:
-            self.enclave.hello()
-        except TransportError as e:
-            log.warning(
-                "camera %s: enclave unreachable at start (%s); retrying in the enclave stage", self.device, e
-            )
-        self.stats.status = "running"
-        self.supervisor.start()
-
-    def request_stop(self) -> None:
-        """Graceful: capture ends with `EndOfStream`, which drains through every stage."""
-        self.stop_capture.set()
-
-    def wait(self, timeout_s: float | None = None) -> bool:
-        return self.done.wait(timeout_s)
-
-    def halt_now(self) -> None:
-        """Hard stop after the flush budget: stop every stage and close the queues."""
-        self.stop_capture.set()
-        self.halt.set()
-        for q in (self.frames, self.poses, self.windows):
-            q.close()
-        self.supervisor.join(10)
-        self.pose.close()
-        if self.stats.status == "running":
-            self.stats.status = "stopped"
-        self.done.set()
-
-    def close(self) -> None:
-        self.halt_now()
 
 
 # -- the daemon -------------------------------------------------------------------------------------
@@ -285,72 +78,6 @@ class Notifier:
     def notify(self, state: str) -> None:
         if self._n is not None:
             self._n.notify(state)  # sdnotify swallows socket errors (EAGAIN included)
-
-
-def build_link(cfg: VeilcamConfig, key: DataKey, recipients_extra: list[Any] | None = None) -> EnclaveLink:
-    """The enclave link the config asks for: remote `veilcam enclave` (several: an `EnclavePool`,
-    `enclave.addresses`), else the local stand-in."""
-    addresses = [a for a in [cfg.enclave.address, *cfg.enclave.addresses] if a]
-    if len(addresses) > 1:
-        from stages.enclave_pool import EnclavePool
-
-        return EnclavePool(addresses, timeout_s=cfg.enclave.timeout_s, backoff_s=cfg.enclave.retry_backoff_s)
-    if addresses:
-        return RemoteEnclave(addresses[0], timeout_s=cfg.enclave.timeout_s)
-    log.warning(
-        "enclave.address is not set: windows are evaluated by the in-process local evaluator "
-        "(development/replay only — no enclave isolation)"
-    )
-    return make_local_enclave(cfg, key, recipients_extra or [])
-
-
-def make_local_enclave(cfg: VeilcamConfig, key: DataKey, extra_recipients: list[Any]) -> LocalEnclave:
-    """The in-process evaluator: model from `enclave.model_dir`, a persisted signing key, the
-    configured recipients (+ `extra_recipients`, e.g. a replay's throw-away consumer)."""
-    from enclave_bridge.shared.keys import PartyKey, PartyPublic
-    from enclave_bridge.shared.policy import ALERT_FIELDS, Recipient
-
-    model_dir = cfg.enclave.model_dir or DEFAULT_MODEL_DIR
-    model, labels, meta = load_model_dir(model_dir)
-    sk_path = cfg.enclave.signing_key_path or cfg.state_dir / "local-evaluator.key"
-    if sk_path.exists():
-        try:
-            signer = PartyKey.load(sk_path)
-        except VeilcamError as e:
-            raise ConfigError(f"enclave.signing_key_path: {e}") from e
-    else:
-        signer = PartyKey.generate("data-owner", "local-evaluator")
-        signer.save(sk_path)
-        log.info("local evaluator: new alert-signing key %s", sk_path)
-    pubs = []
-    for i, path in enumerate(cfg.enclave.recipients):
-        try:
-            pubs.append(PartyPublic.load(path))
-        except VeilcamError as e:
-            raise ConfigError(f"enclave.recipients.{i}: {e}") from e
-    pubs.extend(extra_recipients)
-    recipients = [Recipient(p.name, p.rid, p.kx_pub, tuple(ALERT_FIELDS)) for p in pubs]
-    counters: dict[str, SeqCounter] = {}
-    lock = threading.Lock()
-
-    def next_seq(device: str) -> int:
-        with lock:
-            if device not in counters:
-                counters[device] = SeqCounter(cfg.state_dir / "alerts" / f"{device}.seq")
-            return counters[device].next()
-
-    from enclave_bridge.measured.model_inputs import input_transform_of
-
-    return LocalEnclave(
-        {key.kid: key},
-        model,
-        labels,
-        signer,
-        recipients,
-        next_seq,
-        input_transform=input_transform_of(meta),
-        last_results_path=cfg.state_dir / "alerts" / "last-results.json",
-    )
 
 
 class Daemon:
@@ -548,21 +275,6 @@ def build_daemon(cfg: VeilcamConfig) -> Daemon:
     return Daemon(cfg, key=key, link=link, sink=outbox, publisher=publisher, outbox=outbox)
 
 
-def camera_error(cam: CameraPipeline) -> VeilcamError | None:
-    """The error that ended a camera, as a typed error with a plain message (or None)."""
-    if cam.failure is not None:
-        if isinstance(cam.failure, VeilcamError):
-            return cam.failure
-        return StageError(f"camera {cam.device}: {type(cam.failure).__name__}: {cam.failure}")
-    if cam.end is not None and cam.end.reason == "truncated":
-        meta = cam.end.meta
-        return StageError(
-            f"camera {cam.device}: video ended after {meta.get('decoded')} of {meta.get('expected_frames')} "
-            "frames (truncated or corrupt file)"
-        )
-    return None
-
-
 def ensure_state_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -583,5 +295,6 @@ __all__ = [
     "build_daemon",
     "build_link",
     "camera_error",
+    "make_local_enclave",
     "window_params",
 ]

@@ -10,6 +10,9 @@ signature checked against the attested key, fields decrypted, duplicates dropped
 Everything lives in a temp dir that is removed at the end (`--keep DIR` keeps it for a look at
 the keys, configs and logs). The simulated enclave backend is used: it shows the protocol, not
 hardware protection.
+
+Why one module of ~420 lines: the demo is one scripted story (keys, broker, enclave, worker, replay,
+consumer) read top to bottom; its steps share one temporary deployment.
 """
 
 from __future__ import annotations

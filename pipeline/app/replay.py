@@ -6,6 +6,9 @@ window's score per label over media time, with the alert threshold and the alert
 in-process local evaluator the replay adds a throw-away consumer key as an alert recipient, so
 it can open (verify + decrypt) the alerts it shows — exactly what a subscriber would see. With a
 remote enclave only alert counts are shown unless `consumer_key`/`enclave_verify_key` are given.
+
+Why one module of ~460 lines: `veilcam replay` is one command: config overlay, local or remote
+enclave, progress bar, summary and plot.
 """
 
 from __future__ import annotations
@@ -75,10 +78,10 @@ def replay_config(
     """A one-camera config replaying `clip`: the named (or first) camera of `base`, or defaults."""
     clip_path = Path(clip).expanduser().resolve()
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    window_over = {
+    window_over: dict[str, Any] = {
         k: overrides.pop(k) for k in ("length_frames", "stride_frames", "persons") if k in overrides
     }
-    pose_over = {k: overrides.pop(k) for k in ("backend", "options") if k in overrides}
+    pose_over: dict[str, Any] = {k: overrides.pop(k) for k in ("backend", "options") if k in overrides}
     if base is None:
         cam = CameraConfig(source=str(clip_path))
         name = "replay"

@@ -1,4 +1,4 @@
-"""Alert consumer (`veilcam subscribe`): MQTT in, verified + decrypted alerts out (DESIGN §7).
+"""Alert consumer (`veilcam subscribe`): MQTT in, verified + decrypted alerts out (docs/ARCHITECTURE.md §7).
 
 Every message on `<prefix>/<device>/alerts` is opened with `enclave_bridge.measured.alerts.AlertOpener`
 (enclave signature, this consumer's wrapped field keys, AES-GCM per field) *before* anything else
@@ -12,6 +12,9 @@ looks at it, so a forged message can neither print nor poison the duplicate filt
 - without that state, a consumer cannot tell an old genuine alert re-published by anyone from a new
   one, so `max_age_s` (CLI default 5 min when no `--state`) rejects alerts whose enclave timestamp
   `ts` is further than that from now (counted as `rejected_stale`).
+
+Why one module of ~440 lines: the consumer's receive → verify → decrypt → de-duplicate → print path
+is one loop over one MQTT session.
 """
 
 from __future__ import annotations

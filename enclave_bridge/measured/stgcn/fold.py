@@ -18,12 +18,15 @@ Folding rules (eval mode, running statistics):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from enclave_bridge.measured.stgcn.model import STGCN, TEMPORAL_KERNEL
+from enclave_bridge.measured.stgcn.model import STGCN, TEMPORAL_KERNEL, STGCNBlock
+
+_M = TypeVar("_M", bound=nn.Module)
 
 
 def _bn_affine(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,6 +37,21 @@ def _bn_affine(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> tuple[torch.Tensor, torch
     beta = bn.bias if bn.bias is not None else torch.zeros_like(var)
     scale = gamma / torch.sqrt(var + bn.eps)
     return scale, beta - scale * mean
+
+
+def _layer(seq: nn.Module, i: int, kind: type[_M]) -> _M:
+    """Layer `i` of one of the reference's `nn.Sequential`s, checked to be a `kind`."""
+    m = seq[i] if isinstance(seq, nn.Sequential) else None
+    if not isinstance(m, kind):
+        raise TypeError(f"expected a {kind.__name__} at index {i} of {type(seq).__name__}")
+    return m
+
+
+def _bias(conv: nn.Conv2d) -> torch.Tensor:
+    """A convolution's bias (every convolution of the reference ST-GCN has one)."""
+    if conv.bias is None:
+        raise ValueError("ST-GCN convolution without a bias")
+    return conv.bias
 
 
 @dataclass
@@ -128,15 +146,15 @@ class FoldedSTGCN(nn.Module):
             h = block.forward(h)
         return self.head(h, n)
 
-    def to(self, *args: object, **kwargs: object) -> FoldedSTGCN:  # type: ignore[override]
+    def to(self, *args: Any, **kwargs: Any) -> FoldedSTGCN:
         """Move/cast every folded tensor (they are plain attributes, not parameters)."""
         for b in self.blocks:
             for name in ("gcn_weight", "A", "gcn_bias", "tcn_weight", "tcn_bias", "res_weight", "res_bias"):
                 t = getattr(b, name)
                 if t is not None:
-                    setattr(b, name, t.to(*args, **kwargs))  # type: ignore[arg-type]
-        self.fcn_weight = self.fcn_weight.to(*args, **kwargs)  # type: ignore[arg-type]
-        self.fcn_bias = self.fcn_bias.to(*args, **kwargs)  # type: ignore[arg-type]
+                    setattr(b, name, t.to(*args, **kwargs))
+        self.fcn_weight = self.fcn_weight.to(*args, **kwargs)
+        self.fcn_bias = self.fcn_bias.to(*args, **kwargs)
         return self
 
     def double(self) -> FoldedSTGCN:
@@ -154,12 +172,13 @@ def fold_batchnorm(model: STGCN, dtype: torch.dtype = torch.float64) -> FoldedST
     # data_bn: channel index v*C + c  →  (V, C) scale/shift.
     s_in, b_in = (t.to(dtype).view(v, c_in0) for t in _bn_affine(model.data_bn))
     blocks: list[FoldedBlock] = []
-    for i, blk in enumerate(model.st_gcn_networks):
+    # nn.ModuleList yields plain Modules; STGCN builds it from STGCNBlocks only
+    for i, blk in enumerate(cast(list[STGCNBlock], list(model.st_gcn_networks))):
         k = blk.gcn.kernel_size
         c_out = blk.out_channels
         a_eff = model.importance(i).detach().to(dtype)
         w = blk.gcn.conv.weight.detach().to(dtype).view(k, c_out, -1)  # (K, C_out, C_in)
-        b = blk.gcn.conv.bias.detach().to(dtype).view(k, c_out)  # (K, C_out)
+        b = _bias(blk.gcn.conv).detach().to(dtype).view(k, c_out)  # (K, C_out)
         # Constant per (k, o, v) entering the aggregation: conv bias (+ data_bn shift for block 0).
         const = b[:, :, None].expand(k, c_out, v).clone()
         per_joint = i == 0
@@ -167,19 +186,19 @@ def fold_batchnorm(model: STGCN, dtype: torch.dtype = torch.float64) -> FoldedST
             const = const + torch.einsum("koc,vc->kov", w, b_in)
             w = w[:, :, :, None] * s_in.T[None, None, :, :]  # (K, C_out, C_in, V)
         bias_agg = torch.einsum("kov,kvw->ow", const, a_eff)  # (C_out, V)
-        s1, b1 = (t.to(dtype) for t in _bn_affine(blk.tcn[0]))
+        s1, b1 = (t.to(dtype) for t in _bn_affine(_layer(blk.tcn, 0, nn.BatchNorm2d)))
         w = w * (s1.view(1, c_out, 1, 1) if per_joint else s1.view(1, c_out, 1))
         bias_agg = s1[:, None] * bias_agg + b1[:, None]
-        s2, b2 = (t.to(dtype) for t in _bn_affine(blk.tcn[3]))
-        conv_t = blk.tcn[2]
+        s2, b2 = (t.to(dtype) for t in _bn_affine(_layer(blk.tcn, 3, nn.BatchNorm2d)))
+        conv_t = _layer(blk.tcn, 2, nn.Conv2d)
         tw = conv_t.weight.detach().to(dtype)[..., 0] * s2[:, None, None]
-        tb = s2 * conv_t.bias.detach().to(dtype) + b2
+        tb = s2 * _bias(conv_t).detach().to(dtype) + b2
         res_w = res_b = None
         if blk.residual_kind == "conv":
-            rconv, rbn = blk.residual[0], blk.residual[1]
+            rconv, rbn = _layer(blk.residual, 0, nn.Conv2d), _layer(blk.residual, 1, nn.BatchNorm2d)
             s3, b3 = (t.to(dtype) for t in _bn_affine(rbn))
             res_w = rconv.weight.detach().to(dtype)[:, :, 0, 0] * s3[:, None]
-            res_b = s3 * rconv.bias.detach().to(dtype) + b3
+            res_b = s3 * _bias(rconv).detach().to(dtype) + b3
         blocks.append(
             FoldedBlock(
                 gcn_weight=w.contiguous(),
@@ -195,7 +214,7 @@ def fold_batchnorm(model: STGCN, dtype: torch.dtype = torch.float64) -> FoldedST
             )
         )
     fw = model.fcn.weight.detach().to(dtype)[:, :, 0, 0]
-    fb = model.fcn.bias.detach().to(dtype)
+    fb = _bias(model.fcn).detach().to(dtype)
     return FoldedSTGCN(blocks, fw, fb, model.num_class, model.layout, model.strategy)
 
 

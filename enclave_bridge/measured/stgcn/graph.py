@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
-# OpenPose/COCO-18 joints (DESIGN §3) and their bones, as in the reference `openpose` layout.
+# OpenPose/COCO-18 joints (docs/ARCHITECTURE.md §3) and their bones, as in the reference `openpose` layout.
 OPENPOSE_JOINTS: tuple[str, ...] = (
     "nose", "neck", "r_shoulder", "r_elbow", "r_wrist", "l_shoulder", "l_elbow", "l_wrist",
     "r_hip", "r_knee", "r_ankle", "l_hip", "l_knee", "l_ankle", "r_eye", "l_eye", "r_ear", "l_ear",
@@ -32,7 +33,7 @@ LAYOUTS = ("openpose", "ntu-rgb+d")
 STRATEGIES = ("uniform", "distance", "spatial")
 
 
-def hop_distance(num_node: int, edges: list[tuple[int, int]], max_hop: int = 1) -> np.ndarray:
+def hop_distance(num_node: int, edges: list[tuple[int, int]], max_hop: int = 1) -> npt.NDArray[np.float64]:
     """(V, V) hop counts up to `max_hop`; farther pairs are `inf` (reference behaviour)."""
     adj = np.zeros((num_node, num_node))
     for i, j in edges:
@@ -45,13 +46,14 @@ def hop_distance(num_node: int, edges: list[tuple[int, int]], max_hop: int = 1) 
     return dist
 
 
-def normalize_digraph(adj: np.ndarray) -> np.ndarray:
+def normalize_digraph(adj: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """Column-normalise: A · D^-1 with D the column degrees (reference `normalize_digraph`)."""
     deg = adj.sum(axis=0)
     inv = np.zeros_like(deg)
     nz = deg > 0
     inv[nz] = 1.0 / deg[nz]
-    return adj @ np.diag(inv)
+    norm: npt.NDArray[np.float64] = adj @ np.diag(inv)
+    return norm
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class Graph:
     num_node: int = field(init=False)
     center: int = field(init=False)
     edges: tuple[tuple[int, int], ...] = field(init=False)
-    A: np.ndarray = field(init=False, repr=False)
+    A: npt.NDArray[np.float64] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.layout == "openpose":
@@ -83,7 +85,7 @@ class Graph:
         object.__setattr__(self, "edges", tuple(edges))
         object.__setattr__(self, "A", self._adjacency(hop_distance(num_node, edges, self.max_hop)))
 
-    def _adjacency(self, hop: np.ndarray) -> np.ndarray:
+    def _adjacency(self, hop: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         valid_hop = range(0, self.max_hop + 1, self.dilation)
         adjacency = np.zeros((self.num_node, self.num_node))
         for h in valid_hop:
@@ -96,7 +98,7 @@ class Graph:
             for i, h in enumerate(valid_hop):
                 parts[i][hop == h] = norm[hop == h]
             return parts
-        parts_list: list[np.ndarray] = []
+        parts_list: list[npt.NDArray[np.float64]] = []
         c = self.center
         for h in valid_hop:
             root = np.zeros((self.num_node, self.num_node))

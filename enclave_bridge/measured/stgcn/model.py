@@ -8,6 +8,7 @@ reference are replaced by out-of-place ones (same values; keeps autograd and fol
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -100,7 +101,8 @@ class STGCNBlock(nn.Module):
     def forward(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         res = self.residual(x)
         x = self.gcn(x, A)
-        return self.relu(self.tcn(x) + res)
+        out: torch.Tensor = self.relu(self.tcn(x) + res)
+        return out
 
 
 class STGCN(nn.Module):
@@ -109,6 +111,9 @@ class STGCN(nn.Module):
     `data_bn` normalises channel `v·C + c` of the (N·M, V·C, T) view, blocks run on (N·M, C, T, V),
     then global average pooling over (T, V), mean over the M persons and a 1×1 conv classifier.
     """
+
+    A: torch.Tensor  # (K, V, V) adjacency, a registered buffer
+    edge_importance: nn.ParameterList | None  # one (K, V, V) mask per block, or None
 
     def __init__(
         self,
@@ -152,7 +157,8 @@ class STGCN(nn.Module):
         """Effective adjacency of block `i`: A × edge importance, (K, V, V)."""
         if self.edge_importance is None:
             return self.A
-        return self.A * self.edge_importance[i]
+        mask: torch.Tensor = self.edge_importance[i]
+        return self.A * mask
 
     def normalise_input(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, T, V, M) → data_bn → (N·M, C, T, V)."""
@@ -177,13 +183,14 @@ class STGCN(nn.Module):
         h = self.extract(x)
         h = F.avg_pool2d(h, h.shape[2:])
         h = h.view(n, m, -1, 1, 1).mean(dim=1)
-        return self.fcn(h).view(n, -1)
+        logits: torch.Tensor = self.fcn(h).view(n, -1)
+        return logits
 
     # -- checkpoints -------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(
         cls,
-        path: str | Path,
+        path: str | os.PathLike[str],
         num_class: int | None = None,
         *,
         map_location: str | torch.device = "cpu",
@@ -262,7 +269,7 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torc
     raise CheckpointError(f"{source} is not a state_dict of tensors")
 
 
-def load_label_map(path: str | Path) -> list[str]:
+def load_label_map(path: str | os.PathLike[str]) -> list[str]:
     """One label a line; blank lines and surrounding whitespace ignored, '#' starts a comment line."""
     try:
         text = Path(path).read_text(encoding="utf-8")
