@@ -158,7 +158,7 @@ def _broker_cfg(args: argparse.Namespace) -> Any:
 
 def build_opener(args: argparse.Namespace) -> Any:
     """Consumer key + the enclave's signing key (from verified evidence, or a dev signer file)."""
-    from enclave_bridge.measured.alerts import AlertOpener
+    from enclave_bridge.host.alert_opener import AlertOpener
     from enclave_bridge.measured.enclave import load_enclave_config
     from enclave_bridge.shared.attest import load_platform_pub
     from enclave_bridge.shared.errors import ConfigError, TransportError, VeilcamError

@@ -331,7 +331,7 @@ def _start_subscriber(
 ) -> tuple[Any, _Received]:
     """The control room's consumer: attested signing key from the evidence file, own key, dedupe."""
     from config.broker import BrokerConfig
-    from enclave_bridge.measured.alerts import AlertOpener
+    from enclave_bridge.host.alert_opener import AlertOpener
     from enclave_bridge.shared.attest import load_platform_pub
     from enclave_bridge.shared.keys import PartyKey
     from pipeline.app.subscriber import AlertSubscriber, alert_json, format_alert, verify_key_from_evidence

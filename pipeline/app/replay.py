@@ -140,7 +140,7 @@ def run_replay(
     `score_windows` (for `--plot`, in-process evaluator only) records every window's top-k scores,
     not just those of windows that raised an alert.
     """
-    from enclave_bridge.measured.alerts import AlertOpener
+    from enclave_bridge.host.alert_opener import AlertOpener
 
     cfg = cfg or replay_config(clip)
     name = next(iter(cfg.cameras))
@@ -251,7 +251,7 @@ def _shadow_evaluator(cfg: VeilcamConfig, key: DataKey) -> tuple[LocalEnclave, A
     import itertools
 
     from config.schema import DEFAULT_MODEL_DIR
-    from enclave_bridge.measured.alerts import AlertOpener
+    from enclave_bridge.host.alert_opener import AlertOpener
     from enclave_bridge.measured.model_inputs import input_transform_of
     from enclave_bridge.shared.policy import ALERT_FIELDS, Recipient
     from stages.enclave_client import load_model_dir

@@ -36,7 +36,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from config.broker import BrokerConfig
-from enclave_bridge.measured.alerts import AlertOpener, NoGrantError
+from enclave_bridge.host.alert_opener import AlertOpener, NoGrantError
 from enclave_bridge.shared.errors import (
     AttestationError,
     ConfigError,
@@ -116,7 +116,7 @@ class PoolOpener:
     open, each with the key its envelope names (`kid`); any other signer is rejected as forged."""
 
     def __init__(self, consumer_key: Any, verify_keys: list[bytes]) -> None:
-        from enclave_bridge.measured.alerts import AlertOpener
+        from enclave_bridge.host.alert_opener import AlertOpener
 
         self._by_kid = {}
         for vk in verify_keys:

@@ -6,7 +6,9 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from enclave_bridge.measured.alerts import AlertOpener, build_alert, parse_alert
+from enclave_bridge.host.alert_opener import AlertOpener
+from enclave_bridge.measured.alerts import build_alert
+from enclave_bridge.shared.alert_format import parse_alert
 from enclave_bridge.shared.errors import ConfigError, IntegrityError
 from enclave_bridge.shared.keys import PartyKey, fingerprint, raw_public_bytes
 from enclave_bridge.shared.policy import Recipient

@@ -13,8 +13,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from enclave_bridge.host.alert_opener import AlertOpener
 from enclave_bridge.host.client import EnclaveClient
-from enclave_bridge.measured.alerts import AlertOpener
 from enclave_bridge.shared.attest import PlatformKey, Verifier, load_platform_pub
 from enclave_bridge.shared.keys import PartyKey, load_data_key, load_model_key, raw_private_bytes
 from enclave_bridge.shared.windows import seal_window

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from enclave_bridge.host.alert_opener import AlertOpener
 from enclave_bridge.host.client import provision_data_key, provision_model
-from enclave_bridge.measured.alerts import AlertOpener
 from enclave_bridge.measured.model_inputs import apply_input_transform
 from enclave_bridge.measured.model_package import package_model
 from enclave_bridge.measured.stgcn import STGCN

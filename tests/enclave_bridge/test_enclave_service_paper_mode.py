@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
+from enclave_bridge.host.alert_opener import AlertOpener
 from enclave_bridge.host.client import provision_data_key, provision_model
-from enclave_bridge.measured.alerts import AlertOpener
 from enclave_bridge.measured.stgcn import STGCN
 from enclave_bridge.shared.attest import new_nonce
 from enclave_bridge.shared.windows import seal_window

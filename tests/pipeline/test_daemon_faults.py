@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from enclave_bridge.measured.alerts import AlertOpener
+from enclave_bridge.host.alert_opener import AlertOpener
 from enclave_bridge.measured.stgcn import STGCN
 from enclave_bridge.shared.keys import PartyKey, generate_data_key
 from pipeline.outbox import Outbox

@@ -33,7 +33,7 @@ VEILCAM = [sys.executable, "-m", "pipeline"]
 def test_genuine_alert_without_a_grant_is_no_forgery() -> None:
     p = Parties()
     stranger = PartyKey.generate("consumer", "stranger")
-    from enclave_bridge.measured.alerts import AlertOpener
+    from enclave_bridge.host.alert_opener import AlertOpener
 
     got: list[dict[str, object]] = []
     sub = AlertSubscriber(BrokerConfig(), AlertOpener(stranger, p.signer.public.sign_pub), got.append)

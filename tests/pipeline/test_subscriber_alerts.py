@@ -16,7 +16,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from config.broker import BrokerConfig
-from enclave_bridge.measured.alerts import AlertOpener, build_alert
+from enclave_bridge.host.alert_opener import AlertOpener
+from enclave_bridge.measured.alerts import build_alert
 from enclave_bridge.shared.keys import PartyKey, fingerprint
 from enclave_bridge.shared.policy import ALERT_FIELDS, Recipient
 from pipeline.app.subscriber import AlertSubscriber, SeenSet, format_alert

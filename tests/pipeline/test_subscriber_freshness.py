@@ -14,7 +14,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from config.broker import BrokerConfig
-from enclave_bridge.measured.alerts import AlertOpener, build_alert
+from enclave_bridge.host.alert_opener import AlertOpener
+from enclave_bridge.measured.alerts import build_alert
 from enclave_bridge.shared.keys import PartyKey, fingerprint, raw_public_bytes
 from enclave_bridge.shared.policy import ALERT_FIELDS, Recipient
 from pipeline.app.cli_mqtt import freshness_window

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from config.schema import REPO_ROOT, EnclaveConfig, RulesConfig
-from enclave_bridge.measured.alerts import AlertOpener
+from enclave_bridge.host.alert_opener import AlertOpener
 from enclave_bridge.measured.stgcn import STGCN
 from enclave_bridge.shared.keys import PartyKey, generate_data_key
 from pipeline.app.daemon import Daemon, ListSink, make_local_enclave

@@ -26,7 +26,7 @@ import yaml
 
 from config.broker import BrokerConfig
 from config.schema import REPO_ROOT
-from enclave_bridge.measured.alerts import AlertOpener
+from enclave_bridge.host.alert_opener import AlertOpener
 from enclave_bridge.measured.stgcn import STGCN
 from enclave_bridge.shared.keys import PartyKey, generate_data_key
 from pipeline.app.subscriber import AlertSubscriber

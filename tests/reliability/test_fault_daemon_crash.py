@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from config.schema import REPO_ROOT, EnclaveConfig, RulesConfig
-from enclave_bridge.measured.alerts import AlertOpener
+from enclave_bridge.host.alert_opener import AlertOpener
 from enclave_bridge.shared.attest import new_nonce
 from enclave_bridge.shared.windows import seal_window
 from pipeline.app.daemon import Daemon

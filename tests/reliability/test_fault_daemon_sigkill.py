@@ -34,7 +34,7 @@ import yaml
 
 from config.broker import BrokerConfig
 from config.schema import REPO_ROOT
-from enclave_bridge.measured.alerts import AlertOpener
+from enclave_bridge.host.alert_opener import AlertOpener
 from enclave_bridge.shared.attest import new_nonce
 from pipeline.app.subscriber import AlertSubscriber
 from tests.conftest import Broker, mosquitto_binary

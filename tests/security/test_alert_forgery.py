@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from config.broker import BrokerConfig
-from enclave_bridge.measured.alerts import AlertOpener, build_alert
+from enclave_bridge.host.alert_opener import AlertOpener
+from enclave_bridge.measured.alerts import build_alert
 from enclave_bridge.shared.errors import IntegrityError
 from enclave_bridge.shared.keys import PartyKey, fingerprint
 from enclave_bridge.shared.policy import ALERT_FIELDS, Recipient

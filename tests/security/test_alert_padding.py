@@ -12,7 +12,9 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from enclave_bridge.measured.alerts import ENVELOPE_BLOCK, AlertOpener, build_alert
+from enclave_bridge.host.alert_opener import AlertOpener
+from enclave_bridge.measured.alerts import build_alert
+from enclave_bridge.shared.alert_format import ENVELOPE_BLOCK
 from enclave_bridge.shared.keys import PartyKey, fingerprint, raw_public_bytes
 from enclave_bridge.shared.policy import ALERT_FIELDS, Recipient
 

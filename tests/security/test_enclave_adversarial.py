@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from enclave_bridge.measured.alerts import AlertOpener
+from enclave_bridge.host.alert_opener import AlertOpener
 from enclave_bridge.shared.attest import new_nonce
 from enclave_bridge.shared.keys import generate_data_key
 from enclave_bridge.shared.windows import seal_window

@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import pytest
 
-from enclave_bridge.measured.alerts import AlertOpener
+from enclave_bridge.host.alert_opener import AlertOpener
 from enclave_bridge.measured.stgcn import STGCN
 from enclave_bridge.measured.window_eval import softmax
 from enclave_bridge.protocol import SecureEvaluator

@@ -16,8 +16,9 @@ import msgpack
 import pytest
 import torch
 
-from enclave_bridge.measured.alerts import AlertOpener, parse_alert
+from enclave_bridge.host.alert_opener import AlertOpener
 from enclave_bridge.measured.stgcn import STGCN
+from enclave_bridge.shared.alert_format import parse_alert
 from enclave_bridge.shared.keys import PartyKey, generate_data_key
 from pipeline.outbox import Outbox
 from tests.stages.mqtt_helpers import Collector

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from enclave_bridge.measured.alerts import AlertOpener
+from enclave_bridge.host.alert_opener import AlertOpener
 from enclave_bridge.measured.stgcn import STGCN
 from enclave_bridge.shared.keys import PartyKey, generate_data_key
 from enclave_bridge.shared.policy import ALERT_FIELDS, Recipient
