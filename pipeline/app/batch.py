@@ -25,6 +25,7 @@ Rerunning the command skips clips the manifest records as done (`--restart` igno
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -338,6 +339,8 @@ class _ClipRun:
                 for w in o.windows:
                     self.windows[w.seq] = (w.t0, w.t1, o.spec.index)
                     self.queue.put(w)
+                # the stage's queue holds the windows now; keep only the counts (memory stays flat)
+                self.outputs[self.next_index] = dataclasses.replace(o, windows=[], window_frames=[])
                 self.next_index += 1
             if self.failure is not None or self.next_index == len(self.specs):
                 self.queue.put(EndOfStream(self.device, self.next_index, time.time(), reason="eof"))
@@ -417,11 +420,7 @@ class BatchRun:
     def clip_config(self, clip: str, data_key_path: Path | None) -> VeilcamConfig:
         from pipeline.app.replay import replay_config
 
-        prefix = self.opts.device_prefix
-        if self.base is not None:
-            name = self.camera or next(iter(self.base.cameras))
-            prefix = self.base.cameras[name].device_id or name
-        over = {**self.overrides, "device_id": device_for(clip, prefix)}
+        over = {**self.overrides, "device_id": device_for(clip, self._prefix())}
         try:
             cfg = replay_config(clip, self.base, camera=self.camera, state_dir=self.state_dir, overrides=over)
         except ValueError as e:  # pydantic ValidationError from an override
@@ -429,6 +428,13 @@ class BatchRun:
         if data_key_path is not None:
             cfg = cfg.model_copy(update={"data_key_path": data_key_path})
         return cfg
+
+    def _prefix(self) -> str:
+        """Device prefix: the config camera's device id (or name), else `device_prefix`."""
+        if self.base is None:
+            return self.opts.device_prefix
+        name = self.camera or next(iter(self.base.cameras))
+        return self.base.cameras[name].device_id or name
 
     def settings_digest(self, cfg: VeilcamConfig) -> str:
         """What decides a clip's alerts (camera settings but its source, rules, model): a manifest
@@ -543,6 +549,8 @@ class BatchRun:
             windows=outcome.windows,
             alerts=outcome.alerts,
         )
+        run.windows.clear()  # a finished clip keeps only its outcome
+        run.envelopes.clear()
         if outcome.status == "failed":
             log.error("batch: clip %s failed: %s", run.clip, outcome.reason)
         with self._lock:
@@ -555,9 +563,7 @@ class BatchRun:
         t_start = time.monotonic()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         data_key_path = self._data_key_path()
-        cfgs = {c: self.clip_config(c, data_key_path) for c in self.clips}
-        first = next(iter(cfgs.values()), None) if cfgs else self.clip_config("none", data_key_path)
-        assert first is not None
+        first = self.clip_config(self.clips[0] if self.clips else "none", data_key_path)
         settings = self.settings_digest(first)
         manifest_path = self.out.with_name(self.out.name + ".manifest")
         if self.opts.restart:
@@ -574,46 +580,19 @@ class BatchRun:
         skipped = len(self.clips) - len(todo)
         if skipped:
             log.info("batch: %d clip(s) already done (manifest %s); skipped", skipped, manifest_path)
-        cluster_cpus = 1.0
-        warming: list[Any] = []
         if todo:  # nothing to do: no Ray, no evaluator
             how = connect_ray(self.opts.ray, self.opts.local_cpus)
             log.info("batch: Ray %s; %d clip(s) to do", how, len(todo))
             cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
             per_task = max(self.opts.cpus_per_clip, 0.01)
             warm: Any = ray.remote(_warm_up)
+            # fire and forget: the workers import while this driver loads the evaluator and plans
             warming = [
                 warm.options(num_cpus=per_task).remote() for _ in range(max(1, int(cluster_cpus // per_task)))
             ]
-        # plan (probe frame counts) — an unreadable clip fails here, with its reason
-        runs: dict[str, _ClipRun] = {}
-        specs: list[SegmentSpec] = []
-        for clip in todo:
-            cfg = cfgs[clip]
-            device = cfg.device_of(next(iter(cfg.cameras)))
-            try:
-                est = self._frames_estimate(cfg)
-            except VeilcamError as e:
-                self.manifest.record(clip, "failed", str(e), device=device)
-                self.outcomes.append(ClipOutcome(clip, device, "failed", str(e), 0, 0, 0, 0, 0.0, 0.0, 0.0))
-                log.error("batch: clip %s failed: %s", clip, e)
-                continue
-            params = window_params(cfg, cfg.cameras[next(iter(cfg.cameras))])
-            clip_specs = plan_segments(
-                clip,
-                device,
-                est,
-                segment_frames=self.opts.segment_frames,
-                length_frames=params.length_frames,
-                stride_frames=params.stride_frames,
-                seq_base=self.reserve_seq(device),
-            )
-            runs[clip] = _ClipRun(self, clip, cfg, clip_specs)
-            specs.extend(clip_specs)
-        if runs:
-            self._setup_enclave(first, [r.device for r in runs.values()])
-            self._dispatch(runs, specs, cfgs, cluster_cpus)
-        del warming  # fire and forget: segment tasks queue behind them
+            self._setup_enclave(first, [device_for(c, self._prefix()) for c in todo])
+            self._dispatch(todo, data_key_path, cluster_cpus)
+            del warming
         outcomes = list(self.outcomes)
         failed = [o for o in outcomes if o.status == "failed"]
         summary = BatchSummary(
@@ -634,32 +613,69 @@ class BatchRun:
         self.manifest.close()
         return summary
 
-    def _dispatch(
-        self,
-        runs: dict[str, _ClipRun],
-        specs: list[SegmentSpec],
-        cfgs: dict[str, VeilcamConfig],
-        cluster_cpus: float,
-    ) -> None:
-        """Segment tasks to Ray (at most `inflight_cap` in flight), results to their clips in any
-        order; returns when every clip's enclave stage finished."""
+    def _plan(self, clip: str, data_key_path: Path | None) -> _ClipRun | None:
+        """Probe one clip and cut it into segments; None (recorded as failed) when it cannot be read.
+        Called as the dispatch loop needs work, so a huge archive starts at once, not after
+        probing every file."""
+        assert self.manifest is not None
+        cfg = self.clip_config(clip, data_key_path)
+        name = next(iter(cfg.cameras))
+        device = cfg.device_of(name)
+        try:
+            est = self._frames_estimate(cfg)
+        except VeilcamError as e:
+            self.manifest.record(clip, "failed", str(e), device=device)
+            with self._lock:
+                self.outcomes.append(ClipOutcome(clip, device, "failed", str(e), 0, 0, 0, 0, 0.0, 0.0, 0.0))
+            log.error("batch: clip %s failed: %s", clip, e)
+            return None
+        params = window_params(cfg, cfg.cameras[name])
+        specs = plan_segments(
+            clip,
+            device,
+            est,
+            segment_frames=self.opts.segment_frames,
+            length_frames=params.length_frames,
+            stride_frames=params.stride_frames,
+            seq_base=self.reserve_seq(device),
+        )
+        return _ClipRun(self, clip, cfg, specs)
+
+    def _dispatch(self, todo: list[str], data_key_path: Path | None, cluster_cpus: float) -> None:
+        """Plan clips as needed, keep at most `inflight_cap` segment tasks in flight, hand results
+        to their clips in any order; returns when every clip's enclave stage finished."""
         import ray
 
-        total = sum(s.frames_estimate for s in specs)
-        bar = _progress_bar(total, self.opts.progress)
+        bar = _progress_bar(0, self.opts.progress)
         progress: Any = ray.remote(_Progress).options(num_cpus=0).remote()
         task: Any = ray.remote(_segment_task)
         threads = max(1, math.floor(self.opts.cpus_per_clip)) if self.opts.cpus_per_clip >= 1 else 1
         inflight_cap = self.opts.max_inflight or max(
             2, 2 * int(cluster_cpus // max(self.opts.cpus_per_clip, 0.01))
         )
-        cfg_docs = {c: cfgs[c].model_copy(update={"broker": None}).model_dump(mode="json") for c in runs}
+        runs: dict[str, _ClipRun] = {}
+        cfg_docs: dict[str, dict[str, Any]] = {}
         pending: dict[Any, tuple[SegmentSpec, float]] = {}
-        queue = list(reversed(specs))
+        queue: list[SegmentSpec] = []
+        clips = iter(todo)
+        more = True
         shown = 0
         try:
-            while queue or pending:
-                while queue and len(pending) < inflight_cap:
+            while more or queue or pending:
+                while len(pending) < inflight_cap and (queue or more):
+                    if not queue:
+                        clip = next(clips, None)
+                        if clip is None:
+                            more = False
+                            continue
+                        run = self._plan(clip, data_key_path)
+                        if run is None:
+                            continue
+                        runs[clip] = run
+                        cfg_docs[clip] = run.cfg.model_copy(update={"broker": None}).model_dump(mode="json")
+                        queue.extend(reversed(run.specs))
+                        bar.grow(sum(sp.frames_estimate for sp in run.specs))
+                        continue
                     spec = queue.pop()
                     ref = task.options(
                         num_cpus=self.opts.cpus_per_clip,
@@ -669,12 +685,16 @@ class BatchRun:
                         name=f"veilcam-segment:{spec.key}",
                     ).remote(spec, cfg_docs[spec.clip], progress, threads)
                     pending[ref] = (spec, time.monotonic())
+                if not pending:
+                    continue
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
                 for ref in ready:
                     spec, t_sent = pending.pop(ref)
                     out = self._result(ref, spec)
                     self.first_clip_of_worker.setdefault(out.pid, spec.clip)
                     runs[spec.clip].segment_done(out, time.monotonic() - t_sent)
+                    if spec.index == len(runs[spec.clip].specs) - 1:
+                        cfg_docs.pop(spec.clip, None)
                 done_frames = int(ray.get(progress.total.remote()))
                 if done_frames > shown:
                     bar.update(done_frames - shown)
@@ -752,16 +772,34 @@ class _NoBar:
     def update(self, n: int = 1) -> None:
         return None
 
+    def grow(self, n: int) -> None:
+        return None
+
     def close(self) -> None:
         return None
 
 
-def _progress_bar(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
+class _Bar:
+    """tqdm over frames of all clips; its total grows as clips are planned."""
 
-    return tqdm(total=total or None, desc="batch", unit="frame", dynamic_ncols=True)
+    def __init__(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, desc="batch", unit="frame", dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+
+    def grow(self, n: int) -> None:
+        self._bar.total = (self._bar.total or 0) + n
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    return _Bar(total) if enabled else _NoBar()
 
 
 def run_batch(
