@@ -10,11 +10,8 @@ Only an attested enclave receives the model key (`veilcam provision model`).
 from __future__ import annotations
 
 import logging
-import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -24,7 +21,7 @@ import numpy.typing as npt
 from enclave_bridge.measured.model_inputs import input_transform_of
 from enclave_bridge.shared.errors import CheckpointError, ConfigError, IntegrityError, TransportError
 from enclave_bridge.shared.keys import ModelKey
-from enclave_bridge.shared.wire import pack_tensor, unpack_tensor
+from enclave_bridge.shared.wire import unpack_tensor
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +29,7 @@ PACKAGE_TYPE = "veilcam-model-package"
 MAX_PACKAGE_BYTES = 512 * 1024 * 1024
 
 
-def _aad(kid: str) -> bytes:
+def package_aad(kid: str) -> bytes:
     return f"veilcam-model-v1|{kid}".encode()
 
 
@@ -70,40 +67,6 @@ def validate_meta(meta: Mapping[str, Any], num_labels: int) -> dict[str, Any]:
     return m
 
 
-def package_model(
-    checkpoint: str | os.PathLike[str],
-    labels_path: str | os.PathLike[str],
-    meta: Mapping[str, Any],
-    key: ModelKey,
-    out: str | os.PathLike[str],
-) -> Path:
-    """Validate and encrypt a checkpoint + label map + metadata into `out`."""
-    from enclave_bridge.measured.stgcn import STGCN, load_label_map
-
-    labels = load_label_map(labels_path)
-    m = validate_meta(meta, len(labels))
-    kw = {k: m[k] for k in ("layout", "strategy") if k in m}
-    model = STGCN.from_checkpoint(checkpoint, num_class=m["num_class"], **kw)
-    tensors = {k: pack_tensor(v.detach().cpu().numpy()) for k, v in model.state_dict().items()}
-    plaintext = msgpack.packb({"tensors": tensors, "labels": labels, "meta": m}, use_bin_type=True)
-    nonce = os.urandom(12)
-    doc = {
-        "type": PACKAGE_TYPE,
-        "v": 1,
-        "kid": key.kid,
-        "created": int(time.time()),
-        "nonce": nonce,
-        "ct": key.encrypt(nonce, plaintext, _aad(key.kid)),
-    }
-    p = Path(out)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(msgpack.packb(doc, use_bin_type=True))
-    log.info(
-        "model package %s written (kid %s, %d classes, %d tensors)", p, key.kid, m["num_class"], len(tensors)
-    )
-    return p
-
-
 def package_kid(blob: bytes) -> str:
     """The kid a package is encrypted under (public header)."""
     kid: str = _parse(blob)["kid"]  # _parse checked it is a str
@@ -133,7 +96,7 @@ def open_package(blob: bytes, key: ModelKey) -> ModelBundle:
     doc = _parse(blob)
     if doc["kid"] != key.kid:
         raise IntegrityError(f"package is for model key {doc['kid']!r}, not {key.kid!r}")
-    plaintext = key.decrypt(doc["nonce"], doc["ct"], _aad(key.kid))
+    plaintext = key.decrypt(doc["nonce"], doc["ct"], package_aad(key.kid))
     try:
         body = msgpack.unpackb(plaintext, raw=False, max_bin_len=MAX_PACKAGE_BYTES)
         tensors = {str(k): unpack_tensor(v) for k, v in body["tensors"].items()}
@@ -157,7 +120,7 @@ __all__ = [
     "ModelBundle",
     "build_model_checked",
     "open_package",
+    "package_aad",
     "package_kid",
-    "package_model",
     "validate_meta",
 ]

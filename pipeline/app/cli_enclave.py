@@ -86,7 +86,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_model_package(args: argparse.Namespace) -> int:
-    from enclave_bridge.measured.model_package import package_model
+    from enclave_bridge.host.packaging import package_model
     from enclave_bridge.shared.errors import ConfigError
     from enclave_bridge.shared.keys import generate_model_key, load_model_key
 

@@ -12,8 +12,8 @@ import torch
 
 from enclave_bridge.host.alert_opener import AlertOpener
 from enclave_bridge.host.client import provision_data_key, provision_model
+from enclave_bridge.host.packaging import package_model
 from enclave_bridge.measured.model_inputs import apply_input_transform
-from enclave_bridge.measured.model_package import package_model
 from enclave_bridge.measured.stgcn import STGCN
 from enclave_bridge.shared.attest import new_nonce
 from enclave_bridge.shared.errors import ConfigError, IntegrityError

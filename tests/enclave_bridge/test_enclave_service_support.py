@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from enclave_bridge.host.client import EnclaveClient
-from enclave_bridge.measured.model_package import package_model
+from enclave_bridge.host.packaging import package_model
 from enclave_bridge.measured.stgcn import STGCN
 from enclave_bridge.shared.attest import PlatformKey, Verifier
 from enclave_bridge.shared.errors import TransportError

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from enclave_bridge.measured.model_package import open_package, package_kid, package_model
+from enclave_bridge.host.packaging import package_model
+from enclave_bridge.measured.model_package import open_package, package_kid
 from enclave_bridge.measured.stgcn import STGCN
 from enclave_bridge.shared.errors import CheckpointError, ConfigError, IntegrityError
 from enclave_bridge.shared.keys import ModelKey, generate_model_key, load_model_key

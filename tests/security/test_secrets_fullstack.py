@@ -27,7 +27,7 @@ import torch
 from config.broker import BrokerConfig
 from config.schema import REPO_ROOT, EnclaveConfig, RulesConfig, SupervisorConfig
 from enclave_bridge.host.alert_opener import AlertOpener
-from enclave_bridge.measured.model_package import package_model
+from enclave_bridge.host.packaging import package_model
 from enclave_bridge.shared.attest import new_nonce
 from enclave_bridge.shared.ring import P
 from enclave_bridge.shared.wire import unpack_tensor
