@@ -38,6 +38,7 @@ _M26 = np.int64((1 << 26) - 1)
 _M31 = np.int64((1 << 31) - 1)
 _M30 = np.int64((1 << 30) - 1)
 
+
 class _JitOptions(TypedDict):
     """`nb.njit` keywords shared by every kernel (typed, so the decorator's overloads resolve)."""
 

@@ -14,6 +14,8 @@ import numpy as np
 from enclave_bridge.shared.ring import P
 
 _P = np.int64(P)
+
+
 class _JitOptions(TypedDict):
     """`nb.njit` keywords shared by every kernel (typed, so the decorator's overloads resolve)."""
 
