@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from enclave_bridge.host.client import EnclaveClient, _Rpc, provision_data_key, provision_model  # noqa: E402
-from enclave_bridge.measured.model_package import package_model  # noqa: E402
+from enclave_bridge.host.packaging import package_model  # noqa: E402
 from enclave_bridge.measured.stgcn import STGCN  # noqa: E402
 from enclave_bridge.measured.worker_client import wait_for_worker  # noqa: E402
 from enclave_bridge.shared.attest import PlatformKey, Verifier, new_nonce  # noqa: E402
@@ -506,7 +506,7 @@ def run_full_level(dep: Deployment, broker: Any, n: int, args: argparse.Namespac
     """N cameras through the real daemon for `warmup_s` + `duration_s`; numbers over the latter."""
     from config.broker import BrokerConfig
     from config.schema import VeilcamConfig
-    from enclave_bridge.measured.alerts import AlertOpener
+    from enclave_bridge.host.alert_opener import AlertOpener
     from pipeline.app.daemon import Daemon, build_link
     from pipeline.app.subscriber import AlertSubscriber
     from pipeline.outbox import Outbox

@@ -88,6 +88,7 @@ from enclave_bridge.shared.wire import (
 log = logging.getLogger(__name__)
 
 KEY_REFRESH_S = 60.0
+DEFAULT_BATCH_MAX = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +151,9 @@ class EvaluationEnclave:
         self.worker_timeout_s: float | None = ev.get("timeout_s")
         self.act_limbs: int | None = ev.get("act_limbs")
         self.workers: list[str] | None = ev.get("workers")
+        # windows of several cameras queued at once are evaluated in one pass; not in paper mode,
+        # whose precompute pool holds masks for one window at a time
+        self.batch_max = int(ev.get("batch_max") or (1 if self.mode == "paper" else DEFAULT_BATCH_MAX))
         self.topk = int(cfg.get("topk", 5))
         self._lock = threading.RLock()  # guards model/evaluator/keys/counters
         self._keys: dict[str, tuple[DataKey, float | None]] = {}
@@ -180,6 +184,8 @@ class EvaluationEnclave:
             "windows_retried": 0,
         }
         self._reject_logged: dict[tuple[str, str], int] = {}
+        self._device_locks: dict[str, threading.Lock] = {}
+        self._inflight: dict[str, int | None] = {}  # device → seq accepted before its window in flight
         self._load_model_from_state()
         self._load_policy_from_state()
 
@@ -193,7 +199,13 @@ class EvaluationEnclave:
             d: {"seq": q, "digest": h, "alerts": [a.hex() for a in al]}
             for d, (q, h, al) in self._last_result.items()
         }
-        doc = {"replay": self.guard.state(), "alert_seq": self.alert_seq, "last_result": last}
+        replay = self.guard.state()
+        for device, prev in self._inflight.items():  # windows still being evaluated: not consumed yet
+            if prev is None:
+                replay.pop(device, None)
+            else:
+                replay[device] = prev
+        doc = {"replay": replay, "alert_seq": self.alert_seq, "last_result": last}
         self.store.put("counters", json.dumps(doc, sort_keys=True).encode())
 
     def _load_model_from_state(self) -> None:
@@ -232,7 +244,9 @@ class EvaluationEnclave:
         evaluator = make_evaluator(
             model, self.mode, self.worker, self.worker_timeout_s, self.act_limbs, self.workers
         )
-        new = WindowEvaluator(evaluator, bundle.labels, input_transform_of(bundle.meta), self.topk)
+        new = WindowEvaluator(
+            evaluator, bundle.labels, input_transform_of(bundle.meta), self.topk, self.batch_max
+        )
         with self._lock:
             old = self.window_eval
             if old is not None:
@@ -307,7 +321,7 @@ class EvaluationEnclave:
         return SubmitResult("rejected", reason, [], seq).to_wire()
 
     def h_submit(self, conn: Connection, req: dict[str, Any]) -> dict[str, Any]:
-        from enclave_bridge.shared.windows import WindowRejected, open_window, parse_header
+        from enclave_bridge.shared.windows import WindowRejected, parse_header
 
         sub = SubmitRequest.from_wire(req)
         blob = sub.blob
@@ -338,6 +352,26 @@ class EvaluationEnclave:
                 log.warning("cannot refresh data keys: %s", e)
             keys = self._active_keys()
         digest = hashlib.sha256(blob).hexdigest()
+        # One device's windows run one at a time (rule order, replay state); different devices'
+        # windows are evaluated concurrently, so the batcher can stack those that queue up.
+        with self._device_lock(hdr.device):
+            return self._submit_locked(sub, hdr, digest, keys, dev, we)
+
+    def _device_lock(self, device: str) -> threading.Lock:
+        with self._lock:
+            return self._device_locks.setdefault(device, threading.Lock())
+
+    def _submit_locked(
+        self,
+        sub: SubmitRequest,
+        hdr: Any,
+        digest: str,
+        keys: dict[str, DataKey],
+        dev: _Device,
+        we: WindowEvaluator,
+    ) -> dict[str, Any]:
+        from enclave_bridge.shared.windows import WindowRejected, open_window
+
         with self._lock:
             last = self._last_result.get(hdr.device)
             if sub.resend and last is not None and last[0] == hdr.seq and last[1] == digest:
@@ -345,17 +379,25 @@ class EvaluationEnclave:
                 self.stats_counters["windows_retried"] += 1
                 log.info("window %s/%d resubmitted: returning its earlier result", hdr.device, hdr.seq)
                 return SubmitResult("ok", None, list(last[2]), hdr.seq).to_wire()
+            prev = self.guard.last(hdr.device)
             try:
-                w = open_window(blob, keys, self.guard)
+                w = open_window(sub.blob, keys, self.guard)
             except WindowRejected as e:
                 return self._reject(hdr.device, e.reason, str(e), hdr.seq)
-            t = time.perf_counter()
-            try:
-                verdict = we.classify(w)
-            except VeilcamError as e:  # e.g. GPU worker unreachable: the window is lost, counted
+            # until its result is sealed, a crash must leave this window acceptable again: the
+            # persisted replay state keeps the device's previous seq while it is being evaluated
+            self._inflight[w.device] = prev
+        t = time.perf_counter()
+        try:
+            verdict = we.classify(w)  # outside the lock: other devices' windows may join the batch
+        except VeilcamError as e:  # e.g. GPU worker unreachable: the window is lost, counted
+            with self._lock:
+                self._inflight.pop(w.device, None)
                 self._save_counters()
                 return self._reject(w.device, "eval_error", f"{type(e).__name__}: {e}", w.seq)
-            except (ValueError, RuntimeError, IndexError) as e:  # authentic, but not what the model takes
+        except (ValueError, RuntimeError, IndexError) as e:  # authentic, but not what the model takes
+            with self._lock:
+                self._inflight.pop(w.device, None)
                 self._save_counters()
                 return self._reject(
                     w.device,
@@ -363,7 +405,9 @@ class EvaluationEnclave:
                     f"window {tuple(w.data.shape)} does not fit the model ({type(e).__name__})",
                     w.seq,
                 )
-            dt = time.perf_counter() - t
+        dt = time.perf_counter() - t
+        with self._lock:
+            self._inflight.pop(w.device, None)
             self.stats_counters["windows_ok"] += 1
             self.stats_counters["eval_s_total"] += dt
             self.stats_counters["eval_s_last"] = dt
@@ -444,6 +488,14 @@ class EvaluationEnclave:
         s["windows_rejected"] = dict(s["windows_rejected"])
         we = self.window_eval
         s["alerts_suppressed"] = we.engine.suppressed if we is not None else 0
+        if we is not None and we.batcher is not None:
+            b = we.batcher.stats
+            s["batches"] = {
+                "count": b.batches,
+                "windows": b.windows,
+                "largest": b.largest,
+                "sizes": {str(k): v for k, v in b.sizes.items()},
+            }
         ev_stats = getattr(we.evaluator if we is not None else None, "stats", None)
         as_dict = getattr(ev_stats, "as_dict", None)
         if callable(as_dict):  # SecureEvaluator counters: Freivalds, pool, bytes, per-part timings

@@ -73,6 +73,9 @@ def validate_enclave_config(cfg: Any, role: str, where: str = "enclave config") 
         t = ev.get("timeout_s")
         if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= 3600):
             raise ConfigError(f"{where}.evaluator.timeout_s: seconds in (0, 3600] (GPU worker replies)")
+        bm = ev.get("batch_max")
+        if bm is not None and (isinstance(bm, bool) or not isinstance(bm, int) or not 1 <= bm <= 64):
+            raise ConfigError(f"{where}.evaluator.batch_max: windows evaluated in one pass, 1..64")
         limbs = ev.get("act_limbs")
         if limbs is not None and (isinstance(limbs, bool) or limbs not in (1, 2, 3)):
             raise ConfigError(f"{where}.evaluator.act_limbs: 1, 2 or 3 activation digits")

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from enclave_bridge.measured.alerts import build_alert
+from enclave_bridge.measured.batcher import WindowBatcher
 from enclave_bridge.measured.model_inputs import apply_input_transform
 from enclave_bridge.shared.rules import AlertRules, RuleEngine
 from enclave_bridge.shared.windows import OpenedWindow
@@ -25,7 +26,6 @@ class LogitsEvaluator(Protocol):
     """What computes logits: `SecureEvaluator` in any mode, or the in-enclave torch fallback."""
 
     def evaluate(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.floating[Any]]: ...
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +75,11 @@ class WindowEvaluator:
         labels: Sequence[str],
         input_transform: str = "reference",
         topk: int = 5,
+        batch_max: int = 1,
     ) -> None:
         self.evaluator = evaluator
+        # windows of several cameras that queue up are evaluated in one pass (enclave service)
+        self.batcher = WindowBatcher(evaluator.evaluate, batch_max) if batch_max > 1 else None
         self.labels = list(labels)
         self.input_transform = input_transform
         self.topk = max(1, min(int(topk), len(self.labels)))
@@ -85,6 +88,8 @@ class WindowEvaluator:
     def classify(self, w: OpenedWindow) -> Verdict:
         """Evaluate one window (errors from the evaluator propagate: the caller counts them)."""
         x = apply_input_transform(w.data[None], self.input_transform)
+        if self.batcher is not None:
+            return self.verdict(w, self.batcher.evaluate_one(x[0]))
         logits = np.asarray(self.evaluator.evaluate(x), dtype=np.float64)[0]
         return self.verdict(w, logits)
 
@@ -120,6 +125,8 @@ class WindowEvaluator:
         return [build_alert(w.device, next_seq(w.device), time.time(), fields, recipients, sign, kid)]
 
     def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
         close = getattr(self.evaluator, "close", None)
         if close is not None:
             close()
