@@ -26,23 +26,30 @@ Rerunning the command skips clips the manifest records as done (`--restart` igno
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import logging
 import math
 import os
-import re
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from config.schema import DEFAULT_MODEL_DIR, VeilcamConfig
+from pipeline.app.batch_inputs import (
+    BatchOptions,
+    BatchSummary,
+    ClipOutcome,
+    device_for,
+    expand_clips,
+    format_summary,
+)
+from pipeline.app.batch_ray import FrameProgress, connect_ray, progress_bar, segment_task, warm_up
 from pipeline.app.batch_report import Manifest, ReportWriter
-from pipeline.app.batch_segments import SEQ_BLOCK, SegmentOutput, SegmentSpec, plan_segments, run_segment
+from pipeline.app.batch_segments import SEQ_BLOCK, SegmentOutput, SegmentSpec, plan_segments
 from pipeline.app.daemon import make_local_enclave, window_params
 from pipeline.errors import ConfigError, IntegrityError, StageError, VeilcamError
 from pipeline.messages import AlertEnvelope, EndOfStream, SealedWindow
@@ -52,195 +59,6 @@ from stages.capture import CaptureStage
 from stages.enclave_client import EnclaveStage
 
 log = logging.getLogger(__name__)
-
-VIDEO_SUFFIXES = frozenset(
-    {".avi", ".mp4", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".webm", ".wmv", ".flv", ".3gp"}
-)
-_DEVICE_BAD = re.compile(r"[^A-Za-z0-9_.-]+")
-
-
-# -- inputs ------------------------------------------------------------------------------------------
-def expand_clips(inputs: Iterable[str], list_file: Path | None = None) -> list[str]:
-    """Files, directories (searched recursively for video files), glob patterns and a list file
-    (one path per line, `#` comments) → absolute paths, in order, without duplicates. A path that
-    does not exist is kept: it is reported as a failed clip, not silently skipped."""
-    items = list(inputs)
-    if list_file is not None:
-        try:
-            lines = list_file.read_text().splitlines()
-        except OSError as e:
-            raise ConfigError(f"--list {list_file}: {e.strerror}") from e
-        base = list_file.parent
-        for line in lines:
-            s = line.strip()
-            if s and not s.startswith("#"):
-                items.append(s if os.path.isabs(s) else str(base / s))
-    out: dict[str, None] = {}
-    for item in items:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() in VIDEO_SUFFIXES:
-                    out[str(f.resolve())] = None
-        elif any(ch in item for ch in "*?[") and not p.exists():
-            matches = sorted(glob.glob(str(p), recursive=True))
-            if not matches:
-                log.warning("batch: the pattern %s matches no file", item)
-            for m in matches:
-                if os.path.isfile(m):
-                    out[str(Path(m).resolve())] = None
-        else:
-            out[str(p.resolve())] = None
-    return list(out)
-
-
-def device_for(clip: str, prefix: str = "batch") -> str:
-    """A per-clip device id valid on MQTT topics: `<prefix>-<stem>-<8 hex of the path>`."""
-    digest = hashlib.sha256(clip.encode()).hexdigest()[:8]
-    stem = _DEVICE_BAD.sub("_", Path(clip).stem).strip("_.-") or "clip"
-    head = _DEVICE_BAD.sub("_", prefix).strip("_.-") or "batch"
-    room = 64 - len(head) - len(digest) - 2
-    return f"{head}-{stem[: max(1, room)]}-{digest}"
-
-
-# -- options and results -------------------------------------------------------------------------------
-@dataclass
-class BatchOptions:
-    """How a batch runs (the CLI flags). `ray`: "auto" (join a running cluster, else start a
-    local one without dashboard), "local" (always a private local one), or a cluster address."""
-
-    out: Path
-    ray: str = "auto"
-    local_cpus: int | None = None
-    cpus_per_clip: float = 1.0
-    gpus_per_clip: float = 0.0
-    segment_frames: int = 3000
-    state_dir: Path | None = None
-    progress: bool = True
-    restart: bool = False
-    max_task_retries: int = 3
-    max_inflight: int | None = None
-    device_prefix: str = "batch"
-    consumer_key: Any = None  # PartyKey opening alerts for the report (remote enclaves)
-    enclave_verify_keys: list[bytes] = field(default_factory=list)  # verified alert-signing keys
-
-
-@dataclass
-class ClipOutcome:
-    clip: str
-    device: str
-    status: str  # done | failed
-    reason: str | None
-    frames: int
-    windows: int
-    alerts: int
-    segments: int
-    pose_s: float
-    task_wall_s: float
-    task_latency_s: float  # dispatch → result, per segment summed (includes queueing)
-    warning: str | None = None
-    timings_s: dict[str, float] = field(default_factory=dict)  # summed stage work: capture, pose, …, enclave
-    cpu_s: float = 0.0  # CPU time of its segment tasks
-    first_task_on_worker: bool = False  # paid the worker's cold start (imports) in its latency
-
-
-@dataclass
-class BatchSummary:
-    clips: int
-    clips_done: int
-    clips_skipped: int
-    clips_failed: int
-    frames: int
-    windows: int
-    alerts: int
-    failures: list[dict[str, str]]
-    wall_s: float
-    outcomes: list[ClipOutcome] = field(default_factory=list)
-    report: str = ""
-
-    @property
-    def frames_per_s(self) -> float:
-        return self.frames / self.wall_s if self.wall_s > 0 else 0.0
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.clips_failed else 0
-
-    def as_line(self) -> dict[str, Any]:
-        return {
-            "clips": self.clips,
-            "clips_done": self.clips_done,
-            "clips_skipped": self.clips_skipped,
-            "clips_failed": self.clips_failed,
-            "frames": self.frames,
-            "windows": self.windows,
-            "alerts": self.alerts,
-            "failures": self.failures,
-            "wall_s": round(self.wall_s, 3),
-            "frames_per_s": round(self.frames_per_s, 3),
-        }
-
-
-# -- Ray ------------------------------------------------------------------------------------------
-class _Progress:
-    """Ray actor: owned frames posed per segment (max, so a retried segment does not count twice)."""
-
-    def __init__(self) -> None:
-        self.frames: dict[str, int] = {}
-
-    def report(self, key: str, n: int) -> None:
-        self.frames[key] = max(self.frames.get(key, 0), int(n))
-
-    def total(self) -> int:
-        return sum(self.frames.values())
-
-
-def _segment_task(
-    spec: SegmentSpec, cfg_doc: dict[str, Any], progress: Any, threads: int | None
-) -> SegmentOutput:
-    """Ray task body: rebuild the config (validated again on the node) and run the segment."""
-    logging.getLogger().setLevel(logging.WARNING)
-    cfg = VeilcamConfig.model_validate(cfg_doc)
-
-    def on_frames(n: int) -> None:
-        if progress is not None:
-            progress.report.remote(spec.key, n)
-
-    return run_segment(spec, cfg, on_frames=on_frames, threads=threads)
-
-
-def _warm_up() -> int:
-    """Ray task: nothing but the imports of this module tree (deserialising it does them), so
-    workers pay their cold start while the driver plans the run and loads the evaluator."""
-    return os.getpid()
-
-
-def connect_ray(address: str = "auto", local_cpus: int | None = None) -> str:
-    """Join or start Ray; returns what happened ("joined ADDRESS", "local", "already")."""
-    import ray
-
-    if ray.is_initialized():
-        return "already"
-    quiet: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
-    if address not in ("auto", "local"):
-        try:
-            ray.init(address=address, **quiet)
-        except (ConnectionError, ValueError, RuntimeError) as e:
-            raise ConfigError(f"--ray {address}: cannot join the Ray cluster: {e}") from e
-        return f"joined {address}"
-    if address == "auto":  # reads RAY_ADDRESS, else the address `ray start --head` left on this host
-        try:
-            ray.init(address="auto", **quiet)
-            return "joined running cluster"
-        except (ConnectionError, RuntimeError) as e:
-            log.info("batch: no running Ray cluster to join (%s); starting a local one", e)
-    ray.init(
-        num_cpus=local_cpus or os.cpu_count() or 1,
-        include_dashboard=False,
-        object_store_memory=256 * 1024 * 1024,
-        **quiet,
-    )
-    return "local"
 
 
 # -- alert opening ---------------------------------------------------------------------------------
@@ -585,7 +403,7 @@ class BatchRun:
             log.info("batch: Ray %s; %d clip(s) to do", how, len(todo))
             cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
             per_task = max(self.opts.cpus_per_clip, 0.01)
-            warm: Any = ray.remote(_warm_up)
+            warm: Any = ray.remote(warm_up)
             # fire and forget: the workers import while this driver loads the evaluator and plans
             warming = [
                 warm.options(num_cpus=per_task).remote() for _ in range(max(1, int(cluster_cpus // per_task)))
@@ -646,9 +464,9 @@ class BatchRun:
         to their clips in any order; returns when every clip's enclave stage finished."""
         import ray
 
-        bar = _progress_bar(0, self.opts.progress)
-        progress: Any = ray.remote(_Progress).options(num_cpus=0).remote()
-        task: Any = ray.remote(_segment_task)
+        bar = progress_bar(0, self.opts.progress)
+        progress: Any = ray.remote(FrameProgress).options(num_cpus=0).remote()
+        task: Any = ray.remote(segment_task)
         threads = max(1, math.floor(self.opts.cpus_per_clip)) if self.opts.cpus_per_clip >= 1 else 1
         inflight_cap = self.opts.max_inflight or max(
             2, 2 * int(cluster_cpus // max(self.opts.cpus_per_clip, 0.01))
@@ -768,40 +586,6 @@ class BatchRun:
                 log.debug("batch: enclave link close: %s", e)
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        return None
-
-    def grow(self, n: int) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
-
-
-class _Bar:
-    """tqdm over frames of all clips; its total grows as clips are planned."""
-
-    def __init__(self, total: int) -> None:
-        from tqdm import tqdm
-
-        self._bar = tqdm(total=total, desc="batch", unit="frame", dynamic_ncols=True)
-
-    def update(self, n: int = 1) -> None:
-        self._bar.update(n)
-
-    def grow(self, n: int) -> None:
-        self._bar.total = (self._bar.total or 0) + n
-        self._bar.refresh()
-
-    def close(self) -> None:
-        self._bar.close()
-
-
-def _progress_bar(total: int, enabled: bool) -> Any:
-    return _Bar(total) if enabled else _NoBar()
-
-
 def run_batch(
     clips: Sequence[str],
     base: VeilcamConfig | None,
@@ -812,18 +596,6 @@ def run_batch(
 ) -> BatchSummary:
     """Run `clips` (absolute paths, see `expand_clips`) and write the report; see the module doc."""
     return BatchRun(clips, base, opts, camera=camera, overrides=overrides).run()
-
-
-def format_summary(s: BatchSummary) -> str:
-    lines = [
-        f"batch: {s.clips} clip(s): {s.clips_done} done, {s.clips_skipped} skipped (done before), "
-        f"{s.clips_failed} failed",
-        f"  frames {s.frames}  windows {s.windows}  alerts {s.alerts}  wall {s.wall_s:.1f} s"
-        + (f"  ({s.frames_per_s:.1f} frames/s)" if s.wall_s > 0 else ""),
-        f"  report {s.report}",
-    ]
-    lines.extend(f"  failed: {f['clip']}: {f['reason']}" for f in s.failures)
-    return "\n".join(lines)
 
 
 __all__ = [
