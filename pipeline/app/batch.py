@@ -21,6 +21,10 @@ Faults: a Ray worker that dies mid-segment has its task retried by Ray (`max_tas
 nothing of a segment reaches the enclave before its task returned, so a retry cannot double an
 alert. A clip that cannot be opened is recorded as failed with the reason and the run goes on.
 Rerunning the command skips clips the manifest records as done (`--restart` ignores it).
+
+Why one module of ~610 lines: `BatchRun` is one driver loop (plan segments, collect them in any
+order, feed each clip's windows in media order to its enclave stage, write the report, record the
+manifest) over shared per-run state; inputs and the Ray side are already their own modules.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ camera after the last one served first, so a fast camera cannot starve a slow on
 arrive while pose is busy wait — and are dropped oldest-first and counted — in the camera's own
 frame queue in the daemon, as before. In the child, frames of the same input size go through the
 network as one batch when the backend can (`run_batch`, openvino-openpose), else one by one.
+
+Why one module of ~430 lines: the shared pose server's child process, dispatcher thread and client
+proxy speak one private protocol over one pipe; they change together.
 """
 
 from __future__ import annotations
