@@ -1,9 +1,0 @@
-"""Moved to `pipeline.app.daemon` (issue 13: the application layer sits on top of `pipeline`).
-
-Transitional alias for code written before the move; removed when nothing imports it.
-"""
-
-import importlib
-import sys
-
-sys.modules[__name__] = importlib.import_module("pipeline.app.daemon")
