@@ -165,6 +165,9 @@ def time_mode(model: STGCN, mode: str, x: np.ndarray, reps: int, addrs: list[str
         res["breakdown_ms"] = {k: v / n for k, v in res["breakdown_ms"].items()}
         res["bytes_to_workers"] //= n
         res["bytes_from_workers"] //= n
+        if "projected_gpu_ms" in res:
+            res["projected_gpu_ms"] = {k: v / n for k, v in res["projected_gpu_ms"].items()}
+            res["worker_fp64_macs"] = [v // n for v in res["worker_fp64_macs"]]
         res["batch"] = n
     res["model_macs"] = ev.qm.macs(n, t, m)
     res["weight_elements"] = ev.qm.weight_elements()
