@@ -147,3 +147,16 @@ def test_shipped_default_model_recognises_fresh_synthetic_windows() -> None:
     with torch.no_grad():
         pred = model(torch.from_numpy(apply_input_transform(x, input_transform_of(meta)))).argmax(1).numpy()
     assert (pred == y).mean() >= 0.6
+
+
+def test_cli_default_model_is_the_shipped_one() -> None:
+    """`veilcam train/evaluate/realcheck` without --model use samples/default_model of the checkout
+    (a module move once pointed it at pipeline/samples/…, and every default run failed)."""
+    from pipeline.app.cli_train import DEFAULT_MODEL as CLI_DEFAULT
+
+    assert Path(CLI_DEFAULT).resolve() == DEFAULT_MODEL.resolve()
+    if (DEFAULT_MODEL / "model.json").exists():
+        meta = json.loads((DEFAULT_MODEL / "model.json").read_text())
+        # a fine-tuned default names the real clips it saw, so realcheck can report the others apart
+        if meta["train_config"].get("real_windows"):
+            assert meta.get("real_clips"), "fine-tuned on real windows but model.json lacks real_clips"
