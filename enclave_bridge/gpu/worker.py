@@ -35,7 +35,16 @@ import torch
 from enclave_bridge.shared.errors import TransportError
 from enclave_bridge.shared.linear import OpMeta, apply_linear
 from enclave_bridge.shared.ring import P, RingWeight, add_mod, sub_mod
-from enclave_bridge.shared.wire import listen, pack_tensor, recv_frame, send_frame, unpack_tensor
+from enclave_bridge.shared.wire import (
+    listen,
+    pack_tensor,
+    raw_desc,
+    recv_frame,
+    recv_raw,
+    send_frame,
+    send_raw,
+    unpack_tensor,
+)
 from enclave_bridge.shared.worker_proto import Term, WorkerError
 
 log = logging.getLogger(__name__)
@@ -162,17 +171,27 @@ class WorkerCore:
         self.tampered += 1
         return y
 
-    def handle(self, msg: Any, arena: Any = None) -> dict[str, Any]:
+    def handle(
+        self, msg: Any, arena: Any = None, raw: list[npt.NDArray[Any]] | None = None
+    ) -> dict[str, Any]:
         """Dispatch one decoded request to a reply dict (never raises for bad requests).
 
-        `arena`: the connection's shared-memory arena (`shm.Arena`), when the client attached one.
+        `arena`: the connection's shared-memory arena (`shm.Arena`), when the client attached one;
+        `raw`: the raw tensor segments that followed the request frame. A `raw_reply` request gets
+        its outputs as raw segments: the reply's `_raw` entry holds the arrays to send after it.
         """
         if not isinstance(msg, dict):
             return {"ok": False, "error": "request must be a map", "code": "bad_request"}
         op = msg.get("op")
         try:
             if op == "hello":
-                return {"ok": True, "device": str(self.device), "modulus": P, "version": PROTOCOL_VERSION}
+                return {
+                    "ok": True,
+                    "device": str(self.device),
+                    "modulus": P,
+                    "version": PROTOCOL_VERSION,
+                    "raw": True,  # raw tensor segments after frames (TCP clients, no msgpack copies)
+                }
             if op == "ping":
                 return {"ok": True}
             if op == "load":
@@ -189,7 +208,7 @@ class WorkerCore:
                 raw_terms = msg.get("terms")
                 if not isinstance(raw_terms, list):
                     raise WorkerError("terms must be a list")
-                terms = [Term.from_wire(t, arena) for t in raw_terms]
+                terms = [Term.from_wire(t, arena, raw) for t in raw_terms]
                 out_at = msg.get("out")
                 if out_at is not None and (
                     arena is None
@@ -201,6 +220,14 @@ class WorkerCore:
                 t0 = time.perf_counter()
                 outs = self.compute(str(msg.get("model_id")), names, terms)
                 dt = time.perf_counter() - t0
+                if out_at is None and msg.get("raw_reply") is True:
+                    return {
+                        "ok": True,
+                        "outputs": [{"raw": i} for i in range(len(outs))],
+                        "raw": [raw_desc(o) for o in outs],
+                        "compute_s": dt,
+                        "_raw": outs,
+                    }
                 if out_at is None:
                     return {"ok": True, "outputs": [pack_tensor(o) for o in outs], "compute_s": dt}
                 placed = []
@@ -275,9 +302,21 @@ def _serve_conn(core: WorkerCore, conn: socket.socket, peer: str) -> None:
                 except (TransportError, TypeError, ValueError) as e:
                     reply = {"ok": False, "error": f"attach failed: {e}", "code": "bad_request"}
             else:
-                reply = core.handle(msg, arena)
+                raw = None
+                if isinstance(msg, dict) and "raw" in msg:
+                    try:  # the segments follow the frame: a bad one desynchronises the stream
+                        raw = recv_raw(conn, msg["raw"])
+                    except TransportError as e:
+                        log.info("connection %s closed: %s", peer, e)
+                        if arena is not None:
+                            arena.close()
+                        return
+                reply = core.handle(msg, arena, raw)
+            out_raw = reply.pop("_raw", None)
             try:
                 send_frame(conn, reply)
+                if out_raw is not None:
+                    send_raw(conn, out_raw)
             except TransportError as e:
                 log.info("connection %s lost while replying: %s", peer, e)
                 return

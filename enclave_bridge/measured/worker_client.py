@@ -19,7 +19,16 @@ import numpy.typing as npt
 from enclave_bridge.shared.errors import TransportError
 from enclave_bridge.shared.ring import P
 from enclave_bridge.shared.shm import Arena, aligned
-from enclave_bridge.shared.wire import connect, pack_tensor, recv_frame, send_frame, unpack_tensor
+from enclave_bridge.shared.wire import (
+    connect,
+    pack_tensor,
+    raw_desc,
+    recv_frame,
+    recv_raw,
+    send_frame,
+    send_raw,
+    unpack_tensor,
+)
 from enclave_bridge.shared.worker_proto import Term
 
 log = logging.getLogger(__name__)
@@ -44,6 +53,8 @@ class WorkerClient:
         self.bytes_sent = self.bytes_received = 0
         self.reconnects = 0
         self.device: str | None = None
+        self.raw_frames = False  # the worker takes raw tensor segments (no msgpack payload copies)
+        self.raw_calls = 0
 
     # -- connection --------------------------------------------------------------------------
     def _connection(self) -> socket.socket:
@@ -56,6 +67,7 @@ class WorkerClient:
             if hello.get("modulus") != P:
                 raise TransportError(f"worker uses modulus {hello.get('modulus')}, expected {P}")
             self.device = str(hello.get("device"))
+            self.raw_frames = hello.get("raw") is True
             if self._arena is not None:
                 self._attach()
             for model_id, ops in self._models.items():
@@ -126,6 +138,27 @@ class WorkerClient:
         self.bytes_received += _reply_bytes(reply)
         return reply
 
+    def _call_segments(
+        self, msg: dict[str, Any], arrays: list[npt.NDArray[np.int64]]
+    ) -> tuple[dict[str, Any], list[npt.NDArray[Any]]]:
+        """`msg` followed by raw segments; the reply's raw segments land in fresh arrays."""
+        sock = self._sock
+        if sock is None:
+            raise TransportError("not connected")
+        try:
+            self.bytes_sent += send_frame(sock, {**msg, "raw": [raw_desc(a) for a in arrays]})
+            self.bytes_sent += send_raw(sock, arrays)
+            reply = recv_frame(sock)
+            if not isinstance(reply, dict):
+                raise TransportError("worker sent a malformed reply")
+            outs = recv_raw(sock, reply["raw"]) if "raw" in reply else []
+        except TransportError:
+            self._drop()
+            raise
+        self.raw_calls += 1
+        self.bytes_received += _reply_bytes(reply) + sum(a.nbytes for a in outs)
+        return reply, outs
+
     def _load_raw(self, model_id: str, ops: list[dict[str, Any]]) -> None:
         wire_ops = [
             {"name": o["name"], "meta": o["meta"], "slots": [pack_tensor(w) for w in o["slots"]]} for o in ops
@@ -162,12 +195,18 @@ class WorkerClient:
         arena, layout = self._arena, self._layout
         self._layout = None
         wire_terms = []
+        segments: list[npt.NDArray[np.int64]] = []
         for t in terms:
             if arena is not None and t.x is not None and (off := _offset_in(arena, t.x)) is not None:
                 wire_terms.append({"slot": t.slot, "sign": t.sign, "shm": off, "shape": list(t.x.shape)})
+            elif arena is None and self.raw_frames and t.x is not None:
+                wire_terms.append({"slot": t.slot, "sign": t.sign, "raw": len(segments)})
+                segments.append(t.x)
             else:
                 wire_terms.append(t.to_wire())
         msg["terms"] = wire_terms
+        raw_outs: list[npt.NDArray[Any]] = []
+        use_raw = arena is None and self.raw_frames
         out_offs: list[int] | None = None
         if arena is not None and layout is not None and out_shapes is not None:
             out_offs, pos = [], layout[1]
@@ -175,8 +214,18 @@ class WorkerClient:
                 out_offs.append(pos)
                 pos += aligned(8 * int(np.prod(shp)))
             msg["out"] = out_offs
+        if use_raw:
+            msg["raw_reply"] = True
+
+        def call() -> dict[str, Any]:
+            nonlocal raw_outs
+            if not use_raw:
+                return self._call_raw(msg)
+            reply, raw_outs = self._call_segments(msg, segments)
+            return reply
+
         try:
-            reply = self._call_raw(msg)
+            reply = call()
         except TransportError as e:
             # A connection the worker closed while idle (its idle timeout) fails at once: compute is
             # stateless, so reconnect (re-attaching the arena) and send it again, once. A timeout
@@ -185,10 +234,10 @@ class WorkerClient:
                 raise
             log.info("gpu worker %s connection lost (%s): reconnecting once", self.address, e)
             self._connection()
-            reply = self._call_raw(msg)
+            reply = call()
         if not reply.get("ok") and reply.get("code") == "unknown_model" and model_id in self._models:
             self._load_raw(model_id, self._models[model_id])
-            reply = self._call_raw(msg)
+            reply = call()
         if not reply.get("ok"):
             raise TransportError(f"worker error: {reply.get('error')}")
         outs = reply.get("outputs")
@@ -205,7 +254,14 @@ class WorkerClient:
             self.bytes_sent += sum(t.x.nbytes for t in terms if t.x is not None)  # via the arena
             self.bytes_received += sum(a.nbytes for a in arrays)
             return arrays, float(compute_s) if isinstance(compute_s, float) else 0.0
-        arrays = [unpack_tensor(o) for o in outs]
+        if use_raw:
+            if not all(isinstance(o, dict) and o.get("raw") == i for i, o in enumerate(outs)) or len(
+                raw_outs
+            ) != len(outs):
+                raise TransportError("worker reply does not match its raw segments")
+            arrays = raw_outs
+        else:
+            arrays = [unpack_tensor(o) for o in outs]
         if any(a.dtype != np.int64 for a in arrays):
             raise TransportError("worker reply is not int64 ring elements")
         return arrays, float(compute_s) if isinstance(compute_s, float) else 0.0

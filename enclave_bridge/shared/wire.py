@@ -118,6 +118,84 @@ def recv_frame(sock: socket.socket, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) ->
     return decode_body(_recv_exact(sock, length))
 
 
+# -- raw tensor segments ------------------------------------------------------------------------
+# A frame may be followed by raw tensor segments: its map carries `raw: [{dtype, shape}, ...]` and
+# the segments follow in that order, each an 8-byte length and the C-order bytes. The sender
+# writes straight from the array's buffer and the receiver reads straight into a preallocated
+# array (`recv_into`): no msgpack copy of a payload on either side. Every length is checked
+# against the announced dtype/shape, and the total against the frame limit, before a byte is read.
+_RAW = struct.Struct(">Q")
+MAX_RAW_TENSORS = 16
+
+
+def raw_desc(arr: npt.NDArray[Any]) -> dict[str, Any]:
+    """The `{dtype, shape}` entry of one raw segment."""
+    if arr.dtype.name not in _ALLOWED_DTYPES:
+        raise TransportError(f"dtype {arr.dtype.name} not allowed on the wire")
+    return {"dtype": arr.dtype.name, "shape": list(arr.shape)}
+
+
+def send_raw(sock: socket.socket, arrays: list[npt.NDArray[Any]]) -> int:
+    """Send the raw segments announced by the frame just sent; returns bytes written."""
+    n = 0
+    try:
+        for a in arrays:
+            mv = memoryview(np.ascontiguousarray(a)).cast("B")
+            sock.sendall(_RAW.pack(mv.nbytes))
+            sock.sendall(mv)
+            n += _RAW.size + mv.nbytes
+    except OSError as e:
+        raise TransportError(f"send failed: {e.strerror or e}") from e
+    return n
+
+
+def _raw_buffers(descs: Any, max_bytes: int) -> list[npt.NDArray[Any]]:
+    if not isinstance(descs, list) or len(descs) > MAX_RAW_TENSORS:
+        raise TransportError("malformed raw segment list")
+    out, total = [], 0
+    for d in descs:
+        if not isinstance(d, dict) or set(d) != {"dtype", "shape"} or d["dtype"] not in _ALLOWED_DTYPES:
+            raise TransportError("malformed raw segment descriptor")
+        shape = d["shape"]
+        if (
+            not isinstance(shape, list)
+            or len(shape) > 8
+            or not all(isinstance(x, int) and 0 <= x < 2**31 for x in shape)
+        ):
+            raise TransportError("malformed raw segment: bad shape")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(d["dtype"]).itemsize
+        total += nbytes
+        if total > max_bytes:
+            raise TransportError(f"raw segments of {total} bytes exceed limit {max_bytes}")
+        # np.empty commits no memory until the bytes arrive (unlike a zeroed buffer)
+        out.append(np.empty(tuple(shape), dtype=np.dtype(d["dtype"])))
+    return out
+
+
+def recv_raw(
+    sock: socket.socket, descs: Any, max_bytes: int = DEFAULT_MAX_FRAME_BYTES
+) -> list[npt.NDArray[Any]]:
+    """Receive the raw segments a frame announced, each straight into a new array."""
+    arrays = _raw_buffers(descs, max_bytes)
+    for a in arrays:
+        (length,) = _RAW.unpack(_recv_exact(sock, _RAW.size))
+        if length != a.nbytes:
+            raise TransportError(f"raw segment of {length} bytes, announced {a.nbytes}")
+        mv = memoryview(a).cast("B")
+        got = 0
+        while got < length:
+            try:
+                k = sock.recv_into(mv[got:], min(length - got, _RECV_CHUNK))
+            except TimeoutError as e:
+                raise TransportError("peer timed out") from e
+            except OSError as e:
+                raise TransportError(f"socket error: {e.strerror or e}") from e
+            if k == 0:
+                raise TransportError("peer closed the connection")
+            got += k
+    return arrays
+
+
 def parse_address(addr: str) -> tuple[int, Any]:
     """`unix:/path`, `/path.sock` or `host:port` → (socket family, address)."""
     if addr.startswith("unix:"):
@@ -349,8 +427,11 @@ __all__ = [
     "listen",
     "pack_tensor",
     "parse_address",
+    "raw_desc",
     "recv_frame",
+    "recv_raw",
     "send_frame",
+    "send_raw",
     "set_idle_timeout",
     "unlink_socket",
     "unpack_tensor",

@@ -43,8 +43,9 @@ class Term:
         return d
 
     @staticmethod
-    def from_wire(d: Any, arena: Any = None) -> Term:
-        """Decode a term; `{shm: offset, shape}` inputs are views into the connection's arena."""
+    def from_wire(d: Any, arena: Any = None, raw: list[npt.NDArray[Any]] | None = None) -> Term:
+        """Decode a term; `{shm: offset, shape}` inputs are views into the connection's arena,
+        `{raw: i}` inputs the i-th raw segment that followed the request frame."""
         if not isinstance(d, dict):
             raise WorkerError("term must be a map")
         slot, sign = d.get("slot"), d.get("sign")
@@ -58,6 +59,14 @@ class Term:
                 return Term(slot, int(sign), x=arena.view(off, tuple(shape), np.int64))
             except TransportError as e:
                 raise WorkerError(str(e)) from e
+        if "raw" in d:
+            i = d.get("raw")
+            if raw is None or not isinstance(i, int) or not 0 <= i < len(raw):
+                raise WorkerError("bad raw term")
+            x = raw[i]
+            if x.dtype != np.int64 or not _good_shape(list(x.shape)):
+                raise WorkerError("raw input must be int64 ring elements")
+            return Term(slot, int(sign), x=x)
         if "input" in d:
             try:
                 return Term(slot, int(sign), x=unpack_tensor(d["input"]))

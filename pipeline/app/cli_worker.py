@@ -73,7 +73,7 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "secure_eval.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "secure_eval.py"
     if not script.exists():
         raise ConfigError(f"benchmark script {script} not found (run from a source checkout)")
     argv = [str(script)]

@@ -35,7 +35,7 @@ from enclave_bridge.shared.errors import ConfigError, StageError
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # pipeline/app/demo.py → the repository
 SAMPLE_CLIP = REPO_ROOT / "samples" / "vtest.avi"
 DEFAULT_MODEL = REPO_ROOT / "samples" / "default_model"
 DEVICE = "demo-cam"

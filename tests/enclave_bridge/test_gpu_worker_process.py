@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,14 @@ import pytest
 from enclave_bridge.measured.worker_client import WorkerClient, wait_for_worker
 from enclave_bridge.protocol import SecureEvaluator
 from enclave_bridge.shared.errors import TransportError
-from enclave_bridge.shared.wire import connect, pack_tensor, recv_frame, send_frame, unpack_tensor
+from enclave_bridge.shared.wire import (
+    connect,
+    pack_tensor,
+    recv_frame,
+    send_frame,
+    send_raw,
+    unpack_tensor,
+)
 from tests.conftest import free_port
 from tests.enclave_bridge.secure_helpers import calibrated_model, skeleton_windows
 from tests.security.test_security_support import short_root
@@ -88,6 +96,31 @@ def test_remote_paper_mode_exact(worker_proc, model, x, reference):
         assert ev.stats.freivalds_failures == 0 and ev.stats.transport_errors == 0
         assert ev.stats.bytes_to_worker > x.size * 4 and ev.stats.bytes_from_worker > 0
         assert ev.stats.last["transport"] > 0
+        client = ev.workers[0]
+        assert isinstance(client, WorkerClient) and client.raw_frames  # TCP: raw tensor segments
+        assert client.raw_calls >= N_OPS  # every compute of the window went as raw segments
+
+
+def test_raw_segments_are_checked_before_a_byte_is_read(worker_proc):
+    """A request whose raw segment disagrees with its announced shape, or that announces more
+    than the frame limit, closes that connection; the worker keeps serving others."""
+    head = {"op": "compute", "model_id": "m", "names": ["a"], "terms": [{"slot": 0, "sign": 1, "raw": 0}]}
+    with connect(worker_proc.addr) as sock:
+        send_frame(sock, {**head, "raw": [{"dtype": "int64", "shape": [4]}]})
+        sock.sendall(struct.pack(">Q", 16) + bytes(16))  # 16 bytes where 32 were announced
+        with pytest.raises(TransportError):
+            recv_frame(sock)
+    with connect(worker_proc.addr) as sock:
+        send_frame(sock, {**head, "raw": [{"dtype": "int64", "shape": [1 << 30]}]})  # 8 GiB
+        with pytest.raises(TransportError):
+            recv_frame(sock)
+    with connect(worker_proc.addr) as sock:  # a well-formed raw request for an unknown model
+        send_frame(sock, {**head, "raw": [{"dtype": "int64", "shape": [2, 3]}], "raw_reply": True})
+        send_raw(sock, [np.zeros((2, 3), np.int64)])
+        reply = recv_frame(sock)
+        assert reply["ok"] is False and reply["code"] == "unknown_model"
+        send_frame(sock, {"op": "hello"})
+        assert recv_frame(sock)["raw"] is True
 
 
 class KillingClient(WorkerClient):
