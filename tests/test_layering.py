@@ -42,24 +42,6 @@ BELOW["pipeline.app"] = BELOW["training"] | {"training", "enclave_bridge.gpu", "
 BELOW["benchmarks"] = BELOW["pipeline.app"] | {"pipeline.app"}
 UNITS = sorted(BELOW, key=len, reverse=True)
 EXEMPT = {"pipeline/__main__.py"}
-# import aliases left at the old paths of modules that moved to pipeline/app (issue 13), kept only
-# while code written before the move still imports them
-EXEMPT |= {
-    f"pipeline/{m}.py"
-    for m in (
-        "cli",
-        "cli_daemon",
-        "cli_enclave",
-        "cli_mqtt",
-        "cli_train",
-        "cli_worker",
-        "daemon",
-        "demo",
-        "replay",
-        "subscriber",
-    )
-    if "Transitional alias" in (REPO / "pipeline" / f"{m}.py").read_text(encoding="utf-8")
-}
 
 
 def unit_of(module: str) -> str | None:
