@@ -91,7 +91,7 @@ def test_shared_subscription_splits_the_stream(mosquitto, tmp_path: Path) -> Non
 
 def test_share_group_name_is_checked() -> None:
     from config.broker import BrokerConfig
-    from enclave_bridge.measured.alerts import AlertOpener
+    from enclave_bridge.host.alert_opener import AlertOpener
 
     k = PartyKey.generate("consumer", "x")
     opener = AlertOpener(k, k.public.sign_pub)
