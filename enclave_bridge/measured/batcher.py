@@ -19,10 +19,16 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 log = logging.getLogger(__name__)
+
+_Windows = npt.NDArray[np.float32]  # one window (3, T, V, M) or a stack (N, 3, T, V, M)
+_Logits = npt.NDArray[np.float64]  # (num_class,) for one window
+_Item = tuple[_Windows, Future[_Logits]]  # a queued window and where its logits go
 
 
 @dataclass
@@ -36,46 +42,48 @@ class BatchStats:
 class WindowBatcher:
     """`evaluate_one(x)` from many threads → batched `evaluate(stack)` on one thread."""
 
-    def __init__(self, evaluate: Callable[[np.ndarray], np.ndarray], max_batch: int = 4) -> None:
+    def __init__(
+        self, evaluate: Callable[[_Windows], npt.NDArray[np.floating[Any]]], max_batch: int = 4
+    ) -> None:
         if not 1 <= max_batch <= 64:
             raise ValueError("max_batch must be in 1..64")
         self._evaluate = evaluate
         self.max_batch = max_batch
-        self._q: queue.Queue[tuple[np.ndarray, Future[np.ndarray]] | None] = queue.Queue()
-        self._held: deque[tuple[np.ndarray, Future[np.ndarray]]] = deque()  # other shapes, next time
+        self._q: queue.Queue[_Item | None] = queue.Queue()
+        self._held: deque[_Item] = deque()  # other shapes, next time
         self.stats = BatchStats()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="enclave-batcher", daemon=True)
         self._closed = False
         self._thread.start()
 
-    def evaluate_one(self, x: np.ndarray) -> np.ndarray:
+    def evaluate_one(self, x: _Windows) -> _Logits:
         """Logits (num_class,) of one window (3, T, V, M); the evaluator's errors are raised here."""
         if self._closed:
             raise RuntimeError("batcher closed")
-        fut: Future[np.ndarray] = Future()
+        fut: Future[_Logits] = Future()
         self._q.put((np.ascontiguousarray(x), fut))
         return fut.result()
 
-    def _next_batch(self) -> list[tuple[np.ndarray, Future[np.ndarray]]] | None:
+    def _next_batch(self) -> list[_Item] | None:
         first = self._held.popleft() if self._held else self._q.get()
         if first is None:
             return None
         batch = [first]
         shape = first[0].shape
-        keep: deque[tuple[np.ndarray, Future[np.ndarray]]] = deque()
+        keep: deque[_Item] = deque()
         while self._held and len(batch) < self.max_batch:
             item = self._held.popleft()
             (batch if item[0].shape == shape else keep).append(item)
         while len(batch) < self.max_batch:
             try:
-                item = self._q.get_nowait()
+                queued = self._q.get_nowait()
             except queue.Empty:
                 break
-            if item is None:
+            if queued is None:
                 self._q.put(None)  # close after this batch
                 break
-            (batch if item[0].shape == shape else keep).append(item)
+            (batch if queued[0].shape == shape else keep).append(queued)
         self._held.extendleft(reversed(keep))
         return batch
 
@@ -101,7 +109,7 @@ class WindowBatcher:
             for i, (_, fut) in enumerate(batch):
                 fut.set_result(logits[i])
 
-    def _one_by_one(self, batch: list[tuple[np.ndarray, Future[np.ndarray]]]) -> None:
+    def _one_by_one(self, batch: list[_Item]) -> None:
         for x, fut in batch:
             try:
                 fut.set_result(np.asarray(self._evaluate(x[None]), dtype=np.float64)[0])

@@ -140,7 +140,7 @@ def send_raw(sock: socket.socket, arrays: list[npt.NDArray[Any]]) -> int:
     n = 0
     try:
         for a in arrays:
-            mv = memoryview(np.ascontiguousarray(a)).cast("B")
+            mv = np.ascontiguousarray(a).data.cast("B")  # ndarray.data: the array's memoryview
             sock.sendall(_RAW.pack(mv.nbytes))
             sock.sendall(mv)
             n += _RAW.size + mv.nbytes
@@ -181,7 +181,7 @@ def recv_raw(
         (length,) = _RAW.unpack(_recv_exact(sock, _RAW.size))
         if length != a.nbytes:
             raise TransportError(f"raw segment of {length} bytes, announced {a.nbytes}")
-        mv = memoryview(a).cast("B")
+        mv = a.data.cast("B")
         got = 0
         while got < length:
             try:
