@@ -132,7 +132,7 @@ class EnclaveStage:
         link: EnclaveLink,
         rules: dict[str, Any],
         inq: BoundedQueue[SealedWindow | EndOfStream],
-        sink: Callable[[AlertEnvelope], None],
+        sink: Callable[[AlertEnvelope], object],  # its result (an outbox row id) is ignored
         stats: CameraStats,
         *,
         max_retries: int | None = None,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from enclave_bridge.measured import freivalds, kernels
@@ -44,7 +45,7 @@ class Worker(Protocol):
 
     def compute(
         self, model_id: str, names: list[str], terms: list[Term]
-    ) -> tuple[list[np.ndarray], float]: ...
+    ) -> tuple[list[npt.NDArray[np.int64]], float]: ...
 
     def close(self) -> None: ...
 
@@ -89,7 +90,7 @@ class Timer:
         self.stats.last[self.part] += time.perf_counter() - self.t0
 
 
-def quantise_stage(h: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float, int]:
+def quantise_stage(h: torch.Tensor) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32], float, int]:
     """Stage input (float32) → (h as contiguous numpy, x̂ int32 buffer, scale 2^e, e)."""
     hn = np.ascontiguousarray(h.detach().numpy())
     if hn.size == 0:
@@ -110,12 +111,12 @@ class ExactBackend:
     def __init__(self, stats: SecureStats) -> None:
         self.stats = stats
 
-    def quantised(self, h: torch.Tensor) -> tuple[np.ndarray, int]:
+    def quantised(self, h: torch.Tensor) -> tuple[npt.NDArray[np.int32], int]:
         hn, xq, scale, e = quantise_stage(h)
         kernels.quant_mask(hn.reshape(-1), scale, np.zeros(1, np.int64), 0, xq.reshape(-1), xq.reshape(-1))
         return xq, e
 
-    def one(self, xq: np.ndarray, e: int, op: LinearOp) -> torch.Tensor:
+    def one(self, xq: npt.NDArray[np.int32], e: int, op: LinearOp) -> torch.Tensor:
         with Timer(self.stats, "enclave_linear"):
             y = apply_linear(op.meta, torch.from_numpy(xq).to(torch.float64), op.w_f64)
             scale = torch.from_numpy(op.scale2 * 2.0**-e)
@@ -133,7 +134,7 @@ class DelegatedBackend:
         self.ev = ev
         self.window: WindowMasks | None = None
         self.degraded = False
-        self._views: list[list[np.ndarray] | None] = []
+        self._views: list[list[npt.NDArray[np.int64]] | None] = []
 
     def begin(self, window: WindowMasks | None) -> None:
         self.degraded = False
@@ -148,15 +149,15 @@ class DelegatedBackend:
             reserve = getattr(w, "reserve", None)
             self._views.append(reserve([shape] if k in tensor_input else [], outs) if reserve else None)
 
-    def _buffer(self, k: int, shape: tuple[int, ...], outs: list[tuple[int, ...]]) -> np.ndarray:
+    def _buffer(self, k: int, shape: tuple[int, ...], outs: list[tuple[int, ...]]) -> npt.NDArray[np.int64]:
         """Where worker k's masked input goes: its shared-memory arena when it has one."""
         views = self._views[k] if k < len(self._views) else None
         return views[0] if views else np.empty(shape, np.int64)
 
     def _requests(
         self,
-        hn: np.ndarray,
-        xq: np.ndarray,
+        hn: npt.NDArray[np.float32],
+        xq: npt.NDArray[np.int32],
         scale: float,
         names: tuple[str, ...],
         outs: list[tuple[int, ...]],
@@ -198,7 +199,7 @@ class DelegatedBackend:
 
     def _call_all(
         self, names: list[str], requests: list[list[Term]], outs: list[tuple[int, ...]]
-    ) -> list[list[np.ndarray]]:
+    ) -> list[list[npt.NDArray[np.int64]]]:
         """Send each worker its request (in parallel when there are several)."""
         ev = self.ev
         t0 = time.perf_counter()
@@ -271,7 +272,7 @@ class DelegatedBackend:
                 results.append(ev.local.one(xq, e, op))
         return results
 
-    def _reply(self, y: np.ndarray, expect: tuple[int, ...], k: int) -> np.ndarray:
+    def _reply(self, y: object, expect: tuple[int, ...], k: int) -> npt.NDArray[np.int64]:
         if not isinstance(y, np.ndarray) or y.dtype != np.int64 or tuple(y.shape) != expect:
             raise IntegrityError(f"malformed reply from worker {k}: expected int64 {expect}")
         return y.reshape(y.shape[0], y.shape[1], 1, 1) if y.ndim == 2 else y
@@ -279,10 +280,10 @@ class DelegatedBackend:
     def _finish(
         self,
         op: LinearOp,
-        ys: list[np.ndarray],
+        ys: list[npt.NDArray[np.int64]],
         u: Any,
-        xq: np.ndarray,
-        xq4: np.ndarray,
+        xq: npt.NDArray[np.int32],
+        xq4: npt.NDArray[np.int32],
         e: int,
         expect: tuple[int, ...],
     ) -> torch.Tensor:
@@ -316,7 +317,11 @@ class DelegatedBackend:
         return torch.from_numpy(out).view(expect)
 
     def _blame(
-        self, op: LinearOp, requests: list[list[Term]], replies: list[np.ndarray], expect: tuple[int, ...]
+        self,
+        op: LinearOp,
+        requests: list[list[Term]],
+        replies: list[npt.NDArray[np.int64]],
+        expect: tuple[int, ...],
     ) -> list[str]:
         """Which workers' replies differ from an honest worker's (failure path only)."""
         ev = self.ev
@@ -335,7 +340,7 @@ class DelegatedBackend:
 
 def compute_on(
     w: Worker, model_id: str, names: list[str], terms: list[Term], outs: list[tuple[int, ...]]
-) -> tuple[list[np.ndarray], float]:
+) -> tuple[list[npt.NDArray[np.int64]], float]:
     """`w.compute`, telling workers with a shared-memory arena where the replies go."""
     if getattr(w, "reserve", None) is not None:
         return w.compute(model_id, names, terms, outs)  # type: ignore[call-arg]

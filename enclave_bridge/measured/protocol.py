@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from enclave_bridge.measured import freivalds, kernels
@@ -198,7 +199,7 @@ class SecureEvaluator:
         u = {n: self.engine.precompute_u(n, r1) for n in names}
         return StageMasks(tuple(shape), tuple(names), r1, u)
 
-    def evaluate(self, x: np.ndarray) -> np.ndarray:
+    def evaluate(self, x: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """(N, 3, T, V, M) float window batch → (N, num_class) float64 logits."""
         x = np.asarray(x)
         if x.ndim != 5 or x.shape[1] != 3 or x.shape[3] != self.qm.folded.num_joints:
@@ -254,7 +255,7 @@ class SecureEvaluator:
                 self.stats.pool_depth = self.pool.depth
             return np.asarray(out, dtype=np.float64)
 
-    def exact_reference(self, x: np.ndarray) -> np.ndarray:
+    def exact_reference(self, x: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """The delegated modes' logits computed entirely in the enclave (tests, benchmarks)."""
         with torch.no_grad():
             return quantised_forward(self.qm, np.asarray(x), self.local)

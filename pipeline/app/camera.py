@@ -47,7 +47,7 @@ DEFAULT_PERSONS = 2
 class AlertSink(Protocol):
     """Where alerts go: the durable outbox in the daemon, a list in tests/replays."""
 
-    def put(self, envelope: AlertEnvelope) -> None: ...
+    def put(self, envelope: AlertEnvelope) -> object: ...  # the outbox returns its row id
 
 
 class ListSink:

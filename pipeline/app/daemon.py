@@ -21,6 +21,7 @@ reaches the outbox; after `shutdown_timeout_s` the remaining stages are stopped 
 
 from __future__ import annotations
 
+import functools
 import logging
 import logging.handlers
 import os
@@ -29,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from config.schema import (
     VeilcamConfig,
@@ -54,6 +55,9 @@ from stages.enclave_client import (
     EnclaveLink,
 )
 from stages.pose.stage import PoseProcess, PoseStage
+
+if TYPE_CHECKING:
+    from pipeline.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +98,7 @@ class Daemon:
         publisher: Any = None,
         on_pose: Callable[[PoseFrame], None] | None = None,
         on_result: Callable[[SealedWindow, Any, float], None] | None = None,
-        outbox: Any = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self.cfg = cfg
         self.outbox = outbox
@@ -120,7 +124,7 @@ class Daemon:
         }
         if outbox is not None:
             for cam in self.cameras.values():
-                cam.stats.probes["outbox_depth"] = lambda dev=cam.device: float(outbox.depth(dev))
+                cam.stats.probes["outbox_depth"] = functools.partial(_outbox_depth, outbox, cam.device)
         self.metrics_enabled = cfg.metrics.enabled if metrics is None else metrics
         self.metrics_server: Any = None
         self.notifier = Notifier()
@@ -273,6 +277,11 @@ def build_daemon(cfg: VeilcamConfig) -> Daemon:
             cfg.broker, outbox, devices=[cfg.device_of(n) for n in cfg.cameras], evidence_provider=provider
         )
     return Daemon(cfg, key=key, link=link, sink=outbox, publisher=publisher, outbox=outbox)
+
+
+def _outbox_depth(outbox: Outbox, device: str) -> float:
+    """The metrics probe of one camera's outbox backlog."""
+    return float(outbox.depth(device))
 
 
 def ensure_state_dir(path: Path) -> None:
