@@ -100,12 +100,12 @@ def load_annotations(path: str | Path) -> list[Annotation]:
             clip, start, end, label, note = row[:5]
             track = WHOLE_FRAME
         try:
-            s, e = float(start), float(end)
+            t_start, t_end = float(start), float(end)
         except ValueError as err:
             raise ConfigError(f"annotations {p}: row {n}: start/end are not numbers") from err
-        if not clip or not label or not 0 <= s < e:
+        if not clip or not label or not 0 <= t_start < t_end:
             raise ConfigError(f"annotations {p}: row {n}: need a clip, a label and 0 <= start < end")
-        out.append(Annotation(clip, s, e, label, track or WHOLE_FRAME, note))
+        out.append(Annotation(clip, t_start, t_end, label, track or WHOLE_FRAME, note))
     if not out:
         raise ConfigError(f"annotations {p}: no annotations")
     return out

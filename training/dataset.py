@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from enclave_bridge.shared.errors import ConfigError
@@ -26,7 +27,7 @@ class SplitSpec:
     start: int = 0
 
 
-def make_arrays(spec: SplitSpec, cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray]:
+def make_arrays(spec: SplitSpec, cfg: SynthConfig) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """X (n, 3, T, 18, M) float32 and y (n,) int64 for `spec`."""
     if spec.n < 1:
         raise ConfigError(f"dataset size must be ≥ 1, got {spec.n}")
@@ -39,7 +40,10 @@ def epoch_spec(seed: int, epoch: int, n: int) -> SplitSpec:
 
 
 def batches(
-    x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.Generator | None = None
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.int64],
+    batch_size: int,
+    rng: np.random.Generator | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Split arrays into torch batches, shuffled when `rng` is given (drop nothing)."""
     order = rng.permutation(len(y)) if rng is not None else np.arange(len(y))
@@ -50,7 +54,7 @@ def batches(
     return out
 
 
-def load_real_windows(path: str, cfg: object) -> tuple[np.ndarray, np.ndarray]:
+def load_real_windows(path: str, cfg: object) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """Annotated real windows (npz `x`, `y`) whose shape matches the training windows."""
     try:
         with np.load(path) as z:
@@ -73,8 +77,8 @@ def real_clip_names(path: str) -> list[str]:
 
 
 def augment_real(
-    x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+    x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], n: int, rng: np.random.Generator
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """`n` real windows drawn class-balanced (each class as often, so a long clip of one activity
     does not dominate), each mirrored or not, scaled about its centre by ±15 %, shifted by up to
     0.1 frame, and jittered per joint (σ 0.4 % of the frame): a handful of clips must not be

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from enclave_bridge.measured.model_inputs import apply_input_transform, input_transform_of
@@ -53,14 +54,16 @@ def load_package(path: str | Path) -> tuple[STGCN, list[str], dict[str, Any]]:
     return model.eval(), labels, meta
 
 
-def confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
+def confusion(
+    y_true: npt.NDArray[np.integer[Any]], y_pred: npt.NDArray[np.integer[Any]], k: int
+) -> npt.NDArray[np.int64]:
     """(k, k) counts, rows = true class, columns = predicted class."""
     cm = np.zeros((k, k), dtype=np.int64)
     np.add.at(cm, (y_true, y_pred), 1)
     return cm
 
 
-def per_class(cm: np.ndarray, labels: list[str]) -> dict[str, dict[str, float]]:
+def per_class(cm: npt.NDArray[np.int64], labels: list[str]) -> dict[str, dict[str, float]]:
     """Precision, recall, F1 and support per class from a confusion matrix."""
     out = {}
     for i, lab in enumerate(labels):
@@ -77,7 +80,7 @@ def per_class(cm: np.ndarray, labels: list[str]) -> dict[str, dict[str, float]]:
     return out
 
 
-def plot_confusion(cm: np.ndarray, labels: list[str], path: Path, title: str) -> None:
+def plot_confusion(cm: npt.NDArray[np.int64], labels: list[str], path: Path, title: str) -> None:
     """Row-normalised confusion matrix with counts, saved as PNG."""
     import matplotlib
 

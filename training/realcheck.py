@@ -22,10 +22,11 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from config.schema import PoseConfig, RulesConfig, WindowConfig
@@ -66,7 +67,7 @@ def extract_skeletons(
     cache_dir: str | Path | None = None,
     backend_name: str = POSE_BACKEND,
     backend_options: dict[str, Any] | None = None,
-) -> tuple[list[np.ndarray], np.ndarray, int, int, float]:
+) -> tuple[list[npt.NDArray[np.float32]], npt.NDArray[np.float64], int, int, float]:
     """Pose on the frames of `path` sampled at `fps`.
 
     Returns per-frame (P, 18, 3) pixel skeletons, their media times (s, as the daemon's capture
@@ -89,9 +90,9 @@ def extract_skeletons(
         with np.load(cfile) as z:
             counts, flat, times = z["counts"], z["keypoints"], z["times"]
             w, h, secs = int(z["width"]), int(z["height"]), float(z["pose_s"])
-        frames = np.split(flat, np.cumsum(counts)[:-1]) if len(counts) else []
+        cached = np.split(flat, np.cumsum(counts)[:-1]) if len(counts) else []
         log.info("skeletons of %s from cache %s", path.name, cfile)
-        return list(frames), times, w, h, secs
+        return list(cached), times, w, h, secs
     from stages.pose import create_backend
 
     backend = create_backend(backend_name, **options)
@@ -99,7 +100,7 @@ def extract_skeletons(
     if not cap.isOpened():
         raise StageError(f"cannot open clip {path}")
     src_fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0) or fps
-    frames: list[np.ndarray] = []
+    frames: list[npt.NDArray[np.float32]] = []
     stamps: list[float] = []
     idx, pose_s = 0, 0.0
     next_due: float | None = None
@@ -123,7 +124,8 @@ def extract_skeletons(
                 img = img[y0:y1, x0:x1]
             h, w = img.shape[:2]
             t0 = time.monotonic()
-            kp = np.asarray(backend.infer(img), dtype=np.float32).reshape(-1, V, 3)
+            bgr = cast(npt.NDArray[np.uint8], img)  # VideoCapture decodes to 8-bit BGR (cv2: any array)
+            kp = np.asarray(backend.infer(bgr), dtype=np.float32).reshape(-1, V, 3)
             pose_s += time.monotonic() - t0
             frames.append(kp)
             stamps.append(t)
@@ -140,8 +142,8 @@ def extract_skeletons(
 
 
 def clip_windows(
-    frames: list[np.ndarray],
-    times: np.ndarray,
+    frames: list[npt.NDArray[np.float32]],
+    times: npt.NDArray[np.float64],
     width: int,
     height: int,
     meta: dict[str, Any],
@@ -251,7 +253,7 @@ def export_windows(
     pose = PoseConfig()
     fps = float(meta["fps"])
     index = {c: i for i, c in enumerate(classes)}
-    xs: list[np.ndarray] = []
+    xs: list[npt.NDArray[np.float32]] = []
     ys: list[int] = []
     names: list[str] = []
     counts: dict[str, int] = {}
@@ -306,7 +308,7 @@ def reapply_rules(report: dict[str, Any], rules: AlertRules) -> dict[str, Any]:
 
 def rules_and_window(
     config: str | Path | None, min_score: float | None = None
-) -> tuple[AlertRules, WindowConfig]:
+) -> tuple[AlertRules, WindowConfig, PoseConfig]:
     """Alert rules and window settings of a veilcam config's first camera (else the defaults);
     `min_score` overrides the rules' `min_score`."""
     if config is not None:

@@ -18,8 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 from enclave_bridge.shared.errors import ConfigError
+
+_F64 = npt.NDArray[np.float64]  # joint angles, trajectories, positions, pixels
+_F32 = npt.NDArray[np.float32]  # windows (3, T, 18, M), as the model reads them
 
 CLASSES: tuple[str, ...] = (
     "standing",
@@ -109,17 +113,17 @@ class Motion:
     """Per-frame joint angles (radians) and root trajectory of one person; arrays are (T,)."""
 
     n: int
-    x: np.ndarray = field(init=False)  # root ground position, metres
-    y: np.ndarray = field(init=False)
-    yaw: np.ndarray = field(init=False)  # heading; body forward = (−sin yaw, cos yaw)
-    tilt: np.ndarray = field(init=False)  # whole-body tilt from vertical (falls, lying)
+    x: _F64 = field(init=False)  # root ground position, metres
+    y: _F64 = field(init=False)
+    yaw: _F64 = field(init=False)  # heading; body forward = (−sin yaw, cos yaw)
+    tilt: _F64 = field(init=False)  # whole-body tilt from vertical (falls, lying)
     tilt_dir: float = 0.0  # tilt axis direction in the body frame
-    lift: np.ndarray = field(init=False)  # extra root height (running flight, bobbing)
-    spine: np.ndarray = field(init=False)  # forward bend of the torso
-    lean: np.ndarray = field(init=False)  # sideways bend of the torso
-    twist: np.ndarray = field(init=False)  # torso twist about the spine
-    head: np.ndarray = field(init=False)  # head yaw
-    angles: dict[str, np.ndarray] = field(init=False)  # hip_flex_r, knee_l, sho_abd_r, …
+    lift: _F64 = field(init=False)  # extra root height (running flight, bobbing)
+    spine: _F64 = field(init=False)  # forward bend of the torso
+    lean: _F64 = field(init=False)  # sideways bend of the torso
+    twist: _F64 = field(init=False)  # torso twist about the spine
+    head: _F64 = field(init=False)  # head yaw
+    angles: dict[str, _F64] = field(init=False)  # hip_flex_r, knee_l, sho_abd_r, …
     pivot_feet: bool = False  # keep the feet in place while tilting (falls)
 
     def __post_init__(self) -> None:
@@ -139,10 +143,10 @@ class Motion:
             ):
                 self.angles[f"{name}_{side}"] = np.full(self.n, val * _DEG)
 
-    def a(self, name: str) -> np.ndarray:
+    def a(self, name: str) -> _F64:
         return self.angles[name]
 
-    def set(self, name: str, value: np.ndarray | float) -> None:
+    def set(self, name: str, value: _F64 | float) -> None:
         self.angles[name] = np.broadcast_to(np.asarray(value, dtype=np.float64), (self.n,)).copy()
 
 
@@ -150,31 +154,32 @@ class Motion:
 # kinematics
 
 
-def _rx(a: np.ndarray) -> np.ndarray:
+def _rx(a: _F64) -> _F64:
     c, s, o, z = np.cos(a), np.sin(a), np.ones_like(a), np.zeros_like(a)
     return np.stack([np.stack([o, z, z], -1), np.stack([z, c, -s], -1), np.stack([z, s, c], -1)], -2)
 
 
-def _ry(a: np.ndarray) -> np.ndarray:
+def _ry(a: _F64) -> _F64:
     c, s, o, z = np.cos(a), np.sin(a), np.ones_like(a), np.zeros_like(a)
     return np.stack([np.stack([c, z, s], -1), np.stack([z, o, z], -1), np.stack([-s, z, c], -1)], -2)
 
 
-def _rz(a: np.ndarray) -> np.ndarray:
+def _rz(a: _F64) -> _F64:
     c, s, o, z = np.cos(a), np.sin(a), np.ones_like(a), np.zeros_like(a)
     return np.stack([np.stack([c, -s, z], -1), np.stack([s, c, z], -1), np.stack([z, z, o], -1)], -2)
 
 
-def _mv(r: np.ndarray, v: np.ndarray) -> np.ndarray:
+def _mv(r: _F64, v: _F64) -> _F64:
     """(T,3,3) @ (T,3) or (3,) → (T,3)."""
-    return np.einsum("tij,tj->ti", r, np.broadcast_to(v, (r.shape[0], 3)))
+    out: _F64 = np.einsum("tij,tj->ti", r, np.broadcast_to(v, (r.shape[0], 3)))
+    return out
 
 
 _DOWN = np.array([0.0, 0.0, -1.0])
 _SUPPORT = [v for v in range(NUM_JOINTS) if v not in (3, 4, 6, 7)]  # joints that carry the body
 
 
-def forward_kinematics(body: Body, m: Motion) -> np.ndarray:
+def forward_kinematics(body: Body, m: Motion) -> _F64:
     """World joint positions (T, 18, 3) in metres; z up, ground at z=0.
 
     Body frame: x = the person's right, y = forward, z = up, origin at the pelvis. The root
@@ -212,7 +217,7 @@ def forward_kinematics(body: Body, m: Motion) -> np.ndarray:
         j[:, k_i] = hip + body.thigh * thigh
         j[:, a_i] = j[:, k_i] + body.shank * shank
     rb = _rz(m.yaw) @ _rz(np.full(n, m.tilt_dir)) @ _rx(m.tilt) @ _rz(np.full(n, -m.tilt_dir))
-    w = np.einsum("tij,tvj->tvi", rb, j)
+    w: _F64 = np.einsum("tij,tvj->tvi", rb, j)
     if m.pivot_feet:
         # A fall rotates about the feet, not the pelvis: keep the ankles' mid-point where it was.
         upright = np.einsum("tij,tvj->tvi", _rz(m.yaw), j)
@@ -230,12 +235,12 @@ def forward_kinematics(body: Body, m: Motion) -> np.ndarray:
 # motions per class
 
 
-def _smooth(u: np.ndarray) -> np.ndarray:
+def _smooth(u: _F64) -> _F64:
     u = np.clip(u, 0.0, 1.0)
     return u * u * (3 - 2 * u)
 
 
-def _slow_noise(rng: np.random.Generator, t: np.ndarray, amp: float, hz: float = 0.5) -> np.ndarray:
+def _slow_noise(rng: np.random.Generator, t: _F64, amp: float, hz: float = 0.5) -> _F64:
     """Sum of two random low-frequency sinusoids: idle sway, breathing-scale drift."""
     out = np.zeros_like(t)
     for _ in range(2):
@@ -244,7 +249,7 @@ def _slow_noise(rng: np.random.Generator, t: np.ndarray, amp: float, hz: float =
     return out
 
 
-def _idle(rng: np.random.Generator, m: Motion, t: np.ndarray, gestures: bool = True) -> None:
+def _idle(rng: np.random.Generator, m: Motion, t: _F64, gestures: bool = True) -> None:
     """Small movements of a person standing or sitting still."""
     m.spine += _slow_noise(rng, t, rng.uniform(0, 6) * _DEG)
     m.lean += _slow_noise(rng, t, rng.uniform(0, 4) * _DEG)
@@ -270,7 +275,7 @@ def _idle(rng: np.random.Generator, m: Motion, t: np.ndarray, gestures: bool = T
         m.set(f"sho_flex_{side}", m.a(f"sho_flex_{side}") + np.abs(_slow_noise(rng, t, 25 * _DEG, 0.8)))
 
 
-def _standing(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
+def _standing(rng: np.random.Generator, m: Motion, t: _F64) -> None:
     _idle(rng, m, t)
     if rng.random() < 0.3:  # weight shift, a small step or turning on the spot
         m.yaw += _smooth((t - rng.uniform(0, t[-1])) / rng.uniform(0.5, 1.5)) * rng.uniform(-1.2, 1.2)
@@ -282,7 +287,7 @@ def _standing(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
         m.set("knee_l", m.a("knee_l") + rng.uniform(0, 20) * _DEG)
 
 
-def _gait(rng: np.random.Generator, m: Motion, t: np.ndarray, speed: float, run: bool) -> None:
+def _gait(rng: np.random.Generator, m: Motion, t: _F64, speed: float, run: bool) -> None:
     """Walking/running cycle: hips out of phase, knees flex in swing, arms counter-swing."""
     freq = (0.7 + 0.22 * speed) if not run else rng.uniform(1.25, 1.6)
     w = 2 * math.pi * freq
@@ -316,7 +321,7 @@ def _gait(rng: np.random.Generator, m: Motion, t: np.ndarray, speed: float, run:
     m.y += np.cumsum(speed * hy * dt)
 
 
-def _walking(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
+def _walking(rng: np.random.Generator, m: Motion, t: _F64) -> None:
     _gait(rng, m, t, rng.uniform(0.7, 1.8), run=False)
     if rng.random() < 0.2:  # carrying something / hands in pockets
         side = "r" if rng.random() < 0.5 else "l"
@@ -324,11 +329,11 @@ def _walking(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
         m.set(f"elb_flex_{side}", rng.uniform(10, 120) * _DEG)
 
 
-def _running(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
+def _running(rng: np.random.Generator, m: Motion, t: _F64) -> None:
     _gait(rng, m, t, rng.uniform(2.4, 5.5), run=True)
 
 
-def _sit_pose(rng: np.random.Generator, m: Motion, s: np.ndarray, on_ground: bool) -> None:
+def _sit_pose(rng: np.random.Generator, m: Motion, s: _F64, on_ground: bool) -> None:
     """Blend from standing (s=0) to seated (s=1)."""
     hip = rng.uniform(75, 105) * _DEG
     knee = (rng.uniform(0, 30) if on_ground else rng.uniform(70, 110)) * _DEG
@@ -341,13 +346,13 @@ def _sit_pose(rng: np.random.Generator, m: Motion, s: np.ndarray, on_ground: boo
     m.spine += rng.uniform(-5, 20) * _DEG * s
 
 
-def _sitting(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
+def _sitting(rng: np.random.Generator, m: Motion, t: _F64) -> None:
     _idle(rng, m, t)
     m.yaw += rng.uniform(-math.pi, math.pi)
     _sit_pose(rng, m, np.ones_like(t), on_ground=rng.random() < 0.2)
 
 
-def _sitting_down(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
+def _sitting_down(rng: np.random.Generator, m: Motion, t: _F64) -> None:
     _idle(rng, m, t, gestures=False)
     m.yaw += rng.uniform(-math.pi, math.pi)
     dur = rng.uniform(0.8, 1.8)
@@ -363,7 +368,7 @@ def _sitting_down(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
     _sit_pose(rng, m, s, on_ground=rng.random() < 0.15)
 
 
-def _lying_pose(rng: np.random.Generator, m: Motion, s: np.ndarray) -> None:
+def _lying_pose(rng: np.random.Generator, m: Motion, s: _F64) -> None:
     """Limb configuration on the ground (blended in with s)."""
     for side in ("r", "l"):
         hip = rng.uniform(-10, 60)
@@ -378,7 +383,7 @@ def _lying_pose(rng: np.random.Generator, m: Motion, s: np.ndarray) -> None:
         m.set(f"elb_flex_{side}", m.a(f"elb_flex_{side}") + rng.uniform(0, 90) * _DEG * s)
 
 
-def _lying(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
+def _lying(rng: np.random.Generator, m: Motion, t: _F64) -> None:
     m.yaw += rng.uniform(-math.pi, math.pi)
     m.tilt_dir = rng.uniform(-math.pi, math.pi)
     m.tilt += rng.uniform(75, 100) * _DEG + _slow_noise(rng, t, rng.uniform(0, 8) * _DEG)
@@ -391,7 +396,7 @@ def _lying(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
         m.set(f"knee_{side}", m.a(f"knee_{side}") + np.abs(_slow_noise(rng, t, 50 * _DEG, 0.6)))
 
 
-def _fall_from_furniture(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
+def _fall_from_furniture(rng: np.random.Generator, m: Motion, t: _F64) -> None:
     """Sliding off a chair or sofa, or rolling off a bed, and landing on the floor.
 
     Seated: the seated pose tips forward or sideways until the body is horizontal on the floor
@@ -423,7 +428,7 @@ def _fall_from_furniture(rng: np.random.Generator, m: Motion, t: np.ndarray) -> 
     _lying_pose(rng, m, _smooth((u - 0.6) / 0.4) * 0.5)
 
 
-def _falling(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
+def _falling(rng: np.random.Generator, m: Motion, t: _F64) -> None:
     if rng.random() < FURNITURE_FALL_P:
         _fall_from_furniture(rng, m, t)
         return
@@ -481,7 +486,7 @@ def _falling(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
         m.set("sho_flex_r", m.a("sho_flex_r") + after * _slow_noise(rng, t, 40 * _DEG, 0.8))
 
 
-def _waving(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
+def _waving(rng: np.random.Generator, m: Motion, t: _F64) -> None:
     if rng.random() < 0.2:
         _gait(rng, m, t, rng.uniform(0.4, 1.0), run=False)
     else:
@@ -510,7 +515,7 @@ def _waving(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
             m.set(f"elb_flex_{side}", up * rng.uniform(0, 20) * _DEG)
 
 
-def _fighter(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
+def _fighter(rng: np.random.Generator, m: Motion, t: _F64) -> None:
     """One fighter: guard stance, then punches, hooks, kicks and pushes at random times."""
     for side in ("r", "l"):
         m.set(f"sho_flex_{side}", rng.uniform(35, 65) * _DEG)
@@ -557,7 +562,7 @@ def _fighter(rng: np.random.Generator, m: Motion, t: np.ndarray) -> None:
     m.head += _slow_noise(rng, t, 25 * _DEG, 1.5)
 
 
-def _fighting_pair(rng: np.random.Generator, t: np.ndarray) -> tuple[Motion, Motion]:
+def _fighting_pair(rng: np.random.Generator, t: _F64) -> tuple[Motion, Motion]:
     a, b = Motion(len(t)), Motion(len(t))
     _fighter(rng, a, t)
     _fighter(rng, b, t)
@@ -572,7 +577,7 @@ def _fighting_pair(rng: np.random.Generator, t: np.ndarray) -> tuple[Motion, Mot
     return a, b
 
 
-_MOTIONS: dict[str, Callable[[np.random.Generator, Motion, np.ndarray], None]] = {
+_MOTIONS: dict[str, Callable[[np.random.Generator, Motion, _F64], None]] = {
     "standing": _standing,
     "walking": _walking,
     "running": _running,
@@ -599,7 +604,7 @@ class Camera:
     tilt: float
     roll: float
 
-    def project(self, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def project(self, pts: _F64) -> tuple[_F64, _F64]:
         """World points (..., 3) → pixels (..., 2) and a mask of points in front of the camera."""
         p = pts - np.array([0.0, 0.0, self.height])
         ct, st = math.cos(self.tilt), math.sin(self.tilt)
@@ -617,7 +622,7 @@ class Camera:
         return np.stack([u, v], -1), ok
 
 
-def sample_camera(rng: np.random.Generator) -> tuple[Camera, np.ndarray, float]:
+def sample_camera(rng: np.random.Generator) -> tuple[Camera, _F64, float]:
     """A random CCTV-like camera and the ground point (x, y) where the main subject stands.
 
     Returns (camera, subject position, subject yaw offset) with the subject in view: small and far
@@ -641,12 +646,12 @@ def sample_camera(rng: np.random.Generator) -> tuple[Camera, np.ndarray, float]:
 def _corrupt(
     rng: np.random.Generator,
     cam: Camera,
-    world: np.ndarray,
-    facing: np.ndarray,
+    world: _F64,
+    facing: _F64,
     may_vanish: bool = True,
     vanish_falling: bool = False,
     occluded_exit: bool = False,
-) -> np.ndarray:
+) -> _F64:
     """OpenPose-like detections of one person: (T, 18, 3) pixel x, y, score; zeros when missed.
 
     `facing` is (T, 3): the head's forward direction, used to hide the face seen from behind.
@@ -739,7 +744,7 @@ def _corrupt(
     # truncation at the image border
     inside = (px[..., 0] >= 0) & (px[..., 0] < cam.width) & (px[..., 1] >= 0) & (px[..., 1] < cam.height_px)
     miss |= ~(inside & valid)
-    out = np.concatenate([px, score[..., None]], -1)
+    out: _F64 = np.concatenate([px, score[..., None]], -1)
     # left/right confusions of whole limb groups on some frames
     p_swap = rng.uniform(0, 0.05)
     for group in (LR_ARMS, LR_LEGS, LR_FACE):
@@ -751,7 +756,7 @@ def _corrupt(
     return out
 
 
-def normalise(kp: np.ndarray, width: int, height: int) -> np.ndarray:
+def normalise(kp: _F64, width: int, height: int) -> _F32:
     """Pixel keypoints (..., 18, 3) → DESIGN §3 normalisation; missing (score 0) joints stay 0."""
     out = np.zeros(kp.shape, dtype=np.float32)
     present = kp[..., 2] > 0
@@ -761,7 +766,7 @@ def normalise(kp: np.ndarray, width: int, height: int) -> np.ndarray:
     return out
 
 
-def _times(rng: np.random.Generator, cfg: SynthConfig) -> np.ndarray:
+def _times(rng: np.random.Generator, cfg: SynthConfig) -> _F64:
     """Frame times with uneven sampling: speed variety, repeated and skipped frames."""
     dt = np.full(cfg.T, 1.0 / cfg.fps) * rng.uniform(0.85, 1.15)
     dt *= rng.uniform(0.9, 1.1, cfg.T)
@@ -773,7 +778,7 @@ def _times(rng: np.random.Generator, cfg: SynthConfig) -> np.ndarray:
     return np.cumsum(dt)
 
 
-def _place(m: Motion, origin: tuple[float, float], pos: np.ndarray, yaw: float) -> None:
+def _place(m: Motion, origin: tuple[float, float], pos: _F64, yaw: float) -> None:
     """Rotate a motion about `origin` by `yaw` and move `origin` to ground point `pos`."""
     c, s = math.cos(yaw), math.sin(yaw)
     x0, y0 = m.x - origin[0], m.y - origin[1]
@@ -789,13 +794,14 @@ def _axial_yaw(rng: np.random.Generator, m: Motion, bearing: float) -> float:
     return target - m.tilt_dir - float(m.yaw[-1])
 
 
-def _head_forward(world: np.ndarray) -> np.ndarray:
+def _head_forward(world: _F64) -> _F64:
     """Approximate facing direction from the eyes/nose relative to the ears, (T, 3)."""
     f = world[:, 0] - (world[:, 16] + world[:, 17]) / 2
-    return f / (np.linalg.norm(f, axis=1, keepdims=True) + 1e-9)
+    unit: _F64 = f / (np.linalg.norm(f, axis=1, keepdims=True) + 1e-9)
+    return unit
 
 
-def make_sample(label: str, rng: np.random.Generator, cfg: SynthConfig) -> np.ndarray:
+def make_sample(label: str, rng: np.random.Generator, cfg: SynthConfig) -> _F32:
     """One window (3, T, 18, M) float32 of class `label` (DESIGN §3 normalisation)."""
     if label not in CLASSES:
         raise ConfigError(f"unknown class {label!r}; known: {', '.join(CLASSES)}")
@@ -852,12 +858,12 @@ def make_sample(label: str, rng: np.random.Generator, cfg: SynthConfig) -> np.nd
     dets = _camera_artefacts(rng, dets)
     out = np.zeros((3, cfg.T, NUM_JOINTS, cfg.M), dtype=np.float32)
     slots = rng.permutation(cfg.M)
-    for k, det in enumerate(dets[: cfg.M]):
-        out[:, :, :, slots[k]] = det.transpose(2, 0, 1)
+    for k, person in enumerate(dets[: cfg.M]):
+        out[:, :, :, slots[k]] = person.transpose(2, 0, 1)
     return out
 
 
-def _camera_artefacts(rng: np.random.Generator, dets: list[np.ndarray]) -> list[np.ndarray]:
+def _camera_artefacts(rng: np.random.Generator, dets: list[_F32]) -> list[_F32]:
     """Whole-scene artefacts of real CCTV streams, applied to every person alike (so they are never
     an action cue): the camera is bumped or panned (every skeleton jumps or drifts together) and the
     stream stalls (a run of frames repeats the last one exactly, no detector jitter)."""
@@ -879,7 +885,7 @@ def _camera_artefacts(rng: np.random.Generator, dets: list[np.ndarray]) -> list[
     return out
 
 
-def _id_switch(rng: np.random.Generator, dets: list[np.ndarray]) -> list[np.ndarray]:
+def _id_switch(rng: np.random.Generator, dets: list[_F32]) -> list[_F32]:
     """The tracker loses the main person and picks them up again under a new id: the window holds
     one track that ends and another that starts (after a gap of 0–3 frames) where the first ended.
     Real trackers do this to pedestrians all the time, so a track vanishing while another appears
@@ -908,7 +914,7 @@ def generate(
     cfg: SynthConfig | None = None,
     start: int = 0,
     classes: tuple[str, ...] = CLASSES,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[_F32, npt.NDArray[np.int64]]:
     """`n` samples (balanced, class = index mod num_classes) → X (n, 3, T, 18, M), y (n,) int64."""
     cfg = cfg or SynthConfig()
     x = np.zeros((n, 3, cfg.T, NUM_JOINTS, cfg.M), dtype=np.float32)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -118,7 +119,9 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def predict(model: STGCN, x: np.ndarray, device: torch.device, batch_size: int = 64) -> np.ndarray:
+def predict(
+    model: STGCN, x: npt.NDArray[np.float32], device: torch.device, batch_size: int = 64
+) -> npt.NDArray[np.float32]:
     """Logits (n, num_class) for windows x (n, 3, T, 18, M)."""
     model.eval()
     outs = []
@@ -200,7 +203,8 @@ def train(
     # weight averaging: one epoch's weights vary a lot in how they carry over to real footage; an
     # average over the last few hundred steps (BatchNorm statistics included) is steadier
     ema = (
-        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        # torch leaves get_ema_multi_avg_fn unannotated
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)  # type: ignore[no-untyped-call]
         if cfg.ema_decay > 0
         else None
     )
@@ -267,7 +271,7 @@ def train(
                 logits = model(xb)
             loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
             opt.step()
             if ema is not None:
                 ema.update_parameters(model)
