@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import numpy.typing as npt
 
 from enclave_bridge.shared.errors import StageError
 from stages.pose.estimator import PoseEstimator, validate_keypoints
@@ -62,7 +63,7 @@ class PoseBackend(Protocol):
 
     name: str
 
-    def infer(self, image: np.ndarray) -> np.ndarray:
+    def infer(self, image: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         """BGR (H, W, 3) uint8 → (P, 18, 3) float32."""
         ...
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 
-def person_distance(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
+def person_distance(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> tuple[float, int]:
     """Mean pixel distance over the joints both (18, 3) skeletons have, and how many those are."""
     both = (a[:, 2] > 0) & (b[:, 2] > 0)
     n = int(both.sum())
@@ -21,7 +22,9 @@ def person_distance(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
     return float(np.hypot(*(a[both, :2] - b[both, :2]).T).mean()), n
 
 
-def match_people(a: np.ndarray, b: np.ndarray, match_px: float) -> list[tuple[int, int, float]]:
+def match_people(
+    a: npt.NDArray[np.float32], b: npt.NDArray[np.float32], match_px: float
+) -> list[tuple[int, int, float]]:
     """Greedy one-to-one pairs (i in a, j in b, mean joint distance), closest first, ≤ `match_px`."""
     cand = []
     for i in range(len(a)):
@@ -56,7 +59,7 @@ class Agreement:
     joints_cand_only: int = 0
     distances: list[float] = field(default_factory=list)
 
-    def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
+    def add(self, ref: npt.NDArray[np.float32], cand: npt.NDArray[np.float32]) -> None:
         """One frame: (P, 18, 3) from the reference and from the candidate backend."""
         self.frames += 1
         self.people_ref += len(ref)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 from enclave_bridge.shared.errors import StageError
 from pipeline.messages import Frame, PoseFrame
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def validate_keypoints(kp: np.ndarray, width: int, height: int, backend: str) -> np.ndarray:
+def validate_keypoints(kp: npt.ArrayLike, width: int, height: int, backend: str) -> npt.NDArray[np.float32]:
     """Check a backend's output: (P, 18, 3), finite → float32 copy that honours the contract.
 
     Scores are clipped to [0, 1]; coordinates are clipped into the image so downstream

@@ -12,6 +12,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from enclave_bridge.shared.errors import StageError
 from stages.pose.opencv_openpose import check_image
@@ -25,8 +26,8 @@ MEDIAPIPE33_TO_COCO18: tuple[int, ...] = (0, -1, 12, 14, 16, 11, 13, 15, 24, 26,
 
 
 def mediapipe33_to_coco18(
-    landmarks: np.ndarray, width: int, height: int, min_visibility: float = 0.0
-) -> np.ndarray:
+    landmarks: npt.NDArray[np.floating[Any]], width: int, height: int, min_visibility: float = 0.0
+) -> npt.NDArray[np.float32]:
     """(33, 3) normalised (x, y, visibility) landmarks → (1, 18, 3) float32 pixels.
 
     Joints whose visibility is ≤ `min_visibility`, or that fall outside the image (BlazePose
@@ -88,7 +89,7 @@ class MediaPipeBackend:
         )
         self.last_timing: dict[str, float] = {"forward_s": 0.0, "grouping_s": 0.0}
 
-    def infer(self, image: np.ndarray) -> np.ndarray:
+    def infer(self, image: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         """BGR (H, W, 3) uint8 → (0 or 1, 18, 3) float32 pixels."""
         check_image(image)
         if self._pose is None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from enclave_bridge.shared.errors import StageError
 from stages.pose.openpose_net import (
@@ -56,7 +57,7 @@ class OpenCVOpenPose(OpenPoseNet):
         self._net: cv2.dnn.Net | None = net
         log.info("opencv-openpose: loaded %s, input %dx%d", self.model_path.name, *self.input_size)
 
-    def _run(self, resized: np.ndarray) -> np.ndarray:
+    def _run(self, resized: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         if self._net is None:
             raise StageError("opencv-openpose: backend is closed")
         try:

@@ -13,9 +13,10 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from enclave_bridge.shared.errors import StageError
 from pipeline.messages import Frame
@@ -28,9 +29,10 @@ BODY25_TO_COCO18: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 
 
 _NAME = re.compile(r"^(?P<prefix>.*?)_?(?P<num>\d{12})_keypoints\.json$")
 _INDEX_MODES = ("counter", "seq", "media_ts")
+_S = TypeVar("_S", bound=np.generic)  # the keypoints' dtype, kept by the layout conversion
 
 
-def body25_to_coco18(kp: np.ndarray) -> np.ndarray:
+def body25_to_coco18(kp: npt.NDArray[_S]) -> npt.NDArray[_S]:
     """(..., 25, 3) BODY_25 → (..., 18, 3) COCO-18 (drops MidHip and the feet)."""
     arr = np.asarray(kp)
     if arr.shape[-2:] != (25, 3):
@@ -38,14 +40,14 @@ def body25_to_coco18(kp: np.ndarray) -> np.ndarray:
     return arr[..., list(BODY25_TO_COCO18), :]
 
 
-def parse_people(doc: Any, layout: str = "auto", source: str = "<json>") -> np.ndarray:
+def parse_people(doc: Any, layout: str = "auto", source: str = "<json>") -> npt.NDArray[np.float32]:
     """One OpenPose JSON document → (P, 18, 3) float32 (coordinates as written in the file).
 
     `layout` is `auto` (by length: 54 → COCO-18, 75 → BODY_25), `coco18` or `body25`.
     """
     if not isinstance(doc, dict) or not isinstance(doc.get("people"), list):
         raise StageError(f"openpose-json: {source}: no 'people' list")
-    people: list[np.ndarray] = []
+    people: list[npt.NDArray[np.float64]] = []
     for i, person in enumerate(doc["people"]):
         flat = person.get("pose_keypoints_2d") if isinstance(person, dict) else None
         if not isinstance(flat, list):
@@ -150,7 +152,7 @@ class OpenPoseJsonBackend:
     def __len__(self) -> int:
         return len(self.files)
 
-    def read(self, i: int, image_wh: tuple[int, int] | None = None) -> np.ndarray:
+    def read(self, i: int, image_wh: tuple[int, int] | None = None) -> npt.NDArray[np.float32]:
         """Skeletons of frame `i` (relative to `start`) → (P, 18, 3) float32 pixels."""
         num = self.start + i
         path = self.files.get(num)
@@ -169,13 +171,13 @@ class OpenPoseJsonBackend:
             kp[kp[..., 2] <= 0] = 0.0
         return kp
 
-    def infer(self, image: np.ndarray) -> np.ndarray:
+    def infer(self, image: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         """The next frame's skeletons (the `counter` rule); `image` only supplies the size."""
         i = self._next
         self._next += 1
         return self.read(i, (int(image.shape[1]), int(image.shape[0])))
 
-    def infer_frame(self, frame: Frame) -> np.ndarray:
+    def infer_frame(self, frame: Frame) -> npt.NDArray[np.float32]:
         """The skeletons of `frame`, indexed by the configured rule (see the class docstring)."""
         if self.index_mode == "seq":
             i = frame.seq

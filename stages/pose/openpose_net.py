@@ -23,6 +23,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from enclave_bridge.shared.errors import StageError
 from stages.pose.paf import NUM_PARTS, PafParams, group, prepare_maps, to_image_coords
@@ -121,7 +122,7 @@ class OpenPoseNet:
 
     # -- runtime hooks ------------------------------------------------------------------------------
 
-    def _run(self, resized: np.ndarray) -> np.ndarray:
+    def _run(self, resized: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         """BGR uint8 (h, w, 3) at the network input size → raw output (57, h/8, w/8) float32."""
         raise NotImplementedError
 
@@ -136,7 +137,7 @@ class OpenPoseNet:
             return self.input_size
         return input_size_for_person(image_wh, self.person_height_px)
 
-    def forward(self, image: np.ndarray) -> np.ndarray:
+    def forward(self, image: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         """BGR (H, W, 3) uint8 → raw network output (57, h, w) float32 (h = input height / 8)."""
         size = self.input_size_for((image.shape[1], image.shape[0]))
         resized = image if (image.shape[1], image.shape[0]) == size else cv2.resize(image, size)
@@ -145,14 +146,14 @@ class OpenPoseNet:
             raise StageError(f"{self.name}: unexpected network output shape {out.shape}")
         return out
 
-    def postprocess(self, out: np.ndarray, image_wh: tuple[int, int]) -> np.ndarray:
+    def postprocess(self, out: npt.NDArray[np.float32], image_wh: tuple[int, int]) -> npt.NDArray[np.float32]:
         """Network output (57, h, w) → (P, 18, 3) float32 in image pixels."""
         heat_up, blurred, paf_up = prepare_maps(out[:19], out[19:], self.params)
         humans = group(heat_up, blurred, paf_up, self.params)
         map_wh = (heat_up.shape[1], heat_up.shape[0])
         return to_image_coords(humans, map_wh, image_wh)
 
-    def infer(self, image: np.ndarray) -> np.ndarray:
+    def infer(self, image: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         """BGR (H, W, 3) uint8 → (P, 18, 3) float32: x, y pixels of `image`, score in [0, 1]."""
         check_image(image)
         t0 = time.perf_counter()
@@ -170,7 +171,7 @@ class OpenPoseNet:
         return (create_backend_from_options, (self.name, dict(self._options)))
 
 
-def check_image(image: np.ndarray) -> None:
+def check_image(image: object) -> None:
     """Reject anything but a non-empty (H, W, 3) uint8 image with a clear `StageError`."""
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
         shape = getattr(image, "shape", type(image).__name__)

@@ -17,6 +17,7 @@ import os
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from enclave_bridge.shared.errors import StageError
 from stages.pose.openpose_net import OpenPoseNet
@@ -110,10 +111,11 @@ class OpenVINOOpenPose(OpenPoseNet):
         self._compiled[key] = compiled
         return compiled
 
-    def _run(self, resized: np.ndarray) -> np.ndarray:
-        return self.run_batch(resized[None])[0]
+    def _run(self, resized: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        out: npt.NDArray[np.float32] = self.run_batch(resized[None])[0]
+        return out
 
-    def run_batch(self, batch: np.ndarray) -> np.ndarray:
+    def run_batch(self, batch: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         """(N, h, w, 3) uint8 BGR at the input size → (N, 57, h/8, w/8) float32 (one inference)."""
         if self._closed:
             raise StageError("openvino-openpose: backend is closed")

@@ -24,11 +24,17 @@ numpy gather per limb type; the assembly loops over accepted limbs only (a few p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from enclave_bridge.shared.errors import StageError
+
+_F32 = npt.NDArray[np.float32]  # network maps, output skeletons
+_F64 = npt.NDArray[np.float64]  # peak coordinates and scores, limb scores
+_I64 = npt.NDArray[np.int64]  # peak ids
 
 NUM_PARTS = 18
 """OpenPose/COCO-18 keypoints (DESIGN §3); heatmap channel 18 is the background."""
@@ -95,15 +101,15 @@ class Peaks:
     ids of part p's peaks.
     """
 
-    xy: np.ndarray
-    score: np.ndarray
-    part: np.ndarray
-    by_part: tuple[np.ndarray, ...]
+    xy: _F64
+    score: _F64
+    part: _I64
+    by_part: tuple[_I64, ...]
 
 
 def prepare_maps(
-    heat: np.ndarray, paf: np.ndarray, params: PafParams
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    heat: _F32, paf: _F32, params: PafParams
+) -> tuple[_F32, _F32, _F32]:
     """(heat (C,h,w), paf (38,h,w)) network layout → channel-last maps at grouping resolution:
     (heat_up (H,W,18), blurred (H,W,18), paf_up (H,W,38)) float32, H,W = upsample·(h,w).
 
@@ -116,22 +122,25 @@ def prepare_maps(
         raise StageError(f"pose: heat {heat.shape} and paf {paf.shape} grids differ")
     h, w = heat.shape[1:]
     size = (max(1, round(w * params.upsample)), max(1, round(h * params.upsample)))
-    hwc: np.ndarray = np.ascontiguousarray(heat[:NUM_PARTS].transpose(1, 2, 0), dtype=np.float32)
-    pwc: np.ndarray = np.ascontiguousarray(paf.transpose(1, 2, 0), dtype=np.float32)
+    hwc: _F32 = np.ascontiguousarray(heat[:NUM_PARTS].transpose(1, 2, 0), dtype=np.float32)
+    pwc: _F32 = np.ascontiguousarray(paf.transpose(1, 2, 0), dtype=np.float32)
     if size != (w, h):
-        hwc = cv2.resize(hwc, size, interpolation=cv2.INTER_CUBIC)
-        pwc = cv2.resize(pwc, size, interpolation=cv2.INTER_CUBIC)
+        # cv2 types its results as any numeric array; resizing keeps float32
+        hwc = cast(_F32, cv2.resize(hwc, size, interpolation=cv2.INTER_CUBIC))
+        pwc = cast(_F32, cv2.resize(pwc, size, interpolation=cv2.INTER_CUBIC))
     hwc = hwc.reshape(size[1], size[0], NUM_PARTS)
     pwc = pwc.reshape(size[1], size[0], 2 * len(LIMBS))
     blurred = (
-        cv2.GaussianBlur(hwc, (params.blur_ksize, params.blur_ksize), params.blur_sigma).reshape(hwc.shape)
+        cast(_F32, cv2.GaussianBlur(hwc, (params.blur_ksize, params.blur_ksize), params.blur_sigma)).reshape(
+            hwc.shape
+        )
         if params.blur_ksize
         else hwc
     )
     return hwc, blurred, pwc
 
 
-def find_peaks(heat: np.ndarray, blurred: np.ndarray, thresh: float) -> Peaks:
+def find_peaks(heat: _F32, blurred: _F32, thresh: float) -> Peaks:
     """3x3 non-maximum suppression on `blurred` (H,W,P); scores read from `heat` (H,W,P)."""
     p = blurred.shape[2]
     dilated = cv2.dilate(blurred, np.ones((3, 3), np.uint8)).reshape(blurred.shape)
@@ -167,8 +176,8 @@ def find_peaks(heat: np.ndarray, blurred: np.ndarray, thresh: float) -> Peaks:
 
 
 def score_limb(
-    a_xy: np.ndarray, b_xy: np.ndarray, paf_x: np.ndarray, paf_y: np.ndarray, params: PafParams
-) -> np.ndarray:
+    a_xy: _F64, b_xy: _F64, paf_x: _F32, paf_y: _F32, params: PafParams
+) -> _F64:
     """PAF line-integral score of every (A, B) pair: (na, nb) float64, −inf where rejected.
 
     Samples `step_paf` points A + i/step·(B−A), i=0…step−1 (rounded to the grid like tf-pose).
@@ -194,7 +203,7 @@ def score_limb(
     return np.where(ok, crit2, -np.inf)
 
 
-def match_limb(scores: np.ndarray) -> list[tuple[int, int, float]]:
+def match_limb(scores: _F64) -> list[tuple[int, int, float]]:
     """Greedy one-to-one assignment, best score first: [(i_a, i_b, score)] (tf-pose's rule)."""
     ia, ib = np.nonzero(np.isfinite(scores))
     if len(ia) == 0:
@@ -216,15 +225,15 @@ def match_limb(scores: np.ndarray) -> list[tuple[int, int, float]]:
     return out
 
 
-def assemble(peaks: Peaks, connections: list[list[tuple[int, int, float]]], params: PafParams) -> np.ndarray:
+def assemble(peaks: Peaks, connections: list[list[tuple[int, int, float]]], params: PafParams) -> _I64:
     """Join accepted limbs into humans: (P, 18) int64 global peak ids (−1 = missing), best first.
 
     `connections[l]` holds (global id A, global id B, limb score) for limb type `l`. A human row also
     accumulates its total score and part count, used for the final filter.
     """
-    rows: list[np.ndarray] = []  # each: 18 ids, then [total score, part count]
+    rows: list[_F64] = []  # each: 18 ids, then [total score, part count]
 
-    def attach(r: np.ndarray, part: int, gid: int, s: float) -> None:
+    def attach(r: _F64, part: int, gid: int, s: float) -> None:
         # The reference overwrites unconditionally; a peak another human already holds is left
         # there, so no joint is ever reported for two people.
         if r[part] == gid or any(o is not r and o[part] == gid for o in rows):
@@ -260,10 +269,11 @@ def assemble(peaks: Peaks, connections: list[list[tuple[int, int, float]]], para
     kept.sort(key=lambda r: -r[18])
     if not kept:
         return np.zeros((0, NUM_PARTS), dtype=np.int64)
-    return np.stack([r[:NUM_PARTS] for r in kept]).astype(np.int64)
+    ids: _I64 = np.stack([r[:NUM_PARTS] for r in kept]).astype(np.int64)
+    return ids
 
 
-def group(heat_up: np.ndarray, blurred: np.ndarray, paf_up: np.ndarray, params: PafParams) -> np.ndarray:
+def group(heat_up: _F32, blurred: _F32, paf_up: _F32, params: PafParams) -> _F32:
     """Channel-last maps from `prepare_maps` → (P, 18, 3) float32 humans in map coordinates.
 
     Missing joints are (0, 0, 0). Coordinates are map pixels; the caller rescales to the image.
@@ -283,7 +293,7 @@ def group(heat_up: np.ndarray, blurred: np.ndarray, paf_up: np.ndarray, params: 
     return out
 
 
-def to_image_coords(humans: np.ndarray, map_wh: tuple[int, int], image_wh: tuple[int, int]) -> np.ndarray:
+def to_image_coords(humans: _F32, map_wh: tuple[int, int], image_wh: tuple[int, int]) -> _F32:
     """Map-pixel (x, y) → original-image pixels with pixel-centre alignment; missing stay (0,0,0).
 
     The network input is the whole image resized (no crop), so each axis scales independently.

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from enclave_bridge.shared.errors import StageError
 from stages.pose.opencv_openpose import check_image
@@ -87,7 +88,7 @@ class PyOpenPoseBackend:
             raise StageError(f"openpose: cannot start OpenPose: {e}") from e
         log.info("openpose: started %s at %s", model_pose, net_resolution)
 
-    def infer(self, image: np.ndarray) -> np.ndarray:
+    def infer(self, image: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         """BGR (H, W, 3) uint8 → (P, 18, 3) float32 pixels."""
         check_image(image)
         if self._wrapper is None:

@@ -88,6 +88,7 @@ def _infer_batch(backend: Any, estimators: dict[str, Any], frames: list[Frame]) 
                     for i in idx
                 ]
             )
+            assert run_batch is not None  # groups are filled only for a batching backend
             outs = run_batch(batch)
         except VeilcamError as e:
             for i in idx:
