@@ -526,6 +526,7 @@ def run_full_level(dep: Deployment, broker: Any, n: int, args: argparse.Namespac
         raise RuntimeError("subscriber did not subscribe")
     outbox = Outbox(cfg.state_dir / "outbox.sqlite")
     devices = [cfg.device_of(c) for c in cfg.cameras]
+    assert cfg.broker is not None  # the benchmark's config always names its broker
     publisher = AlertPublisher(
         cfg.broker, outbox, devices=devices, evidence_provider=enclave_evidence_provider(dep.ev_addr)
     )
@@ -602,7 +603,7 @@ def run_full_level(dep: Deployment, broker: Any, n: int, args: argparse.Namespac
     sub.stop()
     lat, missing = clock.latencies(t0, t1)
     wall = t1 - t0
-    cams = []
+    cams: list[dict[str, Any]] = []
     for dev in before:
         a, b = before[dev], after[dev]
         pose_a, pose_b = _stage(a, "pose"), _stage(b, "pose")

@@ -238,10 +238,10 @@ def bench_clip(clip: Path, args: argparse.Namespace) -> dict[str, Any]:
         if spec != "opencv-openpose" and ref_key in skeletons:
             ref_row = by_key[("opencv-openpose", row["input"])]
             row["vs_opencv"] = round(row["fps"] / ref_row["fps"], 2)
-            ag = Agreement(match_px=args.match_px)
-            for r, c in zip(skeletons[ref_key], skeletons[(spec, size)], strict=True):
-                ag.add(r, c)
-            row["agreement"] = ag.summary()
+            agreement = Agreement(match_px=args.match_px)
+            for ref_kp, cand_kp in zip(skeletons[ref_key], skeletons[(spec, size)], strict=True):
+                agreement.add(ref_kp, cand_kp)
+            row["agreement"] = agreement.summary()
     if args.stability:
         net_rows += stability_rows(configs, skeletons, frames, args.match_px)
     rows = net_rows + rows
