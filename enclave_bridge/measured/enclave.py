@@ -88,6 +88,7 @@ from enclave_bridge.shared.wire import (
 log = logging.getLogger(__name__)
 
 KEY_REFRESH_S = 60.0
+KEY_FETCH_MIN_GAP_S = 1.0  # rate limit on key-enclave fetches (see _refresh_keys)
 DEFAULT_BATCH_MAX = 4
 
 
@@ -156,6 +157,7 @@ class EvaluationEnclave:
         self.batch_max = int(ev.get("batch_max") or (1 if self.mode == "paper" else DEFAULT_BATCH_MAX))
         self.topk = int(cfg.get("topk", 5))
         self._lock = threading.RLock()  # guards model/evaluator/keys/counters
+        self._fetch_lock = threading.Lock()  # one key-enclave fetch at a time
         self._keys: dict[str, tuple[DataKey, float | None]] = {}
         self._last_key_fetch = 0.0
         # the model's evaluator, labels and pre-processing (model.json), replaced on provisioning
@@ -276,6 +278,25 @@ class EvaluationEnclave:
             self._keys = keys
         log.info("data keys loaded from key enclave: kids %s", sorted(keys))
 
+    def _refresh_keys(self, kid: str) -> dict[str, DataKey]:
+        """Fetch the keyring again, at most once per KEY_FETCH_MIN_GAP_S.
+
+        Why wait rather than reject: a window sealed under a key rotated in a moment ago must
+        not be lost, and a host naming bogus kids must not flood the key enclave; so a caller
+        inside the gap waits for it, and concurrent callers share one fetch."""
+        with self._fetch_lock:
+            keys = self._active_keys()
+            since = time.monotonic() - self._last_key_fetch
+            if kid in keys and since <= KEY_REFRESH_S:
+                return keys  # another caller fetched while this one waited for the lock
+            if since < KEY_FETCH_MIN_GAP_S:
+                time.sleep(KEY_FETCH_MIN_GAP_S - since)
+            try:
+                self.fetch_data_keys()
+            except VeilcamError as e:
+                log.warning("cannot refresh data keys: %s", e)
+            return self._active_keys()
+
     def _platform_pub(self) -> bytes | None:
         get = getattr(self.backend, "platform_public", None)
         return get() if get is not None else None
@@ -342,15 +363,10 @@ class EvaluationEnclave:
                 hdr.device, "no_policy", "no valid access policy: refusing to publish", hdr.seq
             )
         keys = self._active_keys()
-        since = time.monotonic() - self._last_key_fetch
-        # unknown kid: maybe rotated (at most one fetch per second); otherwise refresh periodically so
-        # a rotation's grace period ends even if the capture host keeps using the old key
-        if (hdr.kid not in keys and since > 1.0) or since > KEY_REFRESH_S:
-            try:
-                self.fetch_data_keys()
-            except VeilcamError as e:
-                log.warning("cannot refresh data keys: %s", e)
-            keys = self._active_keys()
+        # unknown kid: maybe just rotated; otherwise refresh periodically so a rotation's grace
+        # period ends even if the capture host keeps using the old key
+        if hdr.kid not in keys or time.monotonic() - self._last_key_fetch > KEY_REFRESH_S:
+            keys = self._refresh_keys(hdr.kid)
         digest = hashlib.sha256(blob).hexdigest()
         # One device's windows run one at a time (rule order, replay state); different devices'
         # windows are evaluated concurrently, so the batcher can stack those that queue up.

@@ -74,14 +74,26 @@ def weight_needles(ckpt: Path, n: int = 30) -> dict[str, bytes]:
 
 
 def frames(stream: bytes) -> list[object]:
-    """Decode a recorded stream of length-prefixed msgpack frames."""
+    """Decode a recorded stream of length-prefixed msgpack frames.
+
+    A frame whose map announces `raw: [{dtype, shape}, ...]` is followed by that many raw tensor
+    segments (8-byte length, C-order bytes); they are decoded into the frame as `_raw`."""
     out, i = [], 0
     while i + 4 <= len(stream):
         (n,) = struct.unpack(">I", stream[i : i + 4])
         if i + 4 + n > len(stream):
             break
-        out.append(msgpack.unpackb(stream[i + 4 : i + 4 + n], raw=False))
+        frame = msgpack.unpackb(stream[i + 4 : i + 4 + n], raw=False)
         i += 4 + n
+        if isinstance(frame, dict) and isinstance(frame.get("raw"), list):
+            segs = []
+            for desc in frame["raw"]:
+                (k,) = struct.unpack(">Q", stream[i : i + 8])
+                data = stream[i + 8 : i + 8 + k]
+                segs.append(np.frombuffer(data, dtype=desc["dtype"]).reshape(desc["shape"]))
+                i += 8 + k
+            frame["_raw"] = segs
+        out.append(frame)
     return out
 
 
@@ -176,7 +188,8 @@ def test_full_replay_leaks_nothing(mosquitto, monkeypatch: pytest.MonkeyPatch) -
         for f in computes:
             for term in f["terms"]:
                 assert "shm" not in term  # a TCP worker gets inline tensors, nothing else
-                x = unpack_tensor(term["input"])
+                # inline in the frame, or a raw segment after it (workers that negotiated raw frames)
+                x = f["_raw"][term["raw"]] if "raw" in term else unpack_tensor(term["input"])
                 assert x.dtype == np.int64 and x.min() >= 0 and x.max() < P
                 assert near_zero_fraction(x) < 0.02, "unmasked input reached the GPU worker"
                 n_inputs += 1

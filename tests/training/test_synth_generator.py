@@ -45,7 +45,7 @@ def test_shapes_ranges_and_missing_joints_are_zero() -> None:
     assert (score >= 0).all() and (score <= 1).all()
     assert (x[:, 0][present] >= -0.5).all() and (x[:, 0][present] < 0.5).all()
     assert (x[:, 1][present] >= -0.5).all() and (x[:, 1][present] < 0.5).all()
-    # a missing joint is an all-zero triple (DESIGN §3)
+    # a missing joint is an all-zero triple (docs/ARCHITECTURE.md §3)
     assert (x[:, 0][~present] == 0).all() and (x[:, 1][~present] == 0).all()
     # noise: some joints are missing in most windows
     assert (~present[:, :, :, 0]).any(axis=(1, 2)).mean() > 0.5
