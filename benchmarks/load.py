@@ -27,6 +27,9 @@ and drops the oldest when the enclave lags. Per N it reports sustained windows/s
 from the moment a window was due to its reply, queue depth and drops; N grows until the enclave
 saturates. `--soak-s` then runs the saturating N for that long and samples the RSS of the enclave
 and worker processes every 10 s (memory must stay bounded). Writes `benchmarks/results/load.json`.
+
+Why one module of ~870 lines: a benchmark is run and read as one script; both stacks share the
+deployment, meters and report format, and a reader checks what was measured in one file.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ with the reason. Decoding is excluded (frames are decoded up front). `--stabilit
 yardstick for the agreement columns: opencv-openpose against itself on the same frames re-encoded
 as JPEG quality 95 (`@jpeg95`) and with ±1 grey-level noise (`@noise1`) — imperceptible changes
 that already flip borderline people. Writes `benchmarks/results/pose_fps.json`.
+
+Why one module of ~440 lines: one script run and read as a whole; the interleaving, agreement and
+shared-server rows share the decoded frames and the report format.
 """
 
 from __future__ import annotations

@@ -4,11 +4,16 @@ No labelled CCTV skeleton data can ship with the project, so windows are synthes
 articulated body (several shapes) is animated per class, projected by a random CCTV-like camera
 (height, tilt, distance, field of view, image size) and corrupted the way OpenPose output is
 (jitter, low scores, missed joints, left/right swaps, truncation at the border, lost tracks,
-uneven frame timing). Output windows follow DESIGN §3: (3, T, 18, M) float32 with x/W−0.5,
+uneven frame timing). Output windows follow docs/ARCHITECTURE.md §3: (3, T, 18, M) float32 with x/W−0.5,
 y/H−0.5, score and zeros where a joint is missing.
 
 Every sample is a pure function of `(seed, split, index)`, so datasets are reproducible and any
 slice can be regenerated independently (used by training resume and the tests).
+
+Why one module of ~930 lines: a sample is one pure function of `(seed, split, index)` drawing
+body, per-class motion, camera and OpenPose-style corruption from one random stream in a fixed
+order; split across modules, a change to one part's draws silently reshuffles every dataset, so
+the whole derivation stays readable (and versioned) in one place.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from enclave_bridge.shared.errors import ConfigError
+from stages.windowing import normalise  # the serving path's own: no training/serving skew
 
 _F64 = npt.NDArray[np.float64]  # joint angles, trajectories, positions, pixels
 _F32 = npt.NDArray[np.float32]  # windows (3, T, 18, M), as the model reads them
@@ -41,7 +47,7 @@ purpose must not look like `lying`/`falling` to the model (fewer false fall aler
 
 NUM_JOINTS = 18
 SPLITS = {"train": 0, "val": 1, "test": 2}
-# OpenPose-18 left/right pairs (DESIGN §3 joint order).
+# OpenPose-18 left/right pairs (docs/ARCHITECTURE.md §3 joint order).
 LR_ARMS = ((2, 5), (3, 6), (4, 7))
 LR_LEGS = ((8, 11), (9, 12), (10, 13))
 LR_FACE = ((14, 15), (16, 17))
@@ -756,16 +762,6 @@ def _corrupt(
     return out
 
 
-def normalise(kp: _F64, width: int, height: int) -> _F32:
-    """Pixel keypoints (..., 18, 3) → DESIGN §3 normalisation; missing (score 0) joints stay 0."""
-    out = np.zeros(kp.shape, dtype=np.float32)
-    present = kp[..., 2] > 0
-    out[..., 0] = np.where(present, kp[..., 0] / width - 0.5, 0.0)
-    out[..., 1] = np.where(present, kp[..., 1] / height - 0.5, 0.0)
-    out[..., 2] = np.where(present, kp[..., 2], 0.0)
-    return out
-
-
 def _times(rng: np.random.Generator, cfg: SynthConfig) -> _F64:
     """Frame times with uneven sampling: speed variety, repeated and skipped frames."""
     dt = np.full(cfg.T, 1.0 / cfg.fps) * rng.uniform(0.85, 1.15)
@@ -802,7 +798,7 @@ def _head_forward(world: _F64) -> _F64:
 
 
 def make_sample(label: str, rng: np.random.Generator, cfg: SynthConfig) -> _F32:
-    """One window (3, T, 18, M) float32 of class `label` (DESIGN §3 normalisation)."""
+    """One window (3, T, 18, M) float32 of class `label` (docs/ARCHITECTURE.md §3 normalisation)."""
     if label not in CLASSES:
         raise ConfigError(f"unknown class {label!r}; known: {', '.join(CLASSES)}")
     t = _times(rng, cfg)

@@ -3,6 +3,10 @@
 A frame is a 4-byte big-endian length followed by one msgpack map. Tensors travel as
 `{"dtype": str, "shape": [..], "data": bytes}`. Frames above `max_bytes` are refused before any
 allocation, so a hostile peer cannot make us buffer unbounded memory.
+
+Why one module of ~440 lines: framing, raw tensor segments, addresses, listening sockets and
+connection limits are the one transport both sides of every trust boundary share; each piece
+checks limits the others rely on, so they are reviewed (and measured) together.
 """
 
 from __future__ import annotations

