@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from config.broker import BrokerConfig
 from enclave_bridge.shared.errors import ConfigError, VeilcamError
 from enclave_bridge.shared.keys import DataKey, load_data_key
+from enclave_bridge.shared.rules import AlertRules
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO_ROOT / "samples" / "default_model"
@@ -143,16 +144,14 @@ class RulesConfig(_Model):
     )
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "labels": list(self.labels),
-            "min_score": self.min_score,
-            "debounce_s": self.debounce_s,
-        }
-        if self.label_min_score:
-            out["label_min_score"] = dict(self.label_min_score)
-        if self.min_windows:
-            out["min_windows"] = dict(self.min_windows)
-        return out
+        """The rules as the enclave reads them (its own `AlertRules.to_dict`: one wire format)."""
+        return AlertRules(
+            tuple(self.labels),
+            self.min_score,
+            self.debounce_s,
+            tuple(self.label_min_score.items()),
+            tuple(self.min_windows.items()),
+        ).to_dict()
 
 
 class CameraConfig(_Model):

@@ -21,12 +21,11 @@ accumulator (< 2^62.1). |x̂| < 2^20: x̂·t < 2^43, at most 2^19 terms per accu
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
-
 import numba as nb
 import numpy as np
 
 from enclave_bridge.shared.ring import P
+from enclave_bridge.shared.ring_kernels import _opts  # one set of numba options for every kernel
 
 T_BITS = 23  # Freivalds vectors are uniform in [0, 2^T_BITS)
 REPS = 2  # soundness error ≤ (2/2^23)^2 = 2^-44 per check
@@ -37,18 +36,6 @@ _P = np.int64(P)
 _M26 = np.int64((1 << 26) - 1)
 _M31 = np.int64((1 << 31) - 1)
 _M30 = np.int64((1 << 30) - 1)
-
-
-class _JitOptions(TypedDict):
-    """`nb.njit` keywords shared by every kernel (typed, so the decorator's overloads resolve)."""
-
-    cache: bool
-    nogil: bool
-    boundscheck: bool
-    error_model: Literal["python", "numpy"]
-
-
-_opts: _JitOptions = {"cache": True, "nogil": True, "boundscheck": False, "error_model": "numpy"}
 
 
 @nb.njit(**_opts)
