@@ -298,7 +298,7 @@ class BatchRun:
 
         addresses = [a for a in [cfg.enclave.address, *cfg.enclave.addresses] if a]
         if not addresses:
-            from config.schema import load_data_key_from_config
+            from config.files import load_data_key_from_config
 
             log.warning(
                 "batch: no enclave address: windows are evaluated by the in-process local evaluator "

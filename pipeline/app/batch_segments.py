@@ -28,7 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from config.schema import CameraConfig, VeilcamConfig, load_data_key_from_config
+from config.files import load_data_key_from_config
+from config.schema import CameraConfig, VeilcamConfig
 from pipeline.app.daemon import PoseStage, window_params
 from pipeline.errors import VeilcamError
 from pipeline.messages import EndOfStream, Frame, PoseFrame, SealedWindow

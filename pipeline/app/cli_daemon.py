@@ -173,7 +173,8 @@ def _report_json(r: Any) -> dict[str, Any]:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from config.schema import check_files, load_config
+    from config.files import check_files
+    from config.schema import load_config
 
     try:
         cfg = load_config(args.config)

@@ -32,10 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from config.schema import (
-    VeilcamConfig,
-    load_data_key_from_config,
-)
+from config.files import load_data_key_from_config
+from config.schema import VeilcamConfig
 from enclave_bridge.shared.keys import DataKey
 from pipeline.app.camera import (
     AlertSink,

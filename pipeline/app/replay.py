@@ -150,7 +150,7 @@ def run_replay(
         if throwaway:
             key = generate_data_key()
         else:
-            from config.schema import load_data_key_from_config
+            from config.files import load_data_key_from_config
 
             key = load_data_key_from_config(cfg)
     cfg.state_dir.mkdir(parents=True, exist_ok=True)

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from config.files import check_files, load_data_key_from_config
 from config.schema import (
     REPO_ROOT,
     CameraConfig,
-    check_files,
     load_config,
-    load_data_key_from_config,
     parse_config,
 )
 from enclave_bridge.shared.keys import generate_data_key
