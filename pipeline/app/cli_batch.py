@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.app.cli_overrides import add_replay_overrides, replay_overrides
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--state-dir", type=Path, help="window counters, local evaluator (default: <out>.state)")
     p.add_argument("--restart", action="store_true", help="delete the report and manifest and start over")
     p.add_argument("--max-task-retries", type=int, default=3, help="Ray retries of a task whose worker died")
-    p.add_argument("--max-frames", type=int, help="per clip: stop after this many frames")
-    p.add_argument("--fps", type=float, help="target fps (surplus frames dropped by timestamp)")
-    p.add_argument("--crop", type=int, nargs=4, metavar=("X", "Y", "W", "H"), help="region of interest")
-    p.add_argument("--pose-backend", help="pose backend (default from config or auto)")
-    p.add_argument("--window-frames", type=int, help="window length T in frames")
-    p.add_argument("--stride-frames", type=int, help="window stride in frames")
+    add_replay_overrides(p, per="per clip: ")
     p.add_argument(
         "--consumer-key", type=Path, help="remote enclaves: your key, to open alerts for the report"
     )
@@ -128,14 +124,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         consumer_key=consumer,
         enclave_verify_keys=verify_keys,
     )
-    overrides = {
-        "max_frames": args.max_frames,
-        "fps": args.fps,
-        "crop": tuple(args.crop) if args.crop else None,
-        "backend": args.pose_backend,
-        "length_frames": args.window_frames,
-        "stride_frames": args.stride_frames,
-    }
+    overrides = replay_overrides(args)
     summary = run_batch(clips, base, opts, camera=args.camera, overrides=overrides)
     print(format_summary(summary))
     if summary.clips_failed:

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.app.cli_overrides import add_replay_overrides, replay_overrides
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="PNG",
         help="write every window's score per label over time, the alert threshold and the alerts",
     )
-    p.add_argument("--max-frames", type=int, help="stop after this many frames")
-    p.add_argument("--fps", type=float, help="target fps (surplus frames dropped by timestamp)")
-    p.add_argument("--crop", type=int, nargs=4, metavar=("X", "Y", "W", "H"), help="region of interest")
-    p.add_argument("--pose-backend", help="pose backend (default from config or opencv-openpose)")
-    p.add_argument("--window-frames", type=int, help="window length T in frames")
-    p.add_argument("--stride-frames", type=int, help="window stride in frames")
+    add_replay_overrides(p)
     p.add_argument("--state-dir", type=Path, help="where window counters live (default: config or temp dir)")
     p.add_argument("--consumer-key", type=Path, help="consumer key file used to open alerts for the summary")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
@@ -102,14 +98,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from pipeline.app.replay import format_summary, plot_timeline, replay_config, run_replay
 
     base = load_config(args.config) if args.config else None
-    overrides = {
-        "max_frames": args.max_frames,
-        "fps": args.fps,
-        "crop": tuple(args.crop) if args.crop else None,
-        "backend": args.pose_backend,
-        "length_frames": args.window_frames,
-        "stride_frames": args.stride_frames,
-    }
+    overrides = replay_overrides(args)
     with contextlib.ExitStack() as stack:
         state_dir = args.state_dir
         if state_dir is None and base is None:  # throw-away key: throw-away counters too
