@@ -405,16 +405,24 @@ class BatchRun:
         if todo:  # nothing to do: no Ray, no evaluator
             how = connect_ray(self.opts.ray, self.opts.local_cpus)
             log.info("batch: Ray %s; %d clip(s) to do", how, len(todo))
-            cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
-            per_task = max(self.opts.cpus_per_clip, 0.01)
-            warm: Any = ray.remote(warm_up)
-            # fire and forget: the workers import while this driver loads the evaluator and plans
-            warming = [
-                warm.options(num_cpus=per_task).remote() for _ in range(max(1, int(cluster_cpus // per_task)))
-            ]
-            self._setup_enclave(first, [device_for(c, self._prefix()) for c in todo])
-            self._dispatch(todo, data_key_path, cluster_cpus)
-            del warming
+            try:
+                cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
+                per_task = max(self.opts.cpus_per_clip, 0.01)
+                warm: Any = ray.remote(warm_up)
+                # fire and forget: the workers import while this driver loads the evaluator and plans
+                warming = [
+                    warm.options(num_cpus=per_task).remote()
+                    for _ in range(max(1, int(cluster_cpus // per_task)))
+                ]
+                self._setup_enclave(first, [device_for(c, self._prefix()) for c in todo])
+                self._dispatch(todo, data_key_path, cluster_cpus)
+                del warming
+            finally:
+                # A Ray this run started or joined is left as found: a private local one stops
+                # (its processes are the run's), a cluster is only disconnected from. A caller
+                # that had Ray up already ("already") keeps it.
+                if how != "already":
+                    ray.shutdown()
         outcomes = list(self.outcomes)
         failed = [o for o in outcomes if o.status == "failed"]
         summary = BatchSummary(
