@@ -931,7 +931,6 @@ __all__ = [
     "forward_kinematics",
     "generate",
     "make_sample",
-    "normalise",
     "sample_camera",
     "sample_rng",
 ]

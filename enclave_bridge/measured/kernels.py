@@ -25,7 +25,7 @@ import numba as nb
 import numpy as np
 
 from enclave_bridge.shared.ring import P
-from enclave_bridge.shared.ring_kernels import _opts  # one set of numba options for every kernel
+from enclave_bridge.shared.ring_kernels import JIT_OPTIONS  # one set of numba options for every kernel
 
 T_BITS = 23  # Freivalds vectors are uniform in [0, 2^T_BITS)
 REPS = 2  # soundness error ≤ (2/2^23)^2 = 2^-44 per check
@@ -38,7 +38,7 @@ _M31 = np.int64((1 << 31) - 1)
 _M30 = np.int64((1 << 30) - 1)
 
 
-@nb.njit(**_opts)
+@nb.njit(**JIT_OPTIONS)
 def _red(x: np.int64) -> np.int64:  # pragma: no cover - compiled
     """0 ≤ x < 2^63 → x mod p (two Mersenne folds)."""
     x = (x & _P) + (x >> 61)
@@ -46,7 +46,7 @@ def _red(x: np.int64) -> np.int64:  # pragma: no cover - compiled
     return x - _P if x >= _P else x
 
 
-@nb.njit(**_opts)
+@nb.njit(**JIT_OPTIONS)
 def mulmod(a: np.int64, b: np.int64) -> np.int64:  # pragma: no cover - compiled
     """a·b mod p for a, b in [0, p), with 31-bit halves (no 128-bit type needed)."""
     a1, a0 = a >> 31, a & _M31
@@ -56,12 +56,12 @@ def mulmod(a: np.int64, b: np.int64) -> np.int64:  # pragma: no cover - compiled
     return _red(_red(2 * (a1 * b1) + m1 + (m0 << 31)) + _red(a0 * b0))
 
 
-@nb.njit(**_opts)
+@nb.njit(**JIT_OPTIONS)
 def _signed_mod(x: np.int64) -> np.int64:  # pragma: no cover - compiled
     return _red(x) if x >= 0 else (_P - _red(-x)) % _P
 
 
-@nb.njit(**_opts)
+@nb.njit(**JIT_OPTIONS)
 def quant_mask(h, scale, r, sign, xq, bar):  # pragma: no cover - compiled
     """x̂ = rint(h·scale) → xq (int32); bar = (x̂ + sign·r) mod p (int64), all flat arrays.
 
@@ -84,7 +84,7 @@ def quant_mask(h, scale, r, sign, xq, bar):  # pragma: no cover - compiled
             bar[i] = v
 
 
-@nb.njit(**_opts)
+@nb.njit(**JIT_OPTIONS)
 def mask_from(xq, r, sign, bar):  # pragma: no cover - compiled
     """bar = (x̂ + sign·r) mod p from an already quantised x̂ (second share of `split3`)."""
     for i in range(xq.size):
@@ -99,7 +99,7 @@ def mask_from(xq, r, sign, bar):  # pragma: no cover - compiled
         bar[i] = v
 
 
-@nb.njit(**_opts)
+@nb.njit(**JIT_OPTIONS)
 def finish(a, b, c, sb, sc, scale, tv, out, zhi, zlo):  # pragma: no cover - compiled
     """Combine replies, centre, range-check, project for Freivalds and dequantise, in one pass.
 
@@ -148,7 +148,7 @@ def finish(a, b, c, sb, sc, scale, tv, out, zhi, zlo):  # pragma: no cover - com
     return bad
 
 
-@nb.njit(**_opts)
+@nb.njit(**JIT_OPTIONS)
 def _run2(ar, br, sb, sf, t0, t1, orow, lo_, hi_):  # pragma: no cover - compiled
     """One contiguous run, y = a + sb·b: returns (bad, Σhi·t0, Σhi·t1, Σlo·t0, Σlo·t1)."""
     bad = np.int64(0)
@@ -173,7 +173,7 @@ def _run2(ar, br, sb, sf, t0, t1, orow, lo_, hi_):  # pragma: no cover - compile
     return bad, h0, h1, g0, g1
 
 
-@nb.njit(**_opts)
+@nb.njit(**JIT_OPTIONS)
 def _run3(ar, br, cr, sb, sc, sf, t0, t1, orow, lo_, hi_):  # pragma: no cover - compiled
     """`_run2` with a third term: y = a + sb·b + sc·c."""
     bad = np.int64(0)
@@ -201,7 +201,7 @@ def _run3(ar, br, cr, sb, sc, sf, t0, t1, orow, lo_, hi_):  # pragma: no cover -
     return bad, h0, h1, g0, g1
 
 
-@nb.njit(**_opts)
+@nb.njit(**JIT_OPTIONS)
 def finish_flat(a, b, c, sb, sc, scale_c, tv, out, zc):  # pragma: no cover - compiled
     """`finish` for ops whose Freivalds vector s depends on the channel only (convs, dense).
 
@@ -241,7 +241,7 @@ def finish_flat(a, b, c, sb, sc, scale_c, tv, out, zc):  # pragma: no cover - co
     return bad
 
 
-@nb.njit(**_opts)
+@nb.njit(**JIT_OPTIONS)
 def x_project_flat(xq, tv, taps, pad, nv, u):  # pragma: no cover - compiled
     """`x_project` for stride-1 convs: u[r, c, k] += Σ_{b, l} t[r, b, l]·x̂[b, c, l + (k − pad)·V].
 
@@ -266,7 +266,7 @@ def x_project_flat(xq, tv, taps, pad, nv, u):  # pragma: no cover - compiled
                     u[nr - 1, ci, k] += a0
 
 
-@nb.njit(**_opts)
+@nb.njit(**JIT_OPTIONS)
 def _dot2(xr, t0, t1, off, lo, hi):  # pragma: no cover - compiled
     a0 = np.int64(0)
     a1 = np.int64(0)
@@ -277,7 +277,7 @@ def _dot2(xr, t0, t1, off, lo, hi):  # pragma: no cover - compiled
     return a0, a1
 
 
-@nb.njit(**_opts)
+@nb.njit(**JIT_OPTIONS)
 def y_projection(zhi, zlo, s):  # pragma: no cover - compiled
     """Σ_{c,v} s[r,c,v]·(zhi·2^26 + zlo)[r,c,v] mod p → (R,) int64."""
     nr, nc, nv = zhi.shape
@@ -298,7 +298,7 @@ def y_projection(zhi, zlo, s):  # pragma: no cover - compiled
     return res
 
 
-@nb.njit(**_opts)
+@nb.njit(**JIT_OPTIONS)
 def y_projection_c(zc, s):  # pragma: no cover - compiled
     """Σ_c s[r, c]·(zc[r, c]·2^26 + zc[R + r, c]) mod p → (R,) int64 (after `finish_flat`)."""
     nr = s.shape[0]
@@ -317,7 +317,7 @@ def y_projection_c(zc, s):  # pragma: no cover - compiled
     return res
 
 
-@nb.njit(**_opts)
+@nb.njit(**JIT_OPTIONS)
 def x_project(xq, tv, stride, taps, pad, keep_v, u):  # pragma: no cover - compiled
     """tᵀ·X for the GEMM rows of a temporal conv, accumulated into u (R, C, taps, V or 1).
 
@@ -346,7 +346,7 @@ def x_project(xq, tv, stride, taps, pad, keep_v, u):  # pragma: no cover - compi
                             u[ri, ci, k, 0] += acc
 
 
-@nb.njit(**_opts)
+@nb.njit(**JIT_OPTIONS)
 def dot_mod(u, ws):  # pragma: no cover - compiled
     """Σ_d u[r,d]·ws[r,d] mod p for signed u (|u| < 2^63) and ws in [0, p) → (R,) int64."""
     nr, nd = u.shape

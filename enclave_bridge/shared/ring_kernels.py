@@ -16,7 +16,7 @@ from enclave_bridge.shared.ring import P
 _P = np.int64(P)
 
 
-class _JitOptions(TypedDict):
+class JitOptions(TypedDict):
     """`nb.njit` keywords shared by every kernel (typed, so the decorator's overloads resolve)."""
 
     cache: bool
@@ -25,17 +25,17 @@ class _JitOptions(TypedDict):
     error_model: Literal["python", "numpy"]
 
 
-_opts: _JitOptions = {"cache": True, "nogil": True, "boundscheck": False, "error_model": "numpy"}
+JIT_OPTIONS: JitOptions = {"cache": True, "nogil": True, "boundscheck": False, "error_model": "numpy"}
 
 
-@nb.njit(**_opts)
+@nb.njit(**JIT_OPTIONS)
 def limb_f64(x, shift, mask, out):  # pragma: no cover - compiled
     """out = float64((x >> shift) & mask): one unsigned limb of ring elements, in one pass."""
     for i in range(x.size):
         out[i] = np.float64((x[i] >> shift) & mask)
 
 
-@nb.njit(**_opts)
+@nb.njit(**JIT_OPTIONS)
 def acc_part(acc, y, k, first):  # pragma: no cover - compiled
     """acc = (acc +) y·2^k mod p for an exact float64 partial product y (|y| < 2^53), in one pass.
 
